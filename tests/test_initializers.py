@@ -1,0 +1,79 @@
+"""The registry of initialisers: LoRA-DA, baselines and the Table 7 ablations."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import lora_da_ref as ld
+from tests.cases import CASE_IDS, CASES
+
+ANGLE_TOL = 1e-8  # rad; subspaces from two exact dense factorisations agree to ~1e-12
+
+
+def _problem(case, **kw):
+    J, G, _, W0 = case.problem()
+    return ld.InitProblem(W0=W0, G=G, J=J, n=case.n, **kw)
+
+
+@pytest.mark.parametrize("name", sorted(ld.INITIALIZERS))
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_every_initializer_returns_orthonormal_A_and_right_shapes(name, case):
+    A, B = ld.initialize(name, _problem(case), case.r, np.random.default_rng(0))
+    assert A.shape == (case.d1, case.r) and B.shape == (case.r, case.d2)
+    np.testing.assert_allclose(A.T @ A, np.eye(case.r), atol=1e-12)
+
+
+def test_baselines_pick_the_documented_subspaces():
+    case = CASES[2]
+    p = _problem(case)
+    U_w, _, _ = np.linalg.svd(p.W0)
+    U_g, _, _ = np.linalg.svd(-p.G)
+    r = case.r
+    pissa, _ = ld.initialize("pissa", p, r)
+    milora, _ = ld.initialize("milora", p, r)
+    lora_one, _ = ld.initialize("lora_one", p, r)
+    assert ld.principal_angles(pissa, U_w[:, :r]).max() < ANGLE_TOL
+    assert ld.principal_angles(milora, U_w[:, -r:]).max() < ANGLE_TOL
+    assert ld.principal_angles(lora_one, U_g[:, :r]).max() < ANGLE_TOL
+
+
+def test_ablations_change_only_their_term():
+    case = CASES[1]
+    p = _problem(case)
+    dw = ld.fisher_gradient(p.J, p.G)
+    r = case.r
+    no_bias, _ = ld.initialize("lora_da_no_bias", p, r)
+    no_var, _ = ld.initialize("lora_da_no_variance", p, r)
+    no_var_fisher, B = ld.initialize("lora_da_no_variance_no_fisher", p, r)
+    var_only = ld.inverse_fisher_block_sum(p.J, case.d1, case.d2)
+    assert ld.principal_angles(no_bias, ld.smallest_eigvecs(var_only, r)).max() < ANGLE_TOL
+    assert ld.principal_angles(no_var, np.linalg.svd(dw)[0][:, :r]).max() < ANGLE_TOL
+    # Remark 4.3: without variance and Fisher, the subspace is LoRA-One's, and B0 = A0ᵀ(−G).
+    lora_one, _ = ld.initialize("lora_one", p, r)
+    assert ld.principal_angles(no_var_fisher, lora_one).max() < ANGLE_TOL
+    np.testing.assert_allclose(B, no_var_fisher.T @ (-p.G), atol=1e-13)
+
+
+def test_oracle_delta_w_is_used_when_given():
+    case = CASES[1]
+    J, G, delta, W0 = case.problem()
+    A, B = ld.initialize("lora_da", ld.InitProblem(W0, G, J, case.n, delta_w=delta), case.r)
+    A_ref, B_ref = ld.lora_da_init(J, G, case.n, case.r, delta_w=delta)
+    assert ld.principal_angles(A, A_ref).max() < ANGLE_TOL
+    np.testing.assert_allclose(A @ B, A_ref @ B_ref, atol=1e-13)
+
+
+def test_lora_baseline_is_random_and_seeded():
+    p = _problem(CASES[1])
+    A1, B1 = ld.initialize("lora", p, 2, np.random.default_rng(1))
+    A2, _ = ld.initialize("lora", p, 2, np.random.default_rng(1))
+    A3, _ = ld.initialize("lora", p, 2, np.random.default_rng(2))
+    np.testing.assert_array_equal(A1, A2)
+    assert not np.allclose(A1, A3)
+    assert not B1.any()
+
+
+def test_unknown_initializer_names_the_choices():
+    with pytest.raises(ValueError, match=r"unknown initialiser 'lora-da'.*lora_da"):
+        ld.initialize("lora-da", _problem(CASES[0]), 1)
