@@ -1,0 +1,227 @@
+"""Calibration data for the CLI: JSONL texts -> token batches, plus an offline demo model.
+
+Calibration set ``S`` (MATH.md, "N and S"): the statistics of Algorithm 1 are estimated on a few
+hundred texts (official code: the first 256 training samples at batch size 1). This module reads
+them from a JSONL file, one JSON object per line with the text under a field (default ``"text"``):
+
+    {"text": "The quick brown fox jumps over the lazy dog."}
+
+and tokenises them into the batches ``init_lora_da`` consumes: dicts of ``input_ids``,
+``attention_mask`` and ``labels`` (``labels = input_ids`` with padding set to ``-100``, so only
+real tokens enter the empirical Fisher, as the official code's HF mean token cross-entropy).
+
+The last section builds a tiny random-weight LLaMA and a byte-level BPE tokenizer without any
+download, for the README's runnable example and for the tests.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = [
+    "IGNORE_INDEX",
+    "TINY_TEXTS",
+    "build_tiny_tokenizer",
+    "read_jsonl_texts",
+    "save_tiny_model",
+    "tiny_llama",
+    "tokenize_batches",
+]
+
+IGNORE_INDEX = -100  # HF's CrossEntropyLoss ignore_index: masked label positions.
+
+
+# ----------------------------------------------------------------------------- JSONL reading
+
+
+def read_jsonl_texts(
+    path: str | Path, *, field: str = "text", limit: int | None = None
+) -> list[str]:
+    """Texts of the calibration set ``S``: ``record[field]`` of each JSONL line, in file order.
+
+    Args:
+        path: a ``.jsonl`` file, one JSON object per non-blank line.
+        field: the key holding the text.
+        limit: keep only the first ``limit`` records (the official code uses the first 256).
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: a line is not a JSON object, lacks ``field``, has a non-string value, or the
+            file holds no records.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"calibration data file not found: {path}")
+    if limit is not None and limit <= 0:
+        raise ValueError(f"limit must be positive, got {limit}")
+    texts: list[str] = []
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            texts.append(_text_of_line(line, lineno, path, field))
+            if limit is not None and len(texts) >= limit:
+                break
+    if not texts:
+        raise ValueError(f"{path}: no JSON records found (the file is empty or blank)")
+    return texts
+
+
+def _text_of_line(line: str, lineno: int, path: Path, field: str) -> str:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}:{lineno}: invalid JSON ({err.msg})") from err
+    if not isinstance(record, dict):
+        raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+    if field not in record:
+        keys = ", ".join(sorted(record)) or "none"
+        raise ValueError(f"{path}:{lineno}: missing field {field!r} (keys present: {keys})")
+    text = record[field]
+    if not isinstance(text, str):
+        raise ValueError(
+            f"{path}:{lineno}: field {field!r} must be a string, got {type(text).__name__}"
+        )
+    return text
+
+
+# ----------------------------------------------------------------------------- tokenisation
+
+
+def tokenize_batches(
+    tokenizer: Any, texts: Sequence[str], *, max_length: int, batch_size: int = 1
+) -> list[dict[str, torch.Tensor]]:
+    """Batches for ``init_lora_da``: right-padded ``input_ids``, ``attention_mask``, ``labels``.
+
+    Each text is tokenised on its own (with the tokenizer's special tokens) and truncated to
+    ``max_length``; texts with fewer than 2 tokens are dropped, as a causal LM's shifted loss has
+    no target in them. ``labels`` equals ``input_ids`` except at padding, which is ``-100``.
+
+    Args:
+        tokenizer: a Hugging Face tokenizer (called as ``tokenizer(text, ...)``).
+        texts: the calibration texts ``S``.
+        max_length: truncation length in tokens.
+        batch_size: sequences per batch (official code: 1).
+
+    Raises:
+        ValueError: bad sizes, or no text yields 2 or more tokens.
+    """
+    if max_length < 2:
+        raise ValueError(f"max_length must be >= 2, got {max_length}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    ids = [tokenizer(t, truncation=True, max_length=max_length)["input_ids"] for t in texts]
+    ids = [seq for seq in ids if len(seq) >= 2]
+    if not ids:
+        raise ValueError(
+            f"none of the {len(texts)} texts has 2 or more tokens; nothing to learn from"
+        )
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return [_pad_batch(ids[i : i + batch_size], pad_id) for i in range(0, len(ids), batch_size)]
+
+
+def _pad_batch(seqs: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    length = max(len(s) for s in seqs)
+    input_ids = torch.full((len(seqs), length), pad_id, dtype=torch.long)  # (b, T)
+    mask = torch.zeros((len(seqs), length), dtype=torch.long)  # (b, T)
+    for row, seq in enumerate(seqs):
+        input_ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        mask[row, : len(seq)] = 1
+    labels = input_ids.masked_fill(mask == 0, IGNORE_INDEX)  # (b, T)
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+
+
+# ----------------------------------------------------------------------------- offline demo model
+
+TINY_TEXTS = (
+    "The quick brown fox jumps over the lazy dog.",
+    "LoRA-DA initialises low-rank adapters from data: the Fisher and the gradient.",
+    "Natalia sold clips to 48 of her friends in April, and then half as many in May.",
+    "A low-rank update W0 + A B keeps most weights frozen during fine-tuning.",
+    "0123456789 +-*/= ()[]{} ,.;:!? 'quotes' \"double\"",
+)
+_SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")  # ids 0, 1, 2, 3
+
+
+def build_tiny_tokenizer(vocab_size: int = 288) -> Any:
+    """A byte-level BPE tokenizer trained offline on ``TINY_TEXTS`` (any text encodes, no <unk>).
+
+    Returns a ``transformers.PreTrainedTokenizerFast`` with pad/bos/eos = ids 0/1/2, which adds
+    ``<s>`` in front of each text. Its vocabulary has at most ``vocab_size`` entries (at least the
+    256 bytes plus 4 specials).
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(_SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(TINY_TEXTS, trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+    )
+
+
+def tiny_llama(
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    *,
+    hidden: int = 32,
+    layers: int = 2,
+    intermediate: int | None = None,
+    heads: int = 4,
+    kv_heads: int | None = None,
+    vocab: int = 288,
+) -> Any:
+    """A random-weight ``LlamaForCausalLM`` built from a ``LlamaConfig`` (seeded, no download).
+
+    ``intermediate`` defaults to ``2 * hidden``; ``kv_heads`` to ``heads // 2`` (grouped-query
+    attention, so k/v are narrower than q as in LLaMA-2-70B/3) when ``heads`` is even.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if kv_heads is None:
+        kv_heads = heads // 2 if heads % 2 == 0 else heads
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=intermediate or 2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=2048,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    return model.to(dtype).eval()
+
+
+def save_tiny_model(
+    directory: str | Path, *, seed: int = 0, layers: int = 2, hidden: int = 32
+) -> Path:
+    """Write a tiny random LLaMA and its tokenizer to ``directory`` (``from_pretrained``-loadable)."""
+    directory = Path(directory)
+    tiny_llama(seed, layers=layers, hidden=hidden).save_pretrained(directory)
+    build_tiny_tokenizer().save_pretrained(directory)
+    return directory
