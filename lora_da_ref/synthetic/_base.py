@@ -58,9 +58,9 @@ def kron_average(Lam: np.ndarray, X: np.ndarray) -> np.ndarray:
     """
     n, d = X.shape
     d2 = Lam.shape[1]
-    LX = Lam[:, :, :, None] * X[:, None, None, :]  # (n, d2, d2, d): Λ_n[i, j] x_n[b]
-    J = X.T @ LX.reshape(n, -1) / n  # (d, d2·d2·d): [a, (i, j, b)]
-    J = J.reshape(d, d2, d2, d).transpose(1, 0, 2, 3)  # (i, a, j, b)
+    XX = (X[:, :, None] * X[:, None, :]).reshape(n, d * d)  # (n, d·d): x_n[a] x_n[b]
+    J = Lam.reshape(n, d2 * d2).T @ XX / n  # (d2·d2, d·d): [(i, j), (a, b)], one GEMM
+    J = J.reshape(d2, d2, d, d).transpose(0, 2, 1, 3)  # (i, a, j, b)
     return sym(J.reshape(d2 * d, d2 * d))
 
 
