@@ -29,6 +29,9 @@ from lora_da_ref.guidance import fisher_gradient, guidance_matrix, inverse_fishe
 # Initialisers: LoRA-DA (Eq. 17), baselines and ablations.
 from lora_da_ref.initializers import INITIALIZERS, InitProblem, initialize, lora_da_init
 
+# Synthetic models with an exact Fisher, and the Monte-Carlo estimate of the objective (11).
+from lora_da_ref.monte_carlo import MonteCarloResult, monte_carlo_error, subspace_projection
+
 # The objective (11) and its parts, Eqs. (23)–(27), (43)–(48).
 from lora_da_ref.objective import (
     ErrorBound,
@@ -37,6 +40,14 @@ from lora_da_ref.objective import (
     projected_fisher,
     unrelaxed_variance,
     variance_term,
+)
+from lora_da_ref.synthetic import (
+    ConvergenceError,
+    LinearGaussian,
+    LogisticRegression,
+    SoftmaxRegression,
+    SyntheticModel,
+    design_pool,
 )
 
 __version__ = "0.1.0"
@@ -59,17 +70,24 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "INITIALIZERS",
+    "ConvergenceError",
     "DenseFisher",
     "ErrorBound",
     "FisherMatrix",
     "InitProblem",
     "KroneckerFisher",
+    "LinearGaussian",
+    "LogisticRegression",
     "LoraDAConfig",
     "LoraFactors",
+    "MonteCarloResult",
+    "SoftmaxRegression",
+    "SyntheticModel",
     "__version__",
     "apply_lora_da",
     "as_fisher",
     "bias_term",
+    "design_pool",
     "expected_error_bound",
     "fisher_gradient",
     "guidance_matrix",
@@ -77,11 +95,13 @@ __all__ = [
     "initialize",
     "inverse_fisher_block_sum",
     "lora_da_init",
+    "monte_carlo_error",
     "principal_angles",
     "projected_fisher",
     "random_orthonormal",
     "smallest_eigenpairs",
     "smallest_eigvecs",
+    "subspace_projection",
     "unrelaxed_variance",
     "unvec",
     "variance_term",

@@ -25,6 +25,8 @@ def test_readme_has_two_setup_commands_and_ci_runs_them():
 
 def test_readme_api_tour_runs():
     readme = (ROOT / "README.md").read_text()
-    tour = readme.split("## API tour", 1)[1]
-    code = re.search(r"```python\n(.*?)```", tour, re.S).group(1)
-    exec(compile(code, "README-api-tour", "exec"), {})
+    tour = readme.split("## API tour", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", tour, re.S)
+    assert len(blocks) >= 2
+    for i, code in enumerate(blocks):
+        exec(compile(code, f"README-api-tour-{i}", "exec"), {})
