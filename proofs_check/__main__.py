@@ -1,14 +1,10 @@
-"""``python -m proofs_check``: placeholder until the claims land (see issue "proofs_check")."""
+"""``python -m proofs_check`` (see :mod:`proofs_check.cli`)."""
 
 from __future__ import annotations
 
 import sys
 
-
-def main() -> int:
-    print("proofs_check: no claims registered yet.")
-    return 0
-
+from proofs_check.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,0 +1,71 @@
+"""proofs_check: every claim passes in quick mode, and its deliberately broken input fails."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from proofs_check._record import ClaimResult
+from proofs_check._registry import CLAIMS
+from proofs_check.cli import main
+
+IDS = sorted(CLAIMS, key=int)
+
+
+def _explain(rows: list[ClaimResult]) -> str:
+    return "\n".join(
+        f"{r.id}: {r.measured}: value={r.value:.4e} {r.relation} {r.tolerance:.4e} "
+        f"-> {'PASS' if r.passed else 'FAIL'}"
+        for r in rows
+    )
+
+
+@pytest.mark.parametrize("cid", IDS)
+def test_claim_passes_quick(cid):
+    rows = CLAIMS[cid].run("quick")
+    assert rows, f"claim {cid} returned no rows"
+    assert all(r.passed for r in rows), _explain(rows)
+    assert all(r.id.startswith(cid) for r in rows)
+
+
+@pytest.mark.parametrize("cid", IDS)
+def test_claim_broken_input_fails(cid):
+    rows = CLAIMS[cid].run("quick", broken=True)
+    assert not all(r.passed for r in rows), (
+        f"claim {cid}: the broken input should make a row fail\n{_explain(rows)}"
+    )
+
+
+@pytest.mark.parametrize("cid", IDS)
+def test_claim_is_reproducible(cid):
+    a = [r.to_dict() for r in CLAIMS[cid].run("quick")]
+    b = [r.to_dict() for r in CLAIMS[cid].run("quick")]
+    assert json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+
+
+def test_result_record_compares_and_rejects_nan():
+    ok = ClaimResult("x", "Eq. (0)", "m", 1.0, 2.0, "<=", "why")
+    bad = ClaimResult("x", "Eq. (0)", "m", float("nan"), 2.0, "<=", "why")
+    ge = ClaimResult("x", "Eq. (0)", "m", 1.0, 2.0, ">=", "why")
+    assert ok.passed and not bad.passed and not ge.passed
+    with pytest.raises(ValueError, match="relation"):
+        ClaimResult("x", "r", "m", 1.0, 2.0, "<", "why")
+    assert json.loads(json.dumps(bad.to_dict()))["value"] == "nan"
+
+
+def test_cli_only_json(capsys):
+    assert main(["--only", "7", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["mode"] == "quick" and out["passed"]
+    assert {r["id"] for r in out["rows"]} == {"7a", "7b"}
+    assert all(np.isfinite(r["value"]) for r in out["rows"])
+
+
+def test_cli_table_and_bad_id(capsys):
+    assert main(["--only", "11"]) == 0
+    out = capsys.readouterr().out
+    assert "11b" in out and "PASS" in out and "tolerance:" in out
+    with pytest.raises(SystemExit):
+        main(["--only", "99"])
