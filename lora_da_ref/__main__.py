@@ -1,0 +1,8 @@
+"""``python -m lora_da_ref ...`` is the ``lora-da`` command line (see :mod:`lora_da_ref.cli`)."""
+
+import sys
+
+from lora_da_ref.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

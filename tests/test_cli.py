@@ -1,0 +1,208 @@
+"""The ``lora-da`` CLI end to end on a tiny offline LLaMA, and its error messages."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("peft")
+from peft import AutoPeftModelForCausalLM, PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from lora_da_ref.cli import SUBCOMMANDS, build_parser, main
+from lora_da_ref.data import TINY_TEXTS, tokenize_batches
+from lora_da_ref.torch.adapter import lora_modules
+from lora_da_ref.torch.config import LoraDAConfig
+from lora_da_ref.torch.init import init_lora_da
+from tests.report import allclose_report
+
+RANK = 4
+MAX_LENGTH = 24
+N_LAYERS = 2
+EPS32 = torch.finfo(torch.float32).eps
+# As in test_torch_adapter: ≈ 7 linear maps per decoder layer × √d ≈ 8 × 2 (softmax/norm) eps,
+# relative to the logit scale times (1 + κ), κ = max|s·A0B0| / max|W0| (the cancellation in
+# (W0 − sA0B0)x + sA0B0x loses κ times more).
+SUBTRACT_RTOL_PER_LAYER = 100
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    assert main(["make-tiny-model", str(root / "model"), "--layers", str(N_LAYERS)]) == 0
+    data = root / "calib.jsonl"
+    data.write_text(
+        "".join(json.dumps({"text": t, "id": i}) + "\n" for i, t in enumerate(TINY_TEXTS))
+    )
+    return root
+
+
+def _init(workspace, out, *extra) -> int:
+    argv = ["init", "--model", str(workspace / "model"), "--data", str(workspace / "calib.jsonl")]
+    argv += [
+        "--rank",
+        str(RANK),
+        "--out",
+        str(out),
+        "--max-length",
+        str(MAX_LENGTH),
+        "--no-progress",
+    ]
+    return main([*argv, *extra])
+
+
+def _expected_factors(workspace, config: LoraDAConfig):
+    """What the CLI should compute, via the library API on a freshly loaded model."""
+    model = AutoModelForCausalLM.from_pretrained(workspace / "model")
+    tok = AutoTokenizer.from_pretrained(workspace / "model")
+    batches = tokenize_batches(tok, list(TINY_TEXTS), max_length=MAX_LENGTH, batch_size=1)
+    return init_lora_da(model, batches, config, progress=False)
+
+
+@pytest.mark.parametrize(
+    ("preset", "scaling"), [("official", 16 / math.sqrt(RANK)), ("paper", 1.0)]
+)
+def test_init_writes_adapter_that_peft_loads_with_the_factors(workspace, tmp_path, preset, scaling):
+    out = tmp_path / "adapter"
+    assert _init(workspace, out, "--config", preset) == 0
+    config = getattr(LoraDAConfig, preset)(rank=RANK, seed=0)
+    factors = _expected_factors(workspace, config)
+    base = AutoModelForCausalLM.from_pretrained(workspace / "model")
+    layers = lora_modules(PeftModel.from_pretrained(base, out))
+    assert sorted(layers) == sorted(factors)
+    for name, layer in layers.items():
+        assert torch.equal(layer.lora_A["default"].weight, factors[name].A.T), name
+        assert torch.equal(layer.lora_B["default"].weight, factors[name].B.T), name
+        assert layer.scaling["default"] == pytest.approx(scaling)
+    meta = json.loads((out / "lora_da.json").read_text())
+    assert meta["preset"] == preset and meta["offset"] == "none"
+    assert meta["data"]["texts"] == len(TINY_TEXTS)
+    assert sorted(meta["layers"]) == sorted(factors)
+
+
+def test_init_subtract_saves_offset_base_model_and_keeps_logits(workspace, tmp_path):
+    out = tmp_path / "adapter"
+    assert _init(workspace, out, "--offset", "subtract") == 0
+    original = AutoModelForCausalLM.from_pretrained(workspace / "model")
+    offset_base = AutoModelForCausalLM.from_pretrained(out / "base_model")
+    model = PeftModel.from_pretrained(offset_base, out)
+    x = torch.tensor([[1, 40, 41, 42, 43, 44, 45, 46]])
+    with torch.no_grad():
+        want, got = original(x).logits, model(x).logits
+        auto = AutoPeftModelForCausalLM.from_pretrained(out)(x).logits  # base path in the config
+    kappa = _offset_ratio(model, original)
+    tol = SUBTRACT_RTOL_PER_LAYER * N_LAYERS * EPS32 * (1 + kappa) * float(want.abs().max())
+    allclose_report(got, want, rtol=0.0, atol=tol, name="logits with offset base + adapter")
+    assert torch.equal(auto, got)
+    # A check that can fail: the adapter on the *original* base does change the logits.
+    with torch.no_grad():
+        moved = PeftModel.from_pretrained(original, out)(x).logits
+    assert (moved - want).abs().max() > 100 * tol
+
+
+def _offset_ratio(peft_model, original) -> float:
+    weights = dict(original.named_parameters())
+    ratios = []
+    for name, layer in lora_modules(peft_model).items():
+        sab = (
+            layer.scaling["default"]
+            * layer.lora_B["default"].weight
+            @ layer.lora_A["default"].weight
+        )
+        ratios.append(float(sab.abs().max() / weights[f"{name}.weight"].abs().max()))
+    return max(ratios)
+
+
+def test_target_modules_text_field_and_batch_size(workspace, tmp_path):
+    data = tmp_path / "other.jsonl"
+    data.write_text('{"content": "hello there"}\n\n{"content": "a second text, longer"}\n')
+    out = tmp_path / "adapter"
+    argv = ["init", "--model", str(workspace / "model"), "--data", str(data), "--out", str(out)]
+    argv += ["--rank", "2", "--text-field", "content", "--batch-size", "2", "--no-progress"]
+    argv += ["--target-modules", "q_proj", "v_proj", "--dtype", "float64"]
+    assert main(argv) == 0
+    meta = json.loads((out / "lora_da.json").read_text())
+    assert meta["data"] == {"file": str(data), "texts": 2, "batches": 1}
+    assert meta["config"]["dtype"] == "float64"
+    assert {n.rsplit(".", 1)[-1] for n in meta["layers"]} == {"q_proj", "v_proj"}
+    layers = lora_modules(
+        PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(workspace / "model"), out)
+    )
+    assert len(layers) == 2 * N_LAYERS and all(l.r["default"] == 2 for l in layers.values())
+
+
+# ----------------------------------------------------------------------------- bad inputs
+
+
+def _bad(workspace, tmp_path, capsys, jsonl: str | None, *extra) -> str:
+    data = workspace / "calib.jsonl"
+    if jsonl is not None:
+        data = tmp_path / "bad.jsonl"
+        data.write_text(jsonl)
+    out = tmp_path / "adapter"
+    argv = ["init", "--model", str(workspace / "model"), "--data", str(data), "--out", str(out)]
+    assert main([*argv, "--rank", str(RANK), "--no-progress", *extra]) == 2
+    assert not out.exists(), "nothing may be written on error"
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("jsonl", "extra", "message"),
+    [
+        ('{"text": "ok"}\n{"body": "no text here"}\n', (), r"bad.jsonl:2: missing field 'text'"),
+        ("", (), "no JSON records"),
+        ("\n  \n", (), "no JSON records"),
+        ('{"text": "ok"}\nnot json\n', (), r"bad.jsonl:2: invalid JSON"),
+        ('{"text": 3}\n', (), "must be a string"),
+        ('["text"]\n', (), "expected a JSON object"),
+        ('{"text": ""}\n', (), "2 or more tokens"),
+        (None, ("--rank", "1000"), "rank"),
+        (None, ("--rank", "0"), "rank"),
+        (None, ("--target-modules", "nonexistent_proj"), "nonexistent_proj"),
+        (None, ("--n-train", "0"), "n_train"),
+    ],
+    ids=[
+        "missing-field", "empty", "blank", "invalid-json", "non-string", "not-object",
+        "no-tokens", "rank-too-large", "rank-zero", "unknown-target", "n-train",
+    ],
+)  # fmt: skip
+def test_bad_input_gives_one_clear_error(workspace, tmp_path, capsys, jsonl, extra, message):
+    err = _bad(workspace, tmp_path, capsys, jsonl, *extra)
+    assert err.startswith("lora-da init: error: ")
+    assert len(err.strip().splitlines()) == 1
+    assert re.search(message, err), err
+
+
+def test_missing_files_are_reported(workspace, tmp_path, capsys):
+    out = tmp_path / "adapter"
+    argv = ["init", "--model", str(workspace / "model"), "--data", str(tmp_path / "nope.jsonl")]
+    assert main([*argv, "--out", str(out)]) == 2
+    assert "calibration data file not found" in capsys.readouterr().err
+    argv = ["init", "--model", str(tmp_path), "--data", str(workspace / "calib.jsonl")]
+    assert main([*argv, "--out", str(out)]) == 2
+    assert "not a local Hugging Face model directory" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- wiring
+
+
+def test_every_subcommand_is_registered_in_the_parser():
+    parser = build_parser()
+    argv = {"init": ["--model", "m", "--data", "d", "--out", "o"], "make-tiny-model": ["dir"]}
+    for name in SUBCOMMANDS:
+        assert parser.parse_args([name, *argv.get(name, [])]).command == name
+
+
+def test_python_dash_m_entry_point_runs():
+    proc = subprocess.run(
+        [sys.executable, "-m", "lora_da_ref", "--help"], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    for name in SUBCOMMANDS:
+        assert name in proc.stdout
