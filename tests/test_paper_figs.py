@@ -1,0 +1,89 @@
+"""``python -m paper_figs all --quick``: every item writes a PNG and a CSV of exactly what it plots.
+
+The run happens once per module (fixture). Checks: files exist and are valid PNGs; every CSV is
+finite; every labelled curve drawn in the figure (read back from the matplotlib artists before the
+figure was closed) equals the CSV's series for the same panel, and vice versa.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+
+import numpy as np
+import pytest
+
+from paper_figs.__main__ import ITEMS, main, run_all
+from paper_figs._common import read_series_csv
+
+# The CSV stores repr(float), which round-trips exactly; the figure holds the same float64 arrays.
+CSV_RTOL = 0.0
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("paper_figs")
+    return out, run_all(out, quick=True)
+
+
+@pytest.mark.parametrize("item", ITEMS)
+def test_files_exist(quick_run, item):
+    out, results = quick_run
+    res = results[item]
+    assert res.png == out / f"{item}.png" and res.csv == out / f"{item}.csv"
+    assert res.png.read_bytes()[:8] == PNG_MAGIC
+    assert res.summary.startswith(item)
+
+
+@pytest.mark.parametrize("item", ITEMS)
+def test_csvs_finite(quick_run, item):
+    res = quick_run[1][item]
+    for path in (res.csv, *res.extra_csv):
+        with path.open(newline="") as fh:
+            rows = list(csv.reader(fh))
+        assert len(rows) > 1, f"{path.name} has no data rows"
+        header = rows[0]
+        for row in rows[1:]:
+            for name, cell in zip(header, row):
+                try:
+                    value = float(cell)
+                except ValueError:
+                    continue  # text columns (panel, series, method, ...) and empty sd cells
+                assert math.isfinite(value), f"{path.name}: {name} = {cell} in {row}"
+
+
+@pytest.mark.parametrize("item", ITEMS)
+def test_csv_matches_figure(quick_run, item):
+    res = quick_run[1][item]
+    table = read_series_csv(res.csv)
+    assert res.plotted, f"{item}: no labelled series were read back from the figure"
+    assert set(res.plotted) == set(table), (
+        f"{item}: figure-only {sorted(set(res.plotted) - set(table))}, "
+        f"csv-only {sorted(set(table) - set(res.plotted))}"
+    )
+    for key, drawn in res.plotted.items():
+        for axis in ("x", "y"):
+            np.testing.assert_allclose(
+                table[key][axis], drawn[axis], rtol=CSV_RTOL, err_msg=f"{item} {key} {axis}"
+            )
+
+
+def test_consistency_check_can_fail(quick_run, tmp_path):
+    """A CSV whose y values are perturbed no longer matches the figure."""
+    res = quick_run[1]["table7"]
+    bad = tmp_path / "bad.csv"
+    with res.csv.open(newline="") as src, bad.open("w", newline="") as dst:
+        reader, writer = csv.reader(src), csv.writer(dst)
+        writer.writerow(next(reader))
+        for row in reader:
+            row[3] = repr(float(row[3]) * (1 + 1e-6))
+            writer.writerow(row)
+    table = read_series_csv(bad)
+    key = next(iter(res.plotted))
+    assert not np.allclose(table[key]["y"], res.plotted[key]["y"], rtol=CSV_RTOL, atol=0)
+
+
+def test_cli_rejects_unknown_item(tmp_path):
+    with pytest.raises(SystemExit):
+        main(["fig99", "--out", str(tmp_path)])
