@@ -1,0 +1,57 @@
+"""Torch production path of LoRA-DA (Algorithm 1): K-FAC statistics, per-layer eigen-solve.
+
+Same names as the NumPy reference (:mod:`lora_da_ref`) for the same objects, so one test can
+compare both: ``fisher_gradient``, ``inverse_fisher_block_sum``, ``guidance_matrix``,
+``smallest_eigvecs``, ``KroneckerFisher``, ``DenseFisher``.
+"""
+
+# Configuration and results
+from lora_da_ref.torch.config import LoraDAConfig, LoraFactors
+
+# Fisher representations
+from lora_da_ref.torch.fisher import DenseFisher, FisherMatrix, KroneckerFisher, damped_cholesky
+
+# The guidance matrix and the Fisher–gradient (Eqs. 16, 19, 21)
+from lora_da_ref.torch.guidance import fisher_gradient, guidance_matrix, inverse_fisher_block_sum
+
+# The initialisation (Algorithm 1)
+from lora_da_ref.torch.init import find_target_modules, init_lora_da, layer_factors
+
+# Eigensolvers (Eqs. 5-8)
+from lora_da_ref.torch.solvers import SOLVERS, EigenResult, smallest_eigenpairs, smallest_eigvecs
+
+# K-FAC statistics (Algorithm 1, step 1)
+from lora_da_ref.torch.statistics import (
+    KFACStatistics,
+    KFACSums,
+    accumulate_statistics,
+    collect_statistics,
+    finalize,
+)
+
+# PEFT glue (owned by adapter.py):
+# from lora_da_ref.torch.adapter import apply_lora_da
+
+__all__ = [
+    "SOLVERS",
+    "DenseFisher",
+    "EigenResult",
+    "FisherMatrix",
+    "KFACStatistics",
+    "KFACSums",
+    "KroneckerFisher",
+    "LoraDAConfig",
+    "LoraFactors",
+    "accumulate_statistics",
+    "collect_statistics",
+    "damped_cholesky",
+    "finalize",
+    "find_target_modules",
+    "fisher_gradient",
+    "guidance_matrix",
+    "init_lora_da",
+    "inverse_fisher_block_sum",
+    "layer_factors",
+    "smallest_eigenpairs",
+    "smallest_eigvecs",
+]

@@ -1,0 +1,179 @@
+"""Configuration and result types of the torch production path (Algorithm 1).
+
+Conventions: the math uses the paper's orientation, ``W`` of shape ``(d_in, d_out)``;
+``torch.nn.Linear.weight`` is ``Wᵀ``. The LoRA update is ``W0 + A B`` with ``A`` (d_in, r) and
+``B`` (r, d_out); PEFT stores ``lora_A.weight = Aᵀ`` and ``lora_B.weight = Bᵀ``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+__all__ = ["LoraDAConfig", "LoraFactors"]
+
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class LoraDAConfig:
+    """Settings of LoRA-DA's Algorithm 1.
+
+    Attributes:
+        rank: LoRA rank ``r``.
+        target_modules: PEFT-style module-name suffixes (``"q_proj"`` matches ``...self_attn.q_proj``).
+        n_train: ``N``, the fine-tuning set size, in ``Ω = tr(Y⁻¹)/N · Z⁻¹ − ΔWΔWᵀ`` (Eq. 19).
+        variance_weight: ``β``, weight of the variance term (paper: 1; official code: 0.03).
+        bias_weight: ``α``, weight of the bias term ``ΔWΔWᵀ`` (1 in both).
+        output_factor: ``"diagonal"`` keeps only diag(Y) (official code); ``"full"`` is the
+            paper's K-FAC ``J ≈ Y ⊗ Z``.
+        damping: ``λ`` added to the diagonals of ``Z`` and ``Y`` before inverting.
+        normalize_delta: divide ΔW by its top singular value σ (and the variance term by σ²),
+            as the official code does; A0 is unchanged, B0 = A0ᵀ ΔW / σ.
+        scale_gamma: ``γ``; both factors are divided by ``√γ`` (official: 1024). ``None`` = off.
+        solver: ``"eigh"`` (dense, exact) or ``"lobpcg"``.
+        solver_options: options of the solver, e.g. ``{"niter": 10, "tol": 1e-6}``.
+        seed: seed of the solver's random start.
+        dtype: dtype of the statistics (float32 default; float64 allowed).
+        layers_per_pass: ``None`` = all target layers in one pass; ``k`` = re-run the model once
+            per group of ``k`` transformer layers' targets, bounding memory.
+        token_mask: which positions the K-FAC factors Z and Y average over: ``"labels"`` = the
+            loss tokens (``labels != -100``, shifted by ``label_shift``) when the batch has labels,
+            else ``attention_mask``; ``"attention"`` = every ``attention_mask`` position (official).
+        label_shift: position ``t`` is a loss token iff ``labels[t + label_shift] != -100``
+            (HF causal LMs predict token t+1 from position t: 1; per-position labels: 0).
+        score_scale: the output gradient used in Y. ``"token"``: the per-token score
+            ``s_t = T_b · ∂L_b/∂o_t`` (``L_b`` the batch's mean loss over its ``T_b`` loss
+            tokens) — the paper's per-token Fisher. ``"batch"``: ``∂L_b/∂o_t`` as is (official
+            code; Y is then ``1/T_b²`` smaller, which changes the effective β).
+        See :mod:`lora_da_ref.torch.statistics` for the exact normalisation.
+    """
+
+    rank: int = 8
+    target_modules: tuple[str, ...] = DEFAULT_TARGETS
+    n_train: int = 100_000
+    variance_weight: float = 1.0
+    bias_weight: float = 1.0
+    output_factor: Literal["diagonal", "full"] = "full"
+    damping: float = 1e-6
+    normalize_delta: bool = False
+    scale_gamma: float | None = None
+    solver: Literal["eigh", "lobpcg"] = "eigh"
+    solver_options: dict[str, Any] = field(default_factory=dict)
+    seed: int = 0
+    dtype: torch.dtype = torch.float32
+    layers_per_pass: int | None = None
+    token_mask: Literal["labels", "attention"] = "labels"
+    label_shift: int = 1
+    score_scale: Literal["token", "batch"] = "token"
+
+    def __post_init__(self) -> None:
+        # Accept a str or a list for target_modules but store a tuple (hashable, immutable).
+        targets = self.target_modules
+        targets = (targets,) if isinstance(targets, str) else tuple(targets)
+        object.__setattr__(self, "target_modules", targets)
+        _validate(self)
+
+    @classmethod
+    def official(cls, **overrides: Any) -> LoraDAConfig:
+        """``conf/lora_da.yaml`` of the official code (see MATH.md, "Official code")."""
+        base = dict(
+            variance_weight=0.03,
+            bias_weight=1.0,
+            output_factor="diagonal",
+            damping=1e-6,
+            normalize_delta=True,
+            scale_gamma=1024.0,
+            solver="lobpcg",
+            solver_options={"niter": 10, "official": True},
+            token_mask="attention",
+            score_scale="batch",
+        )
+        return cls(**{**base, **overrides})
+
+    @classmethod
+    def paper(cls, **overrides: Any) -> LoraDAConfig:
+        """The paper's Algorithm 1 as written: β = α = 1, full Y, no normalisation or γ, eigh."""
+        base = dict(
+            variance_weight=1.0,
+            bias_weight=1.0,
+            output_factor="full",
+            normalize_delta=False,
+            scale_gamma=None,
+            solver="eigh",
+        )
+        return cls(**{**base, **overrides})
+
+    def replace(self, **changes: Any) -> LoraDAConfig:
+        return dataclasses.replace(self, **changes)
+
+
+_CHOICES = {
+    "output_factor": ("diagonal", "full"),
+    "solver": ("eigh", "lobpcg"),
+    "token_mask": ("labels", "attention"),
+    "score_scale": ("token", "batch"),
+}
+
+
+def _validate(c: LoraDAConfig) -> None:
+    """Reject bad settings early, naming the field."""
+    _positive_int("rank", c.rank)
+    _positive_int("n_train", c.n_train)
+    if c.layers_per_pass is not None:
+        _positive_int("layers_per_pass", c.layers_per_pass)
+    if isinstance(c.label_shift, bool) or not isinstance(c.label_shift, int) or c.label_shift < 0:
+        raise ValueError(f"label_shift must be a non-negative integer, got {c.label_shift!r}")
+    if not c.target_modules or not all(isinstance(t, str) and t for t in c.target_modules):
+        raise ValueError(
+            f"target_modules must be non-empty module-name suffixes, got {c.target_modules!r}"
+        )
+    for name, choices in _CHOICES.items():
+        if getattr(c, name) not in choices:
+            raise ValueError(f"{name} must be one of {choices}, got {getattr(c, name)!r}")
+    _finite("variance_weight", c.variance_weight)
+    _finite("bias_weight", c.bias_weight)
+    if _finite("damping", c.damping) < 0:
+        raise ValueError(f"damping must be >= 0, got {c.damping}")
+    if c.scale_gamma is not None and not _finite("scale_gamma", c.scale_gamma) > 0:
+        raise ValueError(f"scale_gamma must be > 0 or None, got {c.scale_gamma}")
+    if c.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"dtype must be torch.float32 or torch.float64, got {c.dtype}")
+    if not isinstance(c.solver_options, dict):
+        raise TypeError(f"solver_options must be a dict, got {type(c.solver_options).__name__}")
+
+
+def _positive_int(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
+    if value <= 0:
+        raise ValueError(f"{name} must be positive, got {value}")
+
+
+def _finite(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return float(value)
+
+
+@dataclass
+class LoraFactors:
+    """LoRA-DA factors of one layer, in the paper's orientation, float32 on CPU.
+
+    Attributes:
+        A: (d_in, r), column-orthonormal up to the γ scaling. PEFT: ``lora_A.weight = Aᵀ``.
+        B: (r, d_out). PEFT: ``lora_B.weight = Bᵀ``.
+        eigenvalues: (r,) the r smallest eigenvalues of Ω found by the solver.
+        diagnostics: solver residual / iterations / fallback reason, damping used, token count...
+    """
+
+    A: torch.Tensor
+    B: torch.Tensor
+    eigenvalues: torch.Tensor
+    diagnostics: dict[str, Any] = field(default_factory=dict)

@@ -1,0 +1,211 @@
+"""Eigensolvers for ``min tr(AᵀΩA)`` s.t. ``AᵀA = I_r`` (Courant–Fischer, Eqs. 5–8), in torch.
+
+Ω (Eq. 19) is symmetric and **indefinite**. Every solver returns the r smallest eigenpairs,
+eigenvalues ascending, columns with a deterministic sign (largest-|entry| positive, as
+:func:`lora_da_ref.eigen.fix_signs`), and diagnostics. Dispatch goes through :data:`SOLVERS`.
+
+* ``"eigh"``   — dense ``torch.linalg.eigh`` (exact, O(d³)).
+* ``"lobpcg"`` — ``torch.lobpcg(Ω, largest=False)`` run to a tolerance, with a residual check
+  ``max_j ‖Ωa_j − λ_j a_j‖ ≤ tol·‖Ω‖_F`` (and ``AᵀA ≈ I``) afterwards. Falls back to ``eigh`` —
+  recorded in the diagnostics — when ``d < 3r`` (torch's LOBPCG needs ``d ≥ 3r``), when it raises,
+  or when the residual check fails.
+  torch documents LOBPCG for SPD input, but its Rayleigh–Ritz steps only need symmetry (B = I).
+  Measured on indefinite Ω (d = 64…512, float32/64): unshifted LOBPCG meets the residual check;
+  shifting by ``c = ‖Ω‖_F`` (``shift=True``) makes torch's own stopping rule, which is relative to
+  ``‖Ω + cI‖``, stop before our check passes, so the shift is off by default.
+  ``official=True`` reproduces the official code instead: unshifted Ω, a seeded random orthonormal
+  start, ``niter`` (10) iterations, no convergence check and no fallback except ``d < 3r``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "SOLVERS",
+    "EigenResult",
+    "eigh_solver",
+    "fix_signs",
+    "lobpcg_solver",
+    "relative_residual",
+    "smallest_eigenpairs",
+    "smallest_eigvecs",
+]
+
+LOBPCG_DEFAULT_NITER = 200  # LOBPCG typically converges in tens of iterations on these sizes
+OFFICIAL_NITER = 10  # conf/lora_da.yaml: lobpcg_niter
+
+
+# Relative-residual tolerances: float32 ≈ 100·eps (measured floor ≈ 3e-6 at d ≤ 512);
+# float64 ≈ √eps (torch.lobpcg's own default).
+DEFAULT_TOL = {torch.float32: 1e-5, torch.float64: 1e-8}
+
+
+def default_tol(dtype: torch.dtype) -> float:
+    """Default LOBPCG tolerance of a dtype (:data:`DEFAULT_TOL`, √eps for others)."""
+    return DEFAULT_TOL.get(dtype, torch.finfo(dtype).eps ** 0.5)
+
+
+@dataclass
+class EigenResult:
+    """r smallest eigenpairs of a symmetric Ω.
+
+    Attributes:
+        eigenvalues: (r,) ascending.
+        vectors: (d, r) orthonormal columns, deterministic signs.
+        diagnostics: ``solver`` (the one that produced the result), ``iterations``, ``residual``
+            (max_j ‖Ωa_j − λ_j a_j‖ / ‖Ω‖_F), ``fallback`` (reason or None), ``shift``.
+    """
+
+    eigenvalues: Tensor
+    vectors: Tensor
+    diagnostics: dict[str, Any] = field(default_factory=dict)
+
+
+def fix_signs(vectors: Tensor) -> Tensor:
+    """Flip each column so that its largest-magnitude entry is positive (determinism only)."""
+    idx = vectors.abs().argmax(dim=0)  # (r,)
+    signs = vectors[idx, torch.arange(vectors.shape[1], device=vectors.device)].sign()
+    signs = torch.where(signs == 0, torch.ones_like(signs), signs)
+    return vectors * signs
+
+
+def relative_residual(omega: Tensor, values: Tensor, vectors: Tensor) -> float:
+    """``max_j ‖Ω a_j − λ_j a_j‖₂ / ‖Ω‖_F`` (‖Ω‖_F ≥ ‖Ω‖₂, so this under-states nothing twice)."""
+    R = omega @ vectors - vectors * values  # (d, r)
+    scale = float(torch.linalg.matrix_norm(omega)) or 1.0
+    return float(R.norm(dim=0).max()) / scale
+
+
+def eigh_solver(omega: Tensor, r: int, **_: Any) -> EigenResult:
+    """Dense ``torch.linalg.eigh``: the exact r smallest eigenpairs (Eqs. 5–8)."""
+    values, vectors = torch.linalg.eigh(omega)  # ascending
+    values, vectors = values[:r], fix_signs(vectors[:, :r])
+    diag = {"solver": "eigh", "iterations": None, "fallback": None, "shift": 0.0}
+    diag["residual"] = relative_residual(omega, values, vectors)
+    return EigenResult(values, vectors, diag)
+
+
+def lobpcg_solver(
+    omega: Tensor,
+    r: int,
+    *,
+    seed: int = 0,
+    niter: int | None = None,
+    tol: float | None = None,
+    official: bool = False,
+    shift: bool = False,
+) -> EigenResult:
+    """LOBPCG for the r smallest eigenpairs of symmetric Ω (Algorithm 1, step 3).
+
+    Args:
+        omega: symmetric (d, d) Ω.
+        r: number of eigenpairs.
+        seed: seeds the random orthonormal start (a private generator; global RNG untouched).
+        niter: maximum iterations (default 200; official 10).
+        tol: convergence tolerance of both torch's criterion and our residual check
+            (default :data:`DEFAULT_TOL`).
+        official: reproduce the official code (no shift, no check, no fallback but d < 3r).
+        shift: solve ``Ω + ‖Ω‖_F·I`` (PSD) instead of Ω (off: see the module docstring);
+            ignored when ``official``.
+    """
+    d = omega.shape[0]
+    if d < 3 * r:
+        return _fallback(omega, r, f"d = {d} < 3r = {3 * r} (torch.lobpcg needs d >= 3r)")
+    niter = (OFFICIAL_NITER if official else LOBPCG_DEFAULT_NITER) if niter is None else niter
+    tol = default_tol(omega.dtype) if tol is None else tol
+    c = 0.0 if official or not shift else float(torch.linalg.matrix_norm(omega))
+    X0 = _random_start(d, r, seed, omega)
+    steps: list[int] = []
+    try:
+        values, vectors = _run_lobpcg(omega, c, X0, niter, tol, steps)
+    except (torch.linalg.LinAlgError, RuntimeError, ValueError) as err:
+        return _fallback(omega, r, f"torch.lobpcg raised {type(err).__name__}: {err}")
+    order = torch.argsort(values)
+    values, vectors = values[order], fix_signs(vectors[:, order])
+    residual = relative_residual(omega, values, vectors)
+    diag = {"solver": "lobpcg", "iterations": len(steps), "residual": residual, "shift": c}
+    diag |= {"fallback": None, "official": official, "tol": tol, "niter": niter}
+    if not official and not _converged(residual, vectors, tol):
+        return _fallback(omega, r, f"LOBPCG residual {residual:.3g} > tol {tol:.3g}", diag)
+    return EigenResult(values, vectors, diag)
+
+
+def _run_lobpcg(
+    omega: Tensor, c: float, X0: Tensor, niter: int, tol: float, steps: list[int]
+) -> tuple[Tensor, Tensor]:
+    A = omega + c * torch.eye(omega.shape[0], dtype=omega.dtype, device=omega.device)
+    values, vectors = torch.lobpcg(
+        A, k=X0.shape[1], X=X0, niter=niter, tol=tol, largest=False,
+        tracker=lambda worker: steps.append(worker.ivars["istep"]),
+    )  # fmt: skip
+    return values - c, vectors
+
+
+def _converged(residual: float, vectors: Tensor, tol: float) -> bool:
+    eye = torch.eye(vectors.shape[1], dtype=vectors.dtype, device=vectors.device)
+    ortho = float(torch.linalg.matrix_norm(vectors.mT @ vectors - eye))
+    return math.isfinite(residual) and residual <= tol and ortho <= math.sqrt(tol)
+
+
+def _random_start(d: int, r: int, seed: int, like: Tensor) -> Tensor:
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    X = torch.randn(d, r, generator=gen, dtype=torch.float64)  # CPU draw: same on every device
+    Q, _ = torch.linalg.qr(X)  # (d, r)
+    return Q.to(dtype=like.dtype, device=like.device)
+
+
+def _fallback(
+    omega: Tensor, r: int, reason: str, tried: dict[str, Any] | None = None
+) -> EigenResult:
+    result = eigh_solver(omega, r)
+    result.diagnostics["fallback"] = f"eigh used: {reason}"
+    if tried is not None:
+        result.diagnostics["lobpcg"] = tried
+    return result
+
+
+Solver = Callable[..., EigenResult]
+SOLVERS: dict[str, Solver] = {"eigh": eigh_solver, "lobpcg": lobpcg_solver}
+
+
+def smallest_eigenpairs(
+    omega: Tensor, r: int, *, solver: str = "eigh", **options: Any
+) -> EigenResult:
+    """The r smallest eigenpairs of symmetric Ω, Eqs. (5)–(8), by a solver of :data:`SOLVERS`.
+
+    Args:
+        omega: Ω (d, d), symmetric, possibly indefinite.
+        r: rank, ``1 ≤ r ≤ d``.
+        solver: key of :data:`SOLVERS`.
+        options: passed to the solver (``seed``, ``niter``, ``tol``, ``official``, ``shift``).
+    """
+    _check_omega(omega)
+    if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= omega.shape[0]:
+        raise ValueError(f"r must be an integer with 1 <= r <= d = {omega.shape[0]}, got {r!r}")
+    if solver not in SOLVERS:
+        raise ValueError(f"unknown solver {solver!r}; choose one of {sorted(SOLVERS)}")
+    return SOLVERS[solver](omega, r, **options)
+
+
+def smallest_eigvecs(omega: Tensor, r: int, *, solver: str = "eigh", **options: Any) -> Tensor:
+    """A* = [u1 … ur] (d, r), minimiser of ``tr(AᵀΩA)`` over ``AᵀA = I_r``, Eqs. (5)–(8).
+
+    Unique only up to ``A*·Q`` (Q orthogonal): compare results as subspaces.
+    """
+    return smallest_eigenpairs(omega, r, solver=solver, **options).vectors
+
+
+def _check_omega(omega: object) -> None:
+    if not isinstance(omega, Tensor):
+        raise TypeError(f"omega must be a torch.Tensor, got {type(omega).__name__}")
+    if omega.ndim != 2 or omega.shape[0] != omega.shape[1]:
+        raise ValueError(f"omega must be a square matrix, got shape {tuple(omega.shape)}")
+    if not bool(torch.isfinite(omega).all()):
+        raise ValueError("omega contains non-finite values (nan or inf)")

@@ -1,0 +1,217 @@
+"""init_lora_da end to end on tiny models: invariants, determinism, bad input, model safety."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from lora_da_ref import lora_da_init
+from lora_da_ref._linalg import principal_angles
+from lora_da_ref.fisher import KroneckerFisher as NpKroneckerFisher
+from lora_da_ref.torch import LoraDAConfig, collect_statistics, find_target_modules, init_lora_da
+from tests.report import allclose_report
+from tests.torch_cases import (
+    LLAMA_TARGETS,
+    TokenMLP,
+    assert_state_equal,
+    llama_batches,
+    mlp_batches,
+    mlp_loss,
+    model_state,
+    tiny_llama,
+)
+
+# AᵀA = I/γ for float32 eigenvectors of a d ≤ 88 matrix: ~ d · eps32 ≈ 1e-5.
+ORTHO_ATOL = 1e-5
+# float64 pipeline vs the NumPy reference on the same statistics: round-off amplified by the
+# condition of Z, Y (damping 1e-6 against O(1) entries): subspace angle tolerance.
+F64_ANGLE_TOL = 1e-6
+# Factors are returned in float32: products of them agree to ~ a few float32 eps.
+F32_OUT_RTOL = 1e-6
+
+PRESETS = {
+    "paper": LoraDAConfig.paper(rank=4, n_train=1000),
+    "official": LoraDAConfig.official(rank=4),
+    # niter 60 bounds the test time; non-converged layers fall back to eigh (recorded).
+    "lobpcg": LoraDAConfig(rank=4, n_train=1000, solver="lobpcg", solver_options={"niter": 60}),
+}
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return tiny_llama()
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_factor_shapes_and_invariants(llama, preset):
+    cfg = PRESETS[preset]
+    factors = init_lora_da(llama, llama_batches(), cfg, progress=False)
+    assert list(factors) == list(find_target_modules(llama, LLAMA_TARGETS))
+    gamma = cfg.scale_gamma or 1.0
+    for name, f in factors.items():
+        lin = llama.get_submodule(name)
+        assert f.A.shape == (lin.in_features, 4) and f.B.shape == (4, lin.out_features)
+        assert f.A.dtype == f.B.dtype == torch.float32 and f.A.device.type == "cpu"
+        gram = (f.A.T @ f.A).double().numpy() * gamma
+        allclose_report(gram, np.eye(4), rtol=0, atol=ORTHO_ATOL, name=f"{name} AᵀA·γ")
+        assert torch.all(f.eigenvalues[1:] >= f.eigenvalues[:-1]), "eigenvalues not ascending"
+        assert f.diagnostics["tokens"] > 0 and f.diagnostics["damping"]["Z"] >= cfg.damping
+
+
+def test_two_runs_are_bitwise_identical(llama):
+    for cfg in PRESETS.values():
+        a = init_lora_da(llama, llama_batches(), cfg, progress=False)
+        b = init_lora_da(llama, llama_batches(), cfg, progress=False)
+        for name in a:
+            assert torch.equal(a[name].A, b[name].A) and torch.equal(a[name].B, b[name].B), name
+
+
+def test_layers_per_pass_gives_identical_factors(llama):
+    cfg = PRESETS["official"]
+    a = init_lora_da(llama, llama_batches(), cfg, progress=False)
+    b = init_lora_da(llama, llama_batches(), cfg.replace(layers_per_pass=1), progress=False)
+    for name in a:
+        assert torch.equal(a[name].A, b[name].A) and torch.equal(a[name].B, b[name].B), name
+
+
+def test_generator_batches_accepted(llama):
+    cfg = PRESETS["paper"]
+    a = init_lora_da(llama, llama_batches(), cfg, progress=False)
+    b = init_lora_da(
+        llama, (b for b in llama_batches()), cfg.replace(layers_per_pass=1), progress=False
+    )
+    for name in a:
+        assert torch.equal(a[name].A, b[name].A), name
+
+
+def test_float64_pipeline_matches_numpy_reference():
+    """Per layer: the NumPy lora_da_init on the same (Y, Z, G) gives the same subspace and B."""
+    model = tiny_llama(dtype=torch.float64)
+    batches = llama_batches()
+    cfg = LoraDAConfig.paper(rank=3, n_train=500, dtype=torch.float64, damping=1e-3)
+    factors = init_lora_da(model, batches, cfg, progress=False)
+    stats = collect_statistics(
+        model, batches, find_target_modules(model, LLAMA_TARGETS), cfg, progress=False
+    )
+    for name, f in factors.items():
+        eye = lambda d: 1e-3 * np.eye(d)  # noqa: E731  (the same damping on both factors)
+        Y = stats.Y[name].numpy()
+        Z = stats.Z[stats.group_of[name]].numpy()
+        J = NpKroneckerFisher(Y + eye(Y.shape[0]), Z + eye(Z.shape[0]))
+        A_ref, B_ref = lora_da_init(J, stats.G[name].numpy(), 500, 3)
+        angle = principal_angles(f.A.double().numpy(), A_ref).max()
+        assert angle < F64_ANGLE_TOL, f"{name}: principal angle {angle:.3g}"
+        # B depends on A's basis: compare the rank-r update A B (basis-free).
+        allclose_report(
+            f.A.double().numpy() @ f.B.double().numpy(), A_ref @ B_ref,
+            rtol=F32_OUT_RTOL, atol=F32_OUT_RTOL * np.abs(A_ref @ B_ref).max(), name=f"{name} A B",
+        )  # fmt: skip
+
+
+def test_normalize_delta_keeps_A_and_scales_B():
+    """Ω/σ² has the eigenvectors of Ω, so A is unchanged and B = A0ᵀΔW/σ (float64 pipeline)."""
+    model = tiny_llama(dtype=torch.float64)
+    base = LoraDAConfig(rank=3, n_train=1000, variance_weight=0.5, dtype=torch.float64)
+    raw = init_lora_da(model, llama_batches(), base, progress=False)
+    norm = init_lora_da(model, llama_batches(), base.replace(normalize_delta=True), progress=False)
+    for name in raw:
+        sigma = norm[name].diagnostics["delta_sigma"]
+        angle = principal_angles(raw[name].A.double().numpy(), norm[name].A.double().numpy()).max()
+        assert angle < F64_ANGLE_TOL, f"{name}: normalising ΔW moved the subspace by {angle:.3g}"
+        ab_raw = (raw[name].A @ raw[name].B).double()
+        ab_norm = (norm[name].A @ norm[name].B).double()
+        err = float((ab_norm * sigma - ab_raw).norm() / ab_raw.norm())
+        assert err < F32_OUT_RTOL, f"{name}: A B·σ differs from the unnormalised A B by {err:.3g}"
+
+
+def test_scale_gamma_divides_both_factors(llama):
+    a = init_lora_da(llama, llama_batches(), LoraDAConfig(rank=2), progress=False)
+    b = init_lora_da(llama, llama_batches(), LoraDAConfig(rank=2, scale_gamma=16.0), progress=False)
+    for name in a:
+        allclose_report(b[name].A * 4, a[name].A, rtol=1e-6, name=f"{name} A")
+        allclose_report(
+            b[name].B * 4,
+            a[name].B,
+            rtol=1e-6,
+            atol=1e-6 * float(a[name].B.abs().max()),
+            name=f"{name} B",
+        )
+
+
+def test_sequential_model_with_custom_loss():
+    model = TokenMLP()
+    cfg = LoraDAConfig(rank=2, target_modules=("0", "2"), label_shift=0, n_train=100)
+    factors = init_lora_da(model, mlp_batches(), cfg, loss_fn=mlp_loss, progress=False)
+    assert set(factors) == {"0", "2"}
+    assert factors["0"].A.shape == (6, 2) and factors["2"].B.shape == (2, 7)
+
+
+def _bad_inputs(model):
+    batches = llama_batches()
+    return {
+        "rank 0": (lambda: LoraDAConfig(rank=0), None, ValueError, "rank"),
+        "rank too big": (lambda: LoraDAConfig(rank=25), batches, ValueError, "exceeds min"),
+        "unknown target": (
+            lambda: LoraDAConfig(target_modules=("nope",)),
+            batches,
+            ValueError,
+            "'nope' matches no",
+        ),
+        "non-linear target": (
+            lambda: LoraDAConfig(target_modules=("mlp",)),
+            batches,
+            ValueError,
+            "only nn.Linear",
+        ),
+        "empty batches": (lambda: LoraDAConfig(rank=2), [], ValueError, "batches is empty"),
+        "n_train 0": (lambda: LoraDAConfig(n_train=0), None, ValueError, "n_train"),
+        "masked": (
+            lambda: LoraDAConfig(rank=2),
+            [dict(b, labels=torch.full_like(b["labels"], -100)) for b in batches],
+            ValueError,
+            "no unmasked tokens",
+        ),
+        "nan weights": (lambda: LoraDAConfig(rank=2), batches, ValueError, "non-finite"),
+    }
+
+
+@pytest.mark.parametrize("case", list(_bad_inputs(None)))
+def test_bad_input_raises_and_leaves_model_untouched(case):
+    model = tiny_llama()
+    model.train()
+    make_cfg, batches, exc, match = _bad_inputs(model)[case]
+    if case == "nan weights":
+        with torch.no_grad():
+            model.model.layers[1].mlp.down_proj.weight[0, 0] = float("nan")
+    before = model_state(model)
+    with pytest.raises(exc, match=match):
+        init_lora_da(model, batches, make_cfg(), progress=False)
+    assert_state_equal(before, model_state(model))
+
+
+def test_loss_fn_exception_leaves_model_untouched():
+    model = tiny_llama()
+    before = model_state(model)
+
+    def loss_fn(m, b):
+        loss = m(**b).loss
+        if b["input_ids"][0, 0] == llama_batches()[1]["input_ids"][0, 0]:
+            raise KeyError("boom on batch 2")
+        return loss
+
+    with pytest.raises(KeyError, match="boom"):
+        init_lora_da(model, llama_batches(), LoraDAConfig(rank=2), loss_fn=loss_fn, progress=False)
+    assert_state_equal(before, model_state(model))
+
+
+def test_bf16_model_gives_finite_float32_factors():
+    model = tiny_llama(dtype=torch.bfloat16)
+    factors = init_lora_da(model, llama_batches(), LoraDAConfig.official(rank=2), progress=False)
+    for name, f in factors.items():
+        assert f.A.dtype == torch.float32 and bool(
+            torch.isfinite(f.A).all() and torch.isfinite(f.B).all()
+        ), name
+        assert math.isfinite(f.diagnostics["residual"])

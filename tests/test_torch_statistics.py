@@ -1,0 +1,385 @@
+"""K-FAC statistics of the torch path == slow, obviously-correct autograd loops (float64)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from lora_da_ref.torch import LoraDAConfig, collect_statistics, find_target_modules
+from lora_da_ref.torch.statistics import accumulate_statistics, finalize, layer_passes, token_masks
+from tests.report import allclose_report
+from tests.torch_cases import (
+    LLAMA_CASES,
+    LLAMA_TARGETS,
+    TokenMLP,
+    assert_state_equal,
+    llama_batches,
+    mlp_batches,
+    mlp_loss,
+    model_state,
+    tiny_llama,
+)
+
+# float64 sums of a few hundred terms of size O(1..1e2): round-off ≈ 1e-16 · terms · magnitude.
+F64_RTOL = 1e-10
+F64_ATOL = 1e-12
+# bf16 model vs its float32 copy: bf16 has 8 mantissa bits (eps 7.8e-3) and errors compound
+# over 2 layers forward and backward; statistics are second moments, so 2 × eps × depth-ish.
+BF16_RTOL = 0.15
+
+
+def _cfg(**kw) -> LoraDAConfig:
+    return LoraDAConfig(rank=2, dtype=torch.float64, **kw)
+
+
+# --- ground truth: per-token loops -------------------------------------------------------------
+
+
+def _capture(name, xs, outs):
+    def hook(module, inputs, output):
+        xs[name], outs[name] = inputs[0].detach(), output
+
+    return hook
+
+
+def _mlp_reference(model, batches, output_factor: str, score_scale: str):
+    """Each unmasked token on its own: ℓ_t, x_t, s_t = ∂ℓ_t/∂o_t by autograd, in float64."""
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    Z = {n: 0 for n in linears}
+    Y = {n: 0 for n in linears}
+    G = {n: 0 for n in linears}
+    count = 0
+    for batch in batches:
+        mask = batch["labels"] != -100
+        T_b = int(mask.sum())
+        for b, t in mask.nonzero().tolist():
+            xs, outs = {}, {}
+            hooks = [m.register_forward_hook(_capture(n, xs, outs)) for n, m in linears.items()]
+            logits = model(batch["inputs"][b, t].double())
+            for h in hooks:
+                h.remove()
+            loss_t = torch.nn.functional.cross_entropy(logits[None], batch["labels"][b, t][None])
+            names = list(linears)
+            scores = torch.autograd.grad(loss_t, [outs[n] for n in names], retain_graph=True)
+            wgrads = torch.autograd.grad(loss_t, [linears[n].weight for n in names])
+            for n, s, gw in zip(names, scores, wgrads):
+                s_y = s if score_scale == "token" else s / T_b  # "batch": ∂L_b/∂o_t
+                Z[n] = Z[n] + torch.outer(xs[n], xs[n])
+                Y[n] = Y[n] + (torch.outer(s_y, s_y) if output_factor == "full" else s_y**2)
+                G[n] = G[n] + gw.T
+            count += 1
+    return {k: {n: v / count for n, v in d.items()} for k, d in (("Z", Z), ("Y", Y), ("G", G))}
+
+
+def _llama_reference(model, batches, targets):
+    """Whole sequences: s_t = T_b ∂L_b/∂o_t by autograd.grad; per-position loops for Z, Y."""
+    Z, Y, G, count, loss_count = {}, {}, {}, 0, 0
+    for batch in batches:
+        xs, outs = {}, {}
+        hooks = [m.register_forward_hook(_capture(n, xs, outs)) for n, m in targets.items()]
+        loss = model(**batch).loss
+        for h in hooks:
+            h.remove()
+        positions, T_b = token_masks(batch, _cfg())
+        names = list(targets)
+        # Differentiate L_b, then multiply by T_b: HF's eager attention runs softmax in float32
+        # even in a float64 model, and float32 rounding is not scale-equivariant.
+        scores = torch.autograd.grad(loss, [outs[n] for n in names], retain_graph=True)
+        wgrads = torch.autograd.grad(loss, [targets[n].weight for n in names])
+        for n, s, gw in zip(names, scores, wgrads):
+            s = T_b * s
+            G[n] = G.get(n, 0) + T_b * gw.T
+            for b, t in positions.nonzero().tolist():
+                Z[n] = Z.get(n, 0) + torch.outer(xs[n][b, t], xs[n][b, t])
+                Y[n] = Y.get(n, 0) + torch.outer(s[b, t], s[b, t])
+        count += int(positions.sum())
+        loss_count += T_b
+    return {
+        "Z": {n: v / count for n, v in Z.items()},
+        "Y": {n: v / count for n, v in Y.items()},
+        "G": {n: v / loss_count for n, v in G.items()},
+    }
+
+
+# --- tests --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("output_factor", ["full", "diagonal"])
+@pytest.mark.parametrize("score_scale", ["token", "batch"])
+def test_mlp_statistics_equal_per_token_loop(output_factor, score_scale):
+    model = TokenMLP().double()
+    batches = mlp_batches()
+    cfg = _cfg(
+        target_modules=("0", "2", "4"),
+        label_shift=0,
+        output_factor=output_factor,
+        score_scale=score_scale,
+    )
+    targets = find_target_modules(model, cfg.target_modules)
+    stats = collect_statistics(model, batches, targets, cfg, loss_fn=mlp_loss, progress=False)
+    ref = _mlp_reference(model, batches, output_factor, score_scale)
+    for n in targets:
+        allclose_report(
+            stats.Z[stats.group_of[n]], ref["Z"][n], rtol=F64_RTOL, atol=F64_ATOL, name=f"Z {n}"
+        )
+        allclose_report(stats.Y[n], ref["Y"][n], rtol=F64_RTOL, atol=F64_ATOL, name=f"Y {n}")
+        allclose_report(stats.G[n], ref["G"][n], rtol=F64_RTOL, atol=F64_ATOL, name=f"G {n}")
+    assert (
+        stats.tokens == stats.loss_tokens == sum(int((b["labels"] != -100).sum()) for b in batches)
+    )
+
+
+@pytest.mark.parametrize("case", LLAMA_CASES, ids=lambda c: c.id)
+def test_llama_statistics_equal_autograd_loop(case):
+    model = tiny_llama(case, torch.float64)
+    batches = llama_batches(vocab=case.vocab)
+    cfg = _cfg(target_modules=LLAMA_TARGETS)
+    targets = find_target_modules(model, cfg.target_modules)
+    stats = collect_statistics(model, batches, targets, cfg, progress=False)
+    ref = _llama_reference(model, batches, targets)
+    for n in targets:
+        allclose_report(
+            stats.Z[stats.group_of[n]], ref["Z"][n], rtol=F64_RTOL, atol=F64_ATOL, name=f"Z {n}"
+        )
+        allclose_report(stats.Y[n], ref["Y"][n], rtol=F64_RTOL, atol=F64_ATOL, name=f"Y {n}")
+        allclose_report(stats.G[n], ref["G"][n], rtol=F64_RTOL, atol=F64_ATOL, name=f"G {n}")
+
+
+def _token_weighted_grads(model, batches, targets, cfg, *, per_batch: bool):
+    """weight.grad.T of L = Σ_b T_b L_b / Σ_b T_b: one backward, or one per batch (L_b), summed."""
+    twin = copy.deepcopy(model)
+    T = [token_masks(b, cfg)[1] for b in batches]
+    if per_batch:
+        grads = {n: 0 for n in targets}
+        for t, b in zip(T, batches):
+            twin.zero_grad()
+            twin(**b).loss.backward()
+            for n in targets:
+                grads[n] = grads[n] + t / sum(T) * twin.get_submodule(n).weight.grad.T
+        return grads
+    loss = sum(t * twin(**b).loss for t, b in zip(T, batches)) / sum(T)
+    loss.backward()
+    return {n: twin.get_submodule(n).weight.grad.T for n in targets}
+
+
+def test_G_is_weight_grad_of_token_weighted_mean_loss_mlp():
+    model = TokenMLP().double()
+    batches = mlp_batches()
+    cfg = _cfg(target_modules=("0", "2", "4"), label_shift=0)
+    targets = find_target_modules(model, cfg.target_modules)
+    stats = collect_statistics(model, batches, targets, cfg, loss_fn=mlp_loss, progress=False)
+    T = [token_masks(b, cfg)[1] for b in batches]
+    twin = copy.deepcopy(model)
+    (sum(t * mlp_loss(twin, b) for t, b in zip(T, batches)) / sum(T)).backward()
+    for n in targets:
+        grad = twin.get_submodule(n).weight.grad.T  # (d_in, d_out)
+        allclose_report(stats.G[n], grad, rtol=F64_RTOL, atol=F64_ATOL, name=f"G {n}")
+
+
+# HF's eager attention computes softmax in float32 even in a float64 model, and float32 rounding
+# is not scale-equivariant: backpropagating T_b/ΣT·L_b instead of L_b then ×T_b/ΣT changes the
+# result at float32 round-off (measured 1.1e-7 relative); 1e-6 = ~8 × float32 eps.
+F32_SOFTMAX_RTOL = 1e-6
+
+
+@pytest.mark.parametrize("per_batch", [True, False], ids=["per-batch", "one-backward"])
+def test_G_is_weight_grad_of_token_weighted_mean_loss_llama(per_batch):
+    model = tiny_llama(LLAMA_CASES[0], torch.float64)
+    batches = llama_batches()
+    cfg = _cfg(target_modules=LLAMA_TARGETS)
+    targets = find_target_modules(model, cfg.target_modules)
+    stats = collect_statistics(model, batches, targets, cfg, progress=False)
+    grads = _token_weighted_grads(model, batches, targets, cfg, per_batch=per_batch)
+    for n in targets:
+        if per_batch:
+            allclose_report(stats.G[n], grads[n], rtol=F64_RTOL, atol=F64_ATOL, name=f"G {n}")
+        else:
+            err = float((stats.G[n] - grads[n]).norm() / grads[n].norm())
+            assert err < F32_SOFTMAX_RTOL, f"G {n}: relative error {err:.3g} >= {F32_SOFTMAX_RTOL}"
+
+
+def test_shared_inputs_share_one_Z():
+    model = tiny_llama()
+    cfg = LoraDAConfig(rank=2, target_modules=LLAMA_TARGETS)
+    stats = collect_statistics(
+        model, llama_batches(), find_target_modules(model, LLAMA_TARGETS), cfg, progress=False
+    )
+    for layer in ("model.layers.0", "model.layers.1"):
+        qkv = {stats.group_of[f"{layer}.self_attn.{p}"] for p in ("q_proj", "k_proj", "v_proj")}
+        gate_up = {stats.group_of[f"{layer}.mlp.{p}"] for p in ("gate_proj", "up_proj")}
+        assert qkv == {f"{layer}.self_attn.q_proj"} and gate_up == {f"{layer}.mlp.gate_proj"}
+        assert stats.group_of[f"{layer}.self_attn.o_proj"] == f"{layer}.self_attn.o_proj"
+    assert len(stats.Z) == 2 * 4  # one Z per (qkv, o, gate/up, down) per layer
+
+
+def test_unshared_Z_is_the_same_as_shared():
+    """Targeting k_proj alone gives k_proj its own Z, equal to the group's shared one."""
+    model = tiny_llama()
+    batches = llama_batches()
+    cfg = LoraDAConfig(rank=2, target_modules=LLAMA_TARGETS)
+    shared = collect_statistics(
+        model, batches, find_target_modules(model, LLAMA_TARGETS), cfg, progress=False
+    )
+    alone = collect_statistics(
+        model, batches, find_target_modules(model, ["k_proj"]), cfg, progress=False
+    )
+    name = "model.layers.1.self_attn.k_proj"
+    assert alone.group_of[name] == name
+    assert torch.equal(alone.Z[name], shared.Z[shared.group_of[name]])
+
+
+def test_layers_per_pass_gives_identical_statistics():
+    model = tiny_llama()
+    batches = llama_batches()
+    targets = find_target_modules(model, LLAMA_TARGETS)
+    one = collect_statistics(model, batches, targets, LoraDAConfig(rank=2), progress=False)
+    per_layer = collect_statistics(
+        model, batches, targets, LoraDAConfig(rank=2, layers_per_pass=1), progress=False
+    )
+    assert len(layer_passes(list(targets), 1)) == 2
+    for kind in ("Z", "Y", "G"):
+        a, b = getattr(one, kind), getattr(per_layer, kind)
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), f"{kind} {k} differs between 1 and 2 passes"
+
+
+def test_layer_passes_grouping():
+    names = ["model.layers.0.a", "model.layers.0.b", "model.layers.1.a", "model.layers.2.a", "head"]
+    assert layer_passes(names, 2) == [names[:3], [names[3], names[4]]]
+    assert layer_passes(names, None) == [names]
+    assert layer_passes(["0", "2", "4"], 2) == [["0", "2"], ["4"]]
+
+
+def test_bf16_model_gives_float32_statistics():
+    model = tiny_llama(dtype=torch.bfloat16)
+    ref_model = tiny_llama(dtype=torch.float32)
+    batches = llama_batches()
+    cfg = LoraDAConfig(rank=2)
+    targets = find_target_modules(model, LLAMA_TARGETS)
+    stats = collect_statistics(model, batches, targets, cfg, progress=False)
+    ref = collect_statistics(
+        ref_model, batches, find_target_modules(ref_model, LLAMA_TARGETS), cfg, progress=False
+    )
+    for kind in ("Z", "Y", "G"):
+        for k, v in getattr(stats, kind).items():
+            assert v.dtype == torch.float32 and bool(torch.isfinite(v).all()), f"{kind} {k}"
+            err = float((v - getattr(ref, kind)[k]).norm() / getattr(ref, kind)[k].norm())
+            assert err < BF16_RTOL, f"{kind} {k}: bf16 vs float32 relative error {err:.3g}"
+
+
+def test_token_masks_shift_and_attention():
+    batch = {
+        "labels": torch.tensor([[-100, 5, 6, -100]]),
+        "attention_mask": torch.tensor([[1, 1, 1, 0]]),
+    }
+    positions, T = token_masks(batch, LoraDAConfig())
+    assert positions.tolist() == [[True, True, False, False]] and T == 2  # position t predicts t+1
+    positions, T = token_masks(batch, LoraDAConfig(label_shift=0))
+    assert positions.tolist() == [[False, True, True, False]] and T == 2
+    positions, T = token_masks(batch, LoraDAConfig(token_mask="attention"))
+    assert positions.tolist() == [[True, True, True, False]] and T == 2
+    positions, T = token_masks({"attention_mask": batch["attention_mask"]}, LoraDAConfig())
+    assert positions.tolist() == [[True, True, True, False]] and T == 3
+    with pytest.raises(ValueError, match="labels' or 'attention_mask"):
+        token_masks({"input_ids": torch.zeros(1, 3)}, LoraDAConfig())
+
+
+def test_sums_then_finalize_is_the_seam():
+    """finalize(sum of two shards' sums) == statistics of all the data (what an all-reduce does)."""
+    model = tiny_llama(LLAMA_CASES[0], torch.float64)
+    batches = llama_batches(n_batches=4)
+    cfg = _cfg(target_modules=LLAMA_TARGETS)
+    targets = find_target_modules(model, LLAMA_TARGETS)
+    a = accumulate_statistics(model, batches[:2], targets, cfg, progress=False)
+    b = accumulate_statistics(model, batches[2:], targets, cfg, progress=False)
+    for kind in ("Z", "Y", "G"):
+        for k, v in getattr(a, kind).items():
+            v += getattr(b, kind)[k]
+    a.tokens += b.tokens
+    a.loss_tokens += b.loss_tokens
+    whole = collect_statistics(model, batches, targets, cfg, progress=False)
+    merged = finalize(a)
+    for kind in ("Z", "Y", "G"):
+        for k, v in getattr(whole, kind).items():
+            allclose_report(
+                getattr(merged, kind)[k], v, rtol=F64_RTOL, atol=F64_ATOL, name=f"{kind} {k}"
+            )
+
+
+class _Boom(RuntimeError):
+    pass
+
+
+def _failing_loss(at: int, where: str):
+    calls = {"n": 0}
+
+    def loss_fn(model, batch):
+        calls["n"] += 1
+        if calls["n"] == at and where == "before":
+            raise _Boom("injected before forward")
+        loss = model(**batch).loss
+        if calls["n"] == at and where == "after":
+            raise _Boom("injected after forward (hooks on live tensors)")
+        return loss
+
+    return loss_fn
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+@pytest.mark.parametrize("layers_per_pass", [None, 1])
+def test_exception_inside_the_pass_leaves_model_untouched(where, layers_per_pass):
+    model = tiny_llama()
+    # A non-trivial starting state: mixed requires_grad, mixed train/eval, an existing grad and hook.
+    model.model.embed_tokens.weight.requires_grad_(False)
+    model.train()
+    model.model.layers[1].eval()
+    model.lm_head.weight.grad = torch.ones_like(model.lm_head.weight)
+    handle = model.model.layers[0].register_forward_hook(lambda *a: None)
+    before = model_state(model)
+    cfg = LoraDAConfig(rank=2, layers_per_pass=layers_per_pass)
+    targets = find_target_modules(model, LLAMA_TARGETS)
+    with pytest.raises(_Boom):
+        collect_statistics(
+            model, llama_batches(), targets, cfg, loss_fn=_failing_loss(2, where), progress=False
+        )
+    assert_state_equal(before, model_state(model))
+    handle.remove()
+
+
+def test_successful_pass_leaves_model_untouched():
+    model = tiny_llama()
+    model.train()
+    before = model_state(model)
+    collect_statistics(
+        model,
+        llama_batches(),
+        find_target_modules(model, LLAMA_TARGETS),
+        LoraDAConfig(),
+        progress=False,
+    )
+    assert_state_equal(before, model_state(model))
+
+
+def test_bad_losses_raise():
+    model = tiny_llama()
+    targets = find_target_modules(model, LLAMA_TARGETS)
+    cfg = LoraDAConfig(rank=2)
+    cases = {
+        "non-finite loss": lambda m, b: m(**b).loss * float("nan"),
+        "does not depend": lambda m, b: m(**b).loss.detach(),
+        "scalar tensor": lambda m, b: m(**b).logits,
+    }
+    for message, loss_fn in cases.items():
+        with pytest.raises(ValueError, match=message):
+            collect_statistics(
+                model, llama_batches(), targets, cfg, loss_fn=loss_fn, progress=False
+            )
+    no_labels = [{k: v for k, v in b.items() if k != "labels"} for b in llama_batches()]
+    with pytest.raises(ValueError, match="need 'labels'"):
+        collect_statistics(model, no_labels, targets, cfg, progress=False)
+    masked = [dict(b, labels=torch.full_like(b["labels"], -100)) for b in llama_batches()]
+    with pytest.raises(ValueError, match="no unmasked tokens"):
+        collect_statistics(model, masked, targets, cfg, progress=False)
