@@ -38,7 +38,7 @@ def test_claim_broken_input_fails(cid):
     )
 
 
-@pytest.mark.parametrize("cid", IDS)
+@pytest.mark.parametrize("cid", ["1", "5"])  # one deterministic, one Monte-Carlo claim
 def test_claim_is_reproducible(cid):
     a = [r.to_dict() for r in CLAIMS[cid].run("quick")]
     b = [r.to_dict() for r in CLAIMS[cid].run("quick")]
