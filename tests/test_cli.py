@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -206,3 +208,30 @@ def test_python_dash_m_entry_point_runs():
     assert proc.returncode == 0, proc.stderr
     for name in SUBCOMMANDS:
         assert name in proc.stdout
+
+
+def test_init_overhead_benchmark_quick_prints_its_json():
+    """Smoke test only: the benchmark runs and reports every field (no timing assertions)."""
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [sys.executable, str(root / "benchmarks" / "init_overhead.py"), "--quick"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=root,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},  # no thread oversubscription on shared CI
+    )
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["setup"]["quick"] is True
+    assert result["plain_pass_s"] > 0
+    keys = {
+        "statistics_pass_s", "solves_s", "init_total_s", "multipass_total_s", "multipass_passes",
+        "statistics_over_plain", "speedup_vs_multipass", "speedup_vs_official_design",
+        "goals_met", "peak_extra_memory_mb", "statistics_size_mb",
+    }  # fmt: skip
+    assert set(result["presets"]) == {"official", "paper"}
+    for row in result["presets"].values():
+        assert keys <= set(row)
+        assert row["multipass_passes"] == 2  # 4 layers, 2 per pass
+        assert row["init_total_s"] > 0 and row["statistics_size_mb"] > 0
