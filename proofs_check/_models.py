@@ -29,6 +29,7 @@ from lora_da_ref.synthetic import (
 
 D1 = 8
 MODEL_NAMES = ("logistic", "softmax", "linear_gaussian")
+SHORT = {"logistic": "log", "softmax": "smx", "linear_gaussian": "lg"}  # row-id suffixes
 
 
 def make_model(name: str) -> SyntheticModel:

@@ -13,6 +13,8 @@ from proofs_check import (
     loewner,
     matrix_case,
     pythagoras,
+    relaxation_price,
+    theorems,
     variational,
 )
 from proofs_check._record import Claim
@@ -29,7 +31,9 @@ CLAIMS: dict[str, Claim] = {
         Claim("7", "Pythagoras and bias, Eqs. (23), (43)-(46)", pythagoras.run),
         Claim("8", "matrix case, Eq. (48)", matrix_case.run),
         Claim("9", "Fisher-gradient, Eqs. (16), (21)", fisher_gradient.run),
+        Claim("10", "Theorems 4.1/4.2: bound and measured error", theorems.run),
         Claim("11", "degenerate case = LoRA-One, Remark 4.3", degenerate.run),
         Claim("12", "K-FAC exactness, Algorithm 1", kfac_exact.run),
+        Claim("13", "price of the Loewner relaxation (beyond the paper)", relaxation_price.run),
     ]
 }

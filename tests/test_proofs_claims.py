@@ -12,6 +12,9 @@ from proofs_check._registry import CLAIMS
 from proofs_check.cli import main
 
 IDS = sorted(CLAIMS, key=int)
+# Claim 10's Monte-Carlo part takes ~20 s; its broken input already fails the deterministic part
+# (10a), and the slow test below checks that it fails the Monte-Carlo part (10b) too.
+BROKEN_KWARGS = {"10": {"parts": "a"}}
 
 
 def _explain(rows: list[ClaimResult]) -> str:
@@ -32,7 +35,7 @@ def test_claim_passes_quick(cid):
 
 @pytest.mark.parametrize("cid", IDS)
 def test_claim_broken_input_fails(cid):
-    rows = CLAIMS[cid].run("quick", broken=True)
+    rows = CLAIMS[cid].run("quick", broken=True, **BROKEN_KWARGS.get(cid, {}))
     assert not all(r.passed for r in rows), (
         f"claim {cid}: the broken input should make a row fail\n{_explain(rows)}"
     )
@@ -69,3 +72,9 @@ def test_cli_table_and_bad_id(capsys):
     assert "11b" in out and "PASS" in out and "tolerance:" in out
     with pytest.raises(SystemExit):
         main(["--only", "99"])
+
+
+@pytest.mark.slow
+def test_theorems_broken_input_fails_monte_carlo_part():
+    rows = CLAIMS["10"].run("quick", broken=True, parts="b")
+    assert not any(r.passed for r in rows), _explain(rows)
