@@ -6,6 +6,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -88,24 +89,63 @@ def test_init_writes_adapter_that_peft_loads_with_the_factors(workspace, tmp_pat
     assert sorted(meta["layers"]) == sorted(factors)
 
 
-def test_init_subtract_saves_offset_base_model_and_keeps_logits(workspace, tmp_path):
-    out = tmp_path / "adapter"
+@pytest.fixture(scope="module")
+def subtract_adapter(workspace):
+    out = workspace / "adapter-subtract"
     assert _init(workspace, out, "--offset", "subtract") == 0
+    return out
+
+
+X = torch.tensor([[1, 40, 41, 42, 43, 44, 45, 46]])
+
+
+def _subtract_tol(peft_model, original, logits) -> float:
+    kappa = _offset_ratio(peft_model, original)
+    return SUBTRACT_RTOL_PER_LAYER * N_LAYERS * EPS32 * (1 + kappa) * float(logits.abs().max())
+
+
+def test_init_subtract_saves_offset_base_model_and_keeps_logits(workspace, subtract_adapter):
+    out = subtract_adapter
     original = AutoModelForCausalLM.from_pretrained(workspace / "model")
     offset_base = AutoModelForCausalLM.from_pretrained(out / "base_model")
     model = PeftModel.from_pretrained(offset_base, out)
-    x = torch.tensor([[1, 40, 41, 42, 43, 44, 45, 46]])
     with torch.no_grad():
-        want, got = original(x).logits, model(x).logits
-        auto = AutoPeftModelForCausalLM.from_pretrained(out)(x).logits  # base path in the config
-    kappa = _offset_ratio(model, original)
-    tol = SUBTRACT_RTOL_PER_LAYER * N_LAYERS * EPS32 * (1 + kappa) * float(want.abs().max())
+        want, got = original(X).logits, model(X).logits
+        auto = AutoPeftModelForCausalLM.from_pretrained(out)(X).logits  # base path in the config
+    tol = _subtract_tol(model, original, want)
     allclose_report(got, want, rtol=0.0, atol=tol, name="logits with offset base + adapter")
     assert torch.equal(auto, got)
     # A check that can fail: the adapter on the *original* base does change the logits.
     with torch.no_grad():
-        moved = PeftModel.from_pretrained(original, out)(x).logits
+        moved = PeftModel.from_pretrained(original, out)(X).logits
     assert (moved - want).abs().max() > 100 * tol
+
+
+def test_subtract_adapter_converts_to_plain_lora_on_original_base(
+    workspace, subtract_adapter, tmp_path
+):
+    """README recipe: after training on the offset base, PEFT's initial-model conversion gives a
+    rank-2r adapter for the *original* base with the same function."""
+    base = AutoModelForCausalLM.from_pretrained(subtract_adapter / "base_model")
+    model = PeftModel.from_pretrained(base, subtract_adapter, is_trainable=True)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # stand-in for training: move every LoRA weight
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.add_(0.01 * torch.randn(p.shape, generator=gen))
+        want = model(X).logits
+    init_copy = tmp_path / "initial"  # PEFT rewrites the initial adapter's config: use a copy
+    shutil.copytree(subtract_adapter, init_copy, ignore=shutil.ignore_patterns("base_model"))
+    model.save_pretrained(
+        tmp_path / "converted", path_initial_model_for_weight_conversion=str(init_copy)
+    )
+    original = AutoModelForCausalLM.from_pretrained(workspace / "model")
+    tol = _subtract_tol(model, original, want)
+    converted = PeftModel.from_pretrained(original, tmp_path / "converted")  # wraps in place
+    assert converted.peft_config["default"].r == 2 * RANK
+    with torch.no_grad():
+        got = converted(X).logits
+    allclose_report(got, want, rtol=0.0, atol=tol, name="converted adapter on the original base")
 
 
 def _offset_ratio(peft_model, original) -> float:
