@@ -23,7 +23,7 @@ from proofs_check._record import ClaimResult, Mode
 from proofs_check._registry import CLAIMS
 
 COLUMNS = ("id", "ref", "measured", "value", "criterion", "s.e.", "result")
-WIDTHS = (4, 18, 62, 11, 13, 9, 6)
+WIDTHS = (8, 18, 60, 11, 13, 9, 6)
 
 
 def run_claims(ids: Sequence[str], mode: Mode) -> tuple[list[ClaimResult], dict[str, float]]:
@@ -61,10 +61,10 @@ def format_table(rows: Sequence[ClaimResult]) -> str:
             "PASS" if r.passed else "FAIL",
         )
         lines.append(" ".join(_cell(c, w).ljust(w) for c, w in zip(cells, WIDTHS)))
-        lines.append(f"{'':5}tolerance: {r.justification}")
+        lines.append(f"{'':9}tolerance: {r.justification}")
         for key, val in r.details.items():
             shown = f"{val:.4g}" if isinstance(val, float) else str(val)
-            lines.append(f"{'':5}· {key}: {shown}")
+            lines.append(f"{'':9}· {key}: {shown}")
     return "\n".join(lines)
 
 
