@@ -14,7 +14,7 @@ from pathlib import Path
 
 from paper_figs._common import ItemResult
 
-ITEMS = ("fig3", "fig2", "fig4", "table7", "fisher_samples")
+ITEMS = ("fig3", "fig2", "fig4", "table7", "fisher_samples", "init_time")
 
 
 def run_item(name: str, out: Path, quick: bool = False, seeds: int | None = None) -> ItemResult:

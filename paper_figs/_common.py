@@ -27,6 +27,7 @@ with ``A`` (d1, r) and ``B`` (r, d2).
 from __future__ import annotations
 
 import csv
+import io
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -305,15 +306,31 @@ def mean_sd(values: np.ndarray, axis: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return values.mean(axis=axis), sd
 
 
+CSV_DIGITS = 7  # significant digits kept in the CSVs (and in what is plotted, so both agree)
+
+
+def round_sig(a: np.ndarray) -> np.ndarray:
+    """``a`` rounded to :data:`CSV_DIGITS` significant digits (exactly what the CSV stores)."""
+    return np.array([float(f"{v:.{CSV_DIGITS}g}") for v in np.ravel(a)]).reshape(np.shape(a))
+
+
 @dataclass
 class Series:
-    """One plotted curve or set of points: ``y`` (± ``sd``) against ``x``, on panel ``panel``."""
+    """One plotted curve or set of points: ``y`` (± ``sd``) against ``x``, on panel ``panel``.
+
+    Values are rounded to :data:`CSV_DIGITS` significant digits on construction, so the figure
+    shows exactly the numbers written to the CSV.
+    """
 
     panel: str
     name: str
     x: np.ndarray
     y: np.ndarray
     sd: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        self.x, self.y = round_sig(self.x), round_sig(self.y)
+        self.sd = None if self.sd is None else round_sig(self.sd)
 
 
 CSV_FIELDS = ("panel", "series", "x", "y", "sd")
@@ -381,10 +398,17 @@ def figure_series(fig: plt.Figure) -> dict[tuple[str, str], dict[str, np.ndarray
 
 
 def save_figure(fig: plt.Figure, path: Path) -> dict[tuple[str, str], dict[str, np.ndarray]]:
-    """Save ``fig`` as PNG (dpi 100), close it, and return :func:`figure_series` of it."""
+    """Save ``fig`` as a 256-colour PNG (dpi 100, keeps committed files small), close it, and
+    return :func:`figure_series` of it."""
+    from PIL import Image
+
     data = figure_series(fig)
-    fig.savefig(path, dpi=DPI, bbox_inches="tight")
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=DPI, bbox_inches="tight")
     plt.close(fig)
+    buf.seek(0)
+    with Image.open(buf) as img:
+        img.convert("RGB").quantize(colors=256).save(path, optimize=True)
     return data
 
 

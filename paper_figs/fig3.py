@@ -52,7 +52,7 @@ RUNS = (
     ("lora_da", False),
     ("lora_da", True),
 )
-GRID = 60
+GRID = 40
 QUICK_GRID = 25
 
 
@@ -170,4 +170,4 @@ def _write_contours(path: Path, rows) -> None:
     with path.open("w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["task", "a", "b", "excess_loss"])
-        w.writerows([k, repr(float(x)), repr(float(y)), repr(float(z))] for k, x, y, z in rows)
+        w.writerows([k, f"{x:.7g}", f"{y:.7g}", f"{z:.7g}"] for k, x, y, z in rows)
