@@ -38,7 +38,7 @@ C_DISP = 2.0  # ‖ΔW‖_F = C_DISP/√N: documented setting
 K_SE = 3.0  # tolerance in Monte-Carlo standard errors
 SETTINGS = {
     "quick": {"ns": (400, 1600), "reps": 1500},
-    "full": {"ns": (400, 1600, 6400), "reps": 10000},
+    "full": {"ns": (400, 1600, 6400), "reps": 4000},
 }
 
 

@@ -30,7 +30,7 @@ REF = "Aux. Lemma C.2, (26)"
 R = 2
 SETTINGS = {
     "quick": {"ns": (40, 200, 1600), "reps": 2000},
-    "full": {"ns": (40, 200, 800, 3200), "reps": 20000},
+    "full": {"ns": (40, 200, 800, 3200), "reps": 10000},
 }
 # r(r+1)/2 = 3 free entries, two-sided: P(max |z| > 3.5) ≈ 3 × 4.7e-4 ≈ 0.14% under the limit.
 Z_TOL = 3.5

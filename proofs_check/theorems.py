@@ -44,7 +44,7 @@ C_DISP = 5.0  # ‖ΔW‖_F·√N: bias N‖ΔW‖² = 25 is comparable to the v
 K_SE = 2.0  # issue 3: "within 2 s.e. of the best"
 SETTINGS = {
     "quick": {"ns": (100, 400, 1600), "reps": 150, "draws": 2000},
-    "full": {"ns": (100, 400, 1600, 6400), "reps": 1500, "draws": 50000},
+    "full": {"ns": (100, 400, 1600, 6400), "reps": 600, "draws": 20000},
 }
 # Bounds are sums of O(d1·d2) terms of size O(‖Ω‖); eigh is backward stable: 1e3·eps relative.
 ROUNDOFF = 1e3 * EPS
