@@ -161,13 +161,21 @@ def _offset_ratio(peft_model, original) -> float:
     return max(ratios)
 
 
-def test_target_modules_text_field_and_batch_size(workspace, tmp_path):
+def test_target_modules_text_field_batch_size_and_bf16_model(workspace, tmp_path):
     data = tmp_path / "other.jsonl"
     data.write_text('{"content": "hello there"}\n\n{"content": "a second text, longer"}\n')
     out = tmp_path / "adapter"
     argv = ["init", "--model", str(workspace / "model"), "--data", str(data), "--out", str(out)]
     argv += ["--rank", "2", "--text-field", "content", "--batch-size", "2", "--no-progress"]
-    argv += ["--target-modules", "q_proj", "v_proj", "--dtype", "float64"]
+    argv += [
+        "--target-modules",
+        "q_proj",
+        "v_proj",
+        "--dtype",
+        "float64",
+        "--model-dtype",
+        "bfloat16",
+    ]
     assert main(argv) == 0
     meta = json.loads((out / "lora_da.json").read_text())
     assert meta["data"] == {"file": str(data), "texts": 2, "batches": 1}
