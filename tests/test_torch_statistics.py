@@ -13,8 +13,11 @@ from tests.report import allclose_report
 from tests.torch_cases import (
     LLAMA_CASES,
     LLAMA_TARGETS,
+    DecoderLayerModel,
     TokenMLP,
     assert_state_equal,
+    decoder_batches,
+    decoder_loss,
     llama_batches,
     mlp_batches,
     mlp_loss,
@@ -73,16 +76,18 @@ def _mlp_reference(model, batches, output_factor: str, score_scale: str):
     return {k: {n: v / count for n, v in d.items()} for k, d in (("Z", Z), ("Y", Y), ("G", G))}
 
 
-def _llama_reference(model, batches, targets):
+def _llama_reference(model, batches, targets, loss_fn=None, cfg=None):
     """Whole sequences: s_t = T_b ∂L_b/∂o_t by autograd.grad; per-position loops for Z, Y."""
+    loss_fn = (lambda m, b: m(**b).loss) if loss_fn is None else loss_fn
+    cfg = _cfg() if cfg is None else cfg
     Z, Y, G, count, loss_count = {}, {}, {}, 0, 0
     for batch in batches:
         xs, outs = {}, {}
         hooks = [m.register_forward_hook(_capture(n, xs, outs)) for n, m in targets.items()]
-        loss = model(**batch).loss
+        loss = loss_fn(model, batch)
         for h in hooks:
             h.remove()
-        positions, T_b = token_masks(batch, _cfg())
+        positions, T_b = token_masks(batch, cfg)
         names = list(targets)
         # Differentiate L_b, then multiply by T_b: HF's eager attention runs softmax in float32
         # even in a float64 model, and float32 rounding is not scale-equivariant.
@@ -162,6 +167,23 @@ def _token_weighted_grads(model, batches, targets, cfg, *, per_batch: bool):
     loss = sum(t * twin(**b).loss for t, b in zip(T, batches)) / sum(T)
     loss.backward()
     return {n: twin.get_submodule(n).weight.grad.T for n in targets}
+
+
+def test_decoder_layer_statistics_equal_autograd_loop():
+    """A LlamaDecoderLayer alone, bidirectional attention, custom regression loss_fn."""
+    model = DecoderLayerModel().double()
+    batches = decoder_batches()
+    cfg = _cfg(target_modules=LLAMA_TARGETS)
+    targets = find_target_modules(model, cfg.target_modules)
+    stats = collect_statistics(model, batches, targets, cfg, loss_fn=decoder_loss, progress=False)
+    ref = _llama_reference(model, batches, targets, decoder_loss, cfg)
+    assert len(stats.Z) == 4  # qkv, o, gate/up, down
+    for n in targets:
+        allclose_report(
+            stats.Z[stats.group_of[n]], ref["Z"][n], rtol=F64_RTOL, atol=F64_ATOL, name=f"Z {n}"
+        )
+        allclose_report(stats.Y[n], ref["Y"][n], rtol=F64_RTOL, atol=F64_ATOL, name=f"Y {n}")
+        allclose_report(stats.G[n], ref["G"][n], rtol=F64_RTOL, atol=F64_ATOL, name=f"G {n}")
 
 
 def test_G_is_weight_grad_of_token_weighted_mean_loss_mlp():

@@ -135,3 +135,58 @@ def assert_state_equal(before: dict[str, object], after: dict[str, object]) -> N
         other = after["grads"][name]
         assert (g is None) == (other is None), f"grad of {name} appeared/disappeared"
         assert g is None or torch.equal(g, other), f"grad of {name} changed"
+
+
+class DecoderLayerModel(torch.nn.Module):
+    """One ``LlamaDecoderLayer`` (bidirectional eager attention, rotary positions) on given vectors."""
+
+    def __init__(self, hidden: int = 32, seed: int = 0) -> None:
+        from transformers import LlamaConfig
+        from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+
+        super().__init__()
+        cfg = LlamaConfig(
+            hidden_size=hidden,
+            intermediate_size=88,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=50,
+        )
+        cfg._attn_implementation = "eager"
+        torch.manual_seed(seed)
+        self.layer = LlamaDecoderLayer(cfg, layer_idx=0)
+        self.rotary = LlamaRotaryEmbedding(cfg)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(inputs.shape[1], device=inputs.device)[None].expand(
+            inputs.shape[0], -1
+        )
+        return self.layer(inputs, position_embeddings=self.rotary(inputs, positions))
+
+
+def decoder_batches(
+    n_batches: int = 2, batch: int = 2, seq: int = 6, hidden: int = 32, seed: int = 0
+):
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for b in range(n_batches):
+        mask = torch.ones(batch, seq, dtype=torch.long)
+        mask[0, : b + 1] = 0  # tokens without loss (they still feed the others through attention)
+        out.append(
+            {
+                "inputs": torch.randn(batch, seq, hidden, generator=gen),
+                "targets": torch.randn(batch, seq, hidden, generator=gen),
+                "attention_mask": mask,
+            }
+        )
+    return out
+
+
+def decoder_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean over the attention-mask tokens of ½‖out_t − target_t‖²."""
+    dtype = next(model.parameters()).dtype
+    out = model(batch["inputs"].to(dtype))
+    per_token = 0.5 * ((out - batch["targets"].to(dtype)) ** 2).sum(-1)  # (B, T)
+    mask = batch["attention_mask"].bool()
+    return per_token[mask].mean()
