@@ -86,13 +86,21 @@ class _RssSampler:
 
 
 def measure(
-    fn: Callable[[], Any], device: torch.device, repeats: int = 1
-) -> tuple[float, float | None, Any]:
-    """(fastest seconds, largest peak extra memory in MB or None, last result) over ``repeats``.
+    fns: dict[str, Callable[[], Any]], device: torch.device, repeats: int = 1
+) -> dict[str, tuple[float, float | None, Any]]:
+    """Per name: (fastest seconds, largest peak extra MB or None, last result) over ``repeats``.
 
-    The minimum is the estimate least disturbed by other processes on a shared machine.
+    The functions run in turn (a b a b ...), so ratios between them compare the same stretch of
+    machine load; the minimum is the estimate least disturbed by other processes.
     """
-    runs = [_measure_once(fn, device) for _ in range(repeats)]
+    runs: dict[str, list] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            runs[name].append(_measure_once(fn, device))
+    return {name: _summary(r) for name, r in runs.items()}
+
+
+def _summary(runs: list[tuple[float, float | None, Any]]) -> tuple[float, float | None, Any]:
     peaks = [m for _, m, _ in runs if m is not None]
     return min(s for s, _, _ in runs), max(peaks) if peaks else None, runs[-1][2]
 
@@ -176,38 +184,55 @@ def statistics_bytes(stats: Any) -> int:
 
 
 def run_preset(name: str, model: torch.nn.Module, batches: list[dict], args: Any) -> dict:
-    """Times and peaks of the statistics pass, the solves, the whole init and the multi-pass init."""
+    """Times and peaks of the statistics pass (against a plain pass), the solves, the whole init
+    and the multi-pass init."""
     device, repeats = torch.device(args.device), args.repeats
     config = getattr(LoraDAConfig, name)(rank=RANK)
     targets = find_target_modules(model, config.target_modules)
     init_lora_da(model, batches[:1], config, progress=False)  # warm-up, as for the plain pass
     collect = partial(collect_statistics, model, batches, targets, config, progress=False)
-    stats_s, stats_mb, stats = measure(collect, device, repeats)
-    solve_s, solve_mb, _ = measure(partial(solves, model, stats, config), device, repeats)
+    passes = measure(
+        {"plain": partial(plain_pass, model, batches), "stats": collect}, device, repeats
+    )
+    (plain_s, plain_mb, _), (stats_s, stats_mb, stats) = passes["plain"], passes.pop("stats")
+    solve_s, solve_mb, _ = measure(
+        {"solves": partial(solves, model, stats, config)}, device, repeats
+    )["solves"]
     stats_size = statistics_bytes(stats)
-    del stats
-    whole = partial(init_lora_da, model, batches, config, progress=False)
-    total_s, total_mb, _ = measure(whole, device, repeats)
-    multi = partial(init_lora_da, model, batches, config.replace(layers_per_pass=2), progress=False)
-    multi_s, multi_mb, _ = measure(multi, device, repeats)
-    peaks = {"statistics_pass": stats_mb, "solves": solve_mb, "init_total": total_mb}
+    del stats  # free the statistics before the next measurements
+    multi = config.replace(layers_per_pass=2)
+    inits = measure(
+        {
+            "whole": partial(init_lora_da, model, batches, config, progress=False),
+            "multi": partial(init_lora_da, model, batches, multi, progress=False),
+        },
+        device,
+        repeats,
+    )
     return {
+        "plain_pass_s": plain_s,
         "statistics_pass_s": stats_s,
         "solves_s": solve_s,
-        "init_total_s": total_s,
+        "init_total_s": inits["whole"][0],
         "multipass_layers_per_pass": 2,
         "multipass_passes": len(layer_passes(list(targets), 2)),
-        "multipass_total_s": multi_s,
-        "peak_extra_memory_mb": {**peaks, "multipass": multi_mb},
+        "multipass_total_s": inits["multi"][0],
+        "peak_extra_memory_mb": {
+            "plain_pass": plain_mb,
+            "statistics_pass": stats_mb,
+            "solves": solve_mb,
+            "init_total": inits["whole"][1],
+            "multipass": inits["multi"][1],
+        },
         "statistics_size_mb": stats_size / MB,
     }
 
 
-def add_ratios(row: dict, plain_s: float) -> dict:
+def add_ratios(row: dict) -> dict:
     """Ratios of one preset's times, and whether issue 4's goals are met in this run."""
-    stats_ratio = row["statistics_pass_s"] / plain_s
+    stats_ratio = row["statistics_pass_s"] / row["plain_pass_s"]
     speedup = row["multipass_total_s"] / row["init_total_s"]
-    official_design = row["multipass_total_s"] + plain_s  # + its separate gradient pass
+    official_design = row["multipass_total_s"] + row["plain_pass_s"]  # + its gradient pass
     return {
         **row,
         "statistics_over_plain": stats_ratio,
@@ -237,9 +262,9 @@ def _setup(sizes: dict[str, int], args: Any) -> dict:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
-        "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "load_average_1min_at_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "repeats": args.repeats,
-        "timing": "min over repeats" if args.repeats > 1 else "single run",
+        "timing": "min over repeats, phases compared run alternately",
         "quick": args.quick,
     }
 
@@ -267,14 +292,13 @@ def main(argv: list[str] | None = None) -> None:
     model = make_model(sizes, device)
     batches = make_batches(sizes, args.batch_size, device)
     plain_pass(model, batches[:1])  # warm-up: first-call allocations and kernel selection
-    plain_s, plain_mb, _ = measure(partial(plain_pass, model, batches), device, args.repeats)
-    presets = {p: add_ratios(run_preset(p, model, batches, args), plain_s) for p in args.presets}
+    setup = _setup(sizes, args)
+    presets = {p: add_ratios(run_preset(p, model, batches, args)) for p in args.presets}
     result = {
         "benchmark": "init_overhead",
-        "setup": _setup(sizes, args),
-        "plain_pass_s": plain_s,
-        "plain_pass_peak_extra_memory_mb": plain_mb,
+        "setup": setup,
         "presets": presets,
+        "load_average_1min_at_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "process_max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
     print(json.dumps(_rounded(result), indent=2))
