@@ -264,6 +264,8 @@ def test_bad_offset_adapter_and_model_type():
         apply_lora_da(pm, factors, offset="add")
     with pytest.raises(ValueError, match="no LoRA layers with adapter 'other'"):
         apply_lora_da(pm, factors, adapter_name="other")
+    with pytest.raises(ValueError, match="factors is empty"):
+        apply_lora_da(pm, {}, strict=False)
     with pytest.raises(TypeError, match="get_peft_model"):
         apply_lora_da(make_tiny_llama(0), factors)
 

@@ -65,9 +65,12 @@ def apply_lora_da(
         ValueError: unknown offset, a module without a LoRA layer, rank/shape mismatch,
             non-float or non-finite factors, DoRA, or (strict) LoRA layers left without factors.
             Everything is validated before anything is written, so on error the model is unchanged.
+        TypeError: ``peft_model`` is not a PEFT model.
     """
     if offset not in _OFFSETS:
         raise ValueError(f"offset must be one of {sorted(_OFFSETS)}, got {offset!r}")
+    if not factors:
+        raise ValueError("factors is empty: nothing to write")
     layers = lora_modules(peft_model, adapter_name)
     writes = [_validate(name, f, layers, adapter_name, offset) for name, f in factors.items()]
     _check_coverage(writes, layers, strict)
