@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import csv
 import io
-from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -421,10 +420,3 @@ class ItemResult:
     plotted: dict[tuple[str, str], dict[str, np.ndarray]]
     summary: str
     extra_csv: tuple[Path, ...] = ()
-
-
-Runner = Callable[[Path, bool, "int | None"], ItemResult]
-
-
-def format_table(rows: Mapping[str, tuple[float, float]], fmt: str = "{:.4f}") -> str:
-    return ", ".join(f"{k} {fmt.format(m)}±{fmt.format(s)}" for k, (m, s) in rows.items())

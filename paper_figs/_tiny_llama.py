@@ -3,13 +3,13 @@ and LoRA fine-tuning with each initialisation. Nothing is downloaded.
 
 One shared setting, fixed before any result was looked at:
 
-* **languages**: 64 tokens, sequences of 32 tokens. The *source* language is a first-order Markov
-  chain in which every token has 4 successors with probabilities (0.55, 0.25, 0.12, 0.08); the
-  *target* language changes the successor sets of a random half of the tokens (new rules), the
-  other half keeps the source rules;
-* **model**: ``LlamaForCausalLM`` from a ``LlamaConfig`` (``lora_da_ref.data.tiny_llama``), 4 layers,
-  hidden 128 (quick: 2 layers, hidden 64), "pre-trained" from random weights on the source
-  language with AdamW;
+* **languages**: 61 tokens (ids 3..63 of a 64-token vocabulary), sequences of 32 tokens. The
+  *source* language is a first-order Markov chain in which every token has 4 successors with
+  probabilities (0.55, 0.25, 0.12, 0.08); the *target* language changes the successor sets of a
+  random half of the tokens (new rules), the other half keeps the source rules;
+* **model**: ``LlamaForCausalLM`` from a ``LlamaConfig`` (``lora_da_ref.data.tiny_llama``),
+  4 layers, hidden 128 (quick: 2 layers, hidden 64), "pre-trained" from random weights on the
+  source language with AdamW;
 * **fine-tuning** (the paper's recipe scaled down): PEFT LoRA on all linear layers except
   ``lm_head``, r = 8, alpha = 16 (scaling alpha/r for every method), dropout 0; AdamW (lr 1e-3,
   no weight decay), batch 16, one epoch over N = 16·steps target sequences, cosine schedule
@@ -31,9 +31,10 @@ from __future__ import annotations
 import functools
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -41,7 +42,11 @@ from torch import nn
 
 from lora_da_ref.data import tiny_llama
 
-VOCAB = 64
+VOCAB = 64  # model vocabulary
+# The languages use token ids 3..63: ids 0/1/2 are the config's pad/bos/eos, and the pad id's
+# embedding is fixed at zero, so a sequence starting with it feeds RMSNorm a zero vector.
+FIRST_ID = 3
+N_STATES = VOCAB - FIRST_ID
 SEQ_LEN = 32
 BRANCH_PROBS = (0.55, 0.25, 0.12, 0.08)
 SHIFTED_FRACTION = 0.5
@@ -93,10 +98,11 @@ def scale_of(quick: bool) -> Scale:
 
 # ---- the languages ------------------------------------------------------------------------------
 def markov_chain(rng: np.random.Generator) -> np.ndarray:
-    """A (V, V) transition matrix: each token has ``len(BRANCH_PROBS)`` random successors."""
-    T = np.zeros((VOCAB, VOCAB))
-    for tok in range(VOCAB):
-        T[tok, rng.choice(VOCAB, size=len(BRANCH_PROBS), replace=False)] = BRANCH_PROBS
+    """A (S, S) transition matrix over the S = N_STATES language tokens: each has
+    ``len(BRANCH_PROBS)`` random successors."""
+    T = np.zeros((N_STATES, N_STATES))
+    for tok in range(N_STATES):
+        T[tok, rng.choice(N_STATES, size=len(BRANCH_PROBS), replace=False)] = BRANCH_PROBS
     return T
 
 
@@ -107,20 +113,20 @@ def languages() -> tuple[np.ndarray, np.ndarray]:
     source = markov_chain(rng)
     target = source.copy()
     new = markov_chain(rng)
-    rows = rng.choice(VOCAB, size=int(SHIFTED_FRACTION * VOCAB), replace=False)
+    rows = rng.choice(N_STATES, size=int(SHIFTED_FRACTION * N_STATES), replace=False)
     target[rows] = new[rows]
     return source, target
 
 
 def sample_sequences(T: np.ndarray, n: int, rng: np.random.Generator) -> torch.Tensor:
-    """``n`` sequences (n, SEQ_LEN) of the chain ``T``, first token uniform."""
-    seqs = np.empty((n, SEQ_LEN), dtype=np.int64)
-    seqs[:, 0] = rng.integers(0, VOCAB, size=n)
-    cdf = np.cumsum(T, axis=1)  # (V, V)
+    """``n`` sequences (n, SEQ_LEN) of token ids of the chain ``T``, first state uniform."""
+    states = np.empty((n, SEQ_LEN), dtype=np.int64)
+    states[:, 0] = rng.integers(0, N_STATES, size=n)
+    cdf = np.cumsum(T, axis=1)  # (S, S)
     for t in range(1, SEQ_LEN):
         u = rng.random(n)[:, None]
-        seqs[:, t] = np.minimum(np.sum(cdf[seqs[:, t - 1]] < u, axis=1), VOCAB - 1)
-    return torch.from_numpy(seqs)
+        states[:, t] = np.minimum(np.sum(cdf[states[:, t - 1]] < u, axis=1), N_STATES - 1)
+    return torch.from_numpy(states + FIRST_ID)
 
 
 def batch_of(ids: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -277,7 +283,22 @@ def lora_da_write(peft_model, factors) -> None:
     apply_lora_da(peft_model, factors, offset="none")
 
 
-METHODS = ("lora", "lora_one", "lora_da_official", "lora_da_paper")
+Prepare = Callable[[nn.Module, list, int, int], Any]  # (base, calib, n_train, rank) -> state
+Write = Callable[[Any, Any], None]  # (peft_model, state) -> None
+# method -> (work on the un-adapted model, timed as initialisation; write into the PEFT adapter)
+INITS: dict[str, tuple[Prepare, Write]] = {
+    "lora": (lambda base, calib, n, r: None, lambda peft_model, state: None),
+    "lora_one": (lambda base, calib, n, r: lora_one_prepare(base, calib, r), lora_one_write),
+    "lora_da_official": (
+        lambda base, calib, n, r: lora_da_prepare(base, calib, "official", n, r),
+        lora_da_write,
+    ),
+    "lora_da_paper": (
+        lambda base, calib, n, r: lora_da_prepare(base, calib, "paper", n, r),
+        lora_da_write,
+    ),
+}
+METHODS = tuple(INITS)
 
 
 # ---- one fine-tuning run --------------------------------------------------------------------------
@@ -297,19 +318,13 @@ def finetune(method: str, seed: int, quick: bool, rank: int = RANK) -> Run:
     sc, data = scale_of(quick), target_data(seed, quick)
     base = base_model(quick)
     calib = data.calibration(sc.n_calib)
+    prepare, write = INITS[method]
     run = Run()
     t0 = time.perf_counter()
-    if method == "lora_one":
-        prepared = lora_one_prepare(base, calib, rank)
-    elif method.startswith("lora_da_"):
-        preset = method.removeprefix("lora_da_")
-        prepared = lora_da_prepare(base, calib, preset, len(data.train), rank)
-    run.init_seconds = time.perf_counter() - t0  # statistics + solve; the writes below are O(r·d)
+    state = prepare(base, calib, len(data.train), rank)
+    run.init_seconds = time.perf_counter() - t0  # statistics + solve; the write is O(r·d) copies
     peft_model = lora_model(base, seed, rank)
-    if method == "lora_one":
-        lora_one_write(peft_model, prepared)
-    elif method.startswith("lora_da_"):
-        lora_da_write(peft_model, prepared)
+    write(peft_model, state)
     t0 = time.perf_counter()
     _train(peft_model, data, sc, seed, run)
     run.train_seconds = time.perf_counter() - t0
