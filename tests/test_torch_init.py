@@ -227,6 +227,7 @@ def test_bf16_model_gives_finite_float32_factors():
         ("solver", "arpack", "solver must be one of"),
         ("token_mask", "all", "token_mask must be one of"),
         ("score_scale", "sum", "score_scale must be one of"),
+        ("gradient_weight", "batch", "gradient_weight must be one of"),
         ("damping", -1e-3, "damping must be >= 0"),
         ("scale_gamma", 0.0, "scale_gamma must be > 0"),
         ("variance_weight", float("nan"), "variance_weight must be finite"),
@@ -250,7 +251,11 @@ def test_presets():
         "lobpcg",
     )
     assert off.solver_options == {"niter": 10, "official": True} and off.normalize_delta
-    assert (off.token_mask, off.score_scale) == ("attention", "batch")
+    assert (off.token_mask, off.score_scale, off.gradient_weight) == (
+        "attention",
+        "batch",
+        "sequence",
+    )
     assert (paper.variance_weight, paper.bias_weight, paper.output_factor, paper.solver) == (
         1.0,
         1.0,

@@ -152,10 +152,11 @@ def test_llama_statistics_equal_autograd_loop(case):
         allclose_report(stats.G[n], ref["G"][n], rtol=F64_RTOL, atol=F64_ATOL, name=f"G {n}")
 
 
-def _token_weighted_grads(model, batches, targets, cfg, *, per_batch: bool):
-    """weight.grad.T of L = Σ_b T_b L_b / Σ_b T_b: one backward, or one per batch (L_b), summed."""
+def _token_weighted_grads(model, batches, targets, cfg, *, per_batch: bool, weights=None):
+    """weight.grad.T of L = Σ_b w_b L_b / Σ_b w_b (w_b = T_b by default): one backward, or one
+    per batch (L_b), summed."""
     twin = copy.deepcopy(model)
-    T = [token_masks(b, cfg)[1] for b in batches]
+    T = [token_masks(b, cfg)[1] for b in batches] if weights is None else weights
     if per_batch:
         grads = {n: 0 for n in targets}
         for t, b in zip(T, batches):
@@ -220,6 +221,24 @@ def test_G_is_weight_grad_of_token_weighted_mean_loss_llama(per_batch):
         else:
             err = float((stats.G[n] - grads[n]).norm() / grads[n].norm())
             assert err < F32_SOFTMAX_RTOL, f"G {n}: relative error {err:.3g} >= {F32_SOFTMAX_RTOL}"
+
+
+def test_G_sequence_weighting_is_the_official_estimate():
+    """gradient_weight="sequence": G = Σ_b B_b ∇L_b / Σ_b B_b (official estimate_gradient)."""
+    model = tiny_llama(LLAMA_CASES[0], torch.float64)
+    batches = llama_batches(n_batches=3)
+    batches[1] = {k: v[:1] for k, v in batches[1].items()}  # batch sizes 2, 1, 2
+    cfg = _cfg(target_modules=LLAMA_TARGETS, gradient_weight="sequence")
+    targets = find_target_modules(model, cfg.target_modules)
+    stats = collect_statistics(model, batches, targets, cfg, progress=False)
+    sizes = [b["input_ids"].shape[0] for b in batches]
+    grads = _token_weighted_grads(model, batches, targets, cfg, per_batch=True, weights=sizes)
+    token = collect_statistics(
+        model, batches, targets, _cfg(target_modules=LLAMA_TARGETS), progress=False
+    )
+    for n in targets:
+        allclose_report(stats.G[n], grads[n], rtol=F64_RTOL, atol=F64_ATOL, name=f"G {n}")
+        assert not torch.allclose(stats.G[n], token.G[n]), "weightings must differ on this data"
 
 
 def test_shared_inputs_share_one_Z():
@@ -322,6 +341,7 @@ def test_sums_then_finalize_is_the_seam():
             v += getattr(b, kind)[k]
     a.tokens += b.tokens
     a.loss_tokens += b.loss_tokens
+    a.gradient_weight += b.gradient_weight
     whole = collect_statistics(model, batches, targets, cfg, progress=False)
     merged = finalize(a)
     for kind in ("Z", "Y", "G"):

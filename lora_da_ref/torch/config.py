@@ -50,6 +50,9 @@ class LoraDAConfig:
             ``s_t = T_b · ∂L_b/∂o_t`` (``L_b`` the batch's mean loss over its ``T_b`` loss
             tokens) — the paper's per-token Fisher. ``"batch"``: ``∂L_b/∂o_t`` as is (official
             code; Y is then ``1/T_b²`` smaller, which changes the effective β).
+        gradient_weight: G averages the batches' mean-loss gradients weighted by their loss-token
+            count (``"token"``: the gradient of the token-mean loss) or by their number of
+            sequences (``"sequence"``: the official ``estimate_gradient``).
         See :mod:`lora_da_ref.torch.statistics` for the exact normalisation.
     """
 
@@ -70,6 +73,7 @@ class LoraDAConfig:
     token_mask: Literal["labels", "attention"] = "labels"
     label_shift: int = 1
     score_scale: Literal["token", "batch"] = "token"
+    gradient_weight: Literal["token", "sequence"] = "token"
 
     def __post_init__(self) -> None:
         # Accept a str or a list for target_modules but store a tuple (hashable, immutable).
@@ -92,6 +96,7 @@ class LoraDAConfig:
             solver_options={"niter": 10, "official": True},
             token_mask="attention",
             score_scale="batch",
+            gradient_weight="sequence",
         )
         return cls(**{**base, **overrides})
 
@@ -117,6 +122,7 @@ _CHOICES = {
     "solver": ("eigh", "lobpcg"),
     "token_mask": ("labels", "attention"),
     "score_scale": ("token", "batch"),
+    "gradient_weight": ("token", "sequence"),
 }
 
 

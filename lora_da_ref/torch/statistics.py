@@ -8,8 +8,11 @@ their outputs:
   that read the same input tensor (q/k/v; gate/up), detected by tensor identity;
 * ``Y = (1/|P|) Σ_{t∈P} s_t s_tᵀ``            (d_out, d_out) — output factor (``"full"``), or its
   diagonal ``(1/|P|) Σ_t s_t²`` (d_out,) (``"diagonal"``, the official code);
-* ``G = Σ_b T_b ∇_W L_b / Σ_b T_b``           (d_in, d_out) — the gradient of the **token-weighted**
-  mean loss over the whole calibration set, i.e. of ``(1/Σ_b T_b) Σ_b Σ_{t loss token} ℓ_t``.
+* ``G = Σ_b w_b ∇_W L_b / Σ_b w_b``           (d_in, d_out) — the gradient of the weighted mean of
+  the batch losses: ``w_b = T_b`` (``gradient_weight="token"``, default) makes it the gradient of
+  the **token-mean** loss over the whole calibration set, ``(1/Σ_b T_b) Σ_b Σ_{t loss token} ℓ_t``;
+  ``w_b`` = the batch's number of sequences (``"sequence"``, the official ``estimate_gradient``)
+  makes it the mean over sequences of batch-mean losses.
 
 Definitions and normalisation:
 
@@ -80,8 +83,8 @@ class KFACSums:
     """Unnormalised sums of one statistics pass (see the module docstring).
 
     ``Z[g] = Σ_{t∈P} x xᵀ`` per input group ``g``; ``Y[m] = Σ_{t∈P} s sᵀ`` (or ``Σ s²``) and
-    ``G[m] = Σ_b T_b ∇_W L_b`` per module ``m``; ``group_of[m]`` is m's input group; ``tokens`` =
-    |P|, ``loss_tokens`` = Σ_b T_b. All are additive across data shards.
+    ``G[m] = Σ_b w_b ∇_W L_b`` per module ``m``; ``group_of[m]`` is m's input group; ``tokens`` =
+    |P|, ``loss_tokens`` = Σ_b T_b, ``gradient_weight`` = Σ_b w_b. All are additive across shards.
     """
 
     Z: dict[str, Tensor] = field(default_factory=dict)
@@ -90,6 +93,7 @@ class KFACSums:
     group_of: dict[str, str] = field(default_factory=dict)
     tokens: int = 0
     loss_tokens: int = 0
+    gradient_weight: float = 0.0
     sequences: int = 0
     batches: int = 0
     skipped_batches: int = 0
@@ -111,12 +115,12 @@ class KFACStatistics:
 
 
 def finalize(sums: KFACSums) -> KFACStatistics:
-    """Divide the sums by their counts: Z, Y by |P|; G by Σ_b T_b. Checks counts and finiteness."""
+    """Divide the sums by their counts: Z, Y by |P|; G by Σ_b w_b. Checks counts and finiteness."""
     if sums.tokens == 0 or sums.loss_tokens == 0:
         raise ValueError("the calibration batches contain no unmasked tokens")
     Z = {k: v / sums.tokens for k, v in sums.Z.items()}
     Y = {k: v / sums.tokens for k, v in sums.Y.items()}
-    G = {k: v / sums.loss_tokens for k, v in sums.G.items()}
+    G = {k: v / sums.gradient_weight for k, v in sums.G.items()}
     for kind, stats in (("Z", Z), ("Y", Y), ("G", G)):
         for name, value in stats.items():
             if not bool(torch.isfinite(value).all()):
@@ -270,9 +274,11 @@ class _Collector:
             self.sums.skipped_batches += 1  # its mean loss is 0/0; it carries no information
             return
         scale = float(loss_tokens) if self.config.score_scale == "token" else 1.0
+        rows = positions.shape[0] if positions.ndim > 1 else 1
+        weight = float(loss_tokens) if self.config.gradient_weight == "token" else float(rows)
         self._batch = {
             "P": positions,
-            "T": float(loss_tokens),
+            "w": weight,
             "scale": scale,
             "x": {},
             "inputs": [],
@@ -282,14 +288,15 @@ class _Collector:
             loss = loss_fn(model, batch)
             _check_loss(loss, index)
             loss.backward()
-        self._end_batch(positions, loss_tokens)
+        self._end_batch(positions, loss_tokens, weight)
 
-    def _end_batch(self, positions: Tensor, loss_tokens: int) -> None:
+    def _end_batch(self, positions: Tensor, loss_tokens: int, weight: float) -> None:
         missing = set(self.targets) - self._batch["called"]
         if missing:
             raise ValueError(f"target modules not called by the forward pass: {sorted(missing)}")
         self.sums.tokens += int(positions.sum())
         self.sums.loss_tokens += loss_tokens
+        self.sums.gradient_weight += weight
         self.sums.sequences += positions.shape[0] if positions.ndim > 1 else 1
         self.sums.batches += 1
         self._batch = {}
@@ -338,7 +345,7 @@ class _Collector:
         g = g.detach().to(dtype)  # (..., d_out) = ∂L_b/∂o
         x = x.detach().to(dtype)  # (..., d_in)
         G = x.reshape(-1, x.shape[-1]).mT @ g.reshape(-1, g.shape[-1])  # (d_in, d_out) = ∇_W L_b
-        self._add(self.sums.G, name, b["T"] * G)
+        self._add(self.sums.G, name, b["w"] * G)
         s = b["scale"] * g[b["P"]]  # (|P_b|, d_out) scores
         y = s.mT @ s if self.config.output_factor == "full" else (s * s).sum(0)
         self._add(self.sums.Y, name, y)
