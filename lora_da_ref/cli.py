@@ -199,7 +199,7 @@ def _save(
     if args.offset == "subtract":
         base_dir = (out / "base_model").resolve()
         peft_model.peft_config["default"].base_model_name_or_path = str(base_dir)
-    peft_model.save_pretrained(out)
+    peft_model.save_pretrained(out, save_embedding_layers=False)  # LoRA-DA never touches them
     (out / "lora_da.json").write_text(
         json.dumps(_provenance(args, config, factors, texts, batches), indent=2) + "\n"
     )

@@ -160,7 +160,9 @@ def _offset_ratio(peft_model, original) -> float:
             * layer.lora_B["default"].weight
             @ layer.lora_A["default"].weight
         )
-        ratios.append(float(sab.abs().max() / weights[f"{name}.weight"].abs().max()))
+        ratios.append(
+            float(sab.detach().abs().max() / weights[f"{name}.weight"].detach().abs().max())
+        )
     return max(ratios)
 
 
