@@ -21,16 +21,20 @@ from __future__ import annotations
 import math
 import zlib
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
 from lora_da_ref.torch.config import LoraDAConfig, LoraFactors
+from lora_da_ref.torch.distributed import init_lora_da_distributed, resolve_process_group
 from lora_da_ref.torch.fisher import CholeskyFactor, KroneckerFisher, damped_cholesky
 from lora_da_ref.torch.guidance import fisher_gradient, guidance_matrix
 from lora_da_ref.torch.solvers import smallest_eigenpairs
 from lora_da_ref.torch.statistics import Batch, KFACStatistics, LossFn, collect_statistics
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 __all__ = ["find_target_modules", "init_lora_da", "layer_factors"]
 
@@ -42,6 +46,7 @@ def init_lora_da(
     *,
     loss_fn: LossFn | None = None,
     progress: bool = True,
+    process_group: ProcessGroup | None = None,
 ) -> dict[str, LoraFactors]:
     """LoRA-DA factors for every target ``nn.Linear`` of ``model`` (Algorithm 1, Theorem 4.2).
 
@@ -53,7 +58,11 @@ def init_lora_da(
             ``bias_weight`` = α, ``damping`` = λ, ...).
         loss_fn: ``loss_fn(model, batch)`` → the batch's mean loss over its loss tokens; default
             ``model(**batch).loss``.
-        progress: show a tqdm bar over the batches.
+        progress: show a tqdm bar over the batches (on rank 0 only when distributed).
+        process_group: a ``torch.distributed.ProcessGroup`` to shard over; ``None`` uses the
+            default group when one is initialised. Then ``batches`` is this rank's shard and
+            every rank returns the factors of the union of the shards
+            (:mod:`lora_da_ref.torch.distributed`).
 
     Returns:
         ``{module name: LoraFactors}`` in model order, ``A`` (d_in, r), ``B`` (r, d_out).
@@ -62,6 +71,10 @@ def init_lora_da(
         raise TypeError(f"config must be a LoraDAConfig, got {type(config).__name__}")
     targets = find_target_modules(model, config.target_modules)
     _check_rank(config.rank, targets)
+    group = resolve_process_group(process_group)
+    if group is not None:
+        kwargs = {"loss_fn": loss_fn, "progress": progress}
+        return init_lora_da_distributed(model, batches, targets, config, group, **kwargs)
     batches = _materialise(batches)
     stats = collect_statistics(model, batches, targets, config, loss_fn=loss_fn, progress=progress)
     z_factors: dict[str, CholeskyFactor] = {}

@@ -1,0 +1,159 @@
+"""Data-parallel init on a 2-process gloo group (CPU): equals one process on the union of shards.
+
+One ``torch.multiprocessing.spawn`` (module fixture) runs every scenario of
+``tests/_distributed_worker.py`` in both ranks; each test checks one property of the saved results
+against the single-process reference computed here.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from lora_da_ref.torch import collect_statistics, find_target_modules, init_lora_da
+from lora_da_ref.torch.distributed import assign_layers, resolve_process_group
+from tests import _distributed_worker as worker
+from tests.report import allclose_report
+
+pytestmark = [pytest.mark.distributed, pytest.mark.timeout(240)]
+
+# float64 statistics: the spec's bound. The sums differ from one process only in the order of
+# additions (rank partial sums, then the all-reduce): ~ n_batches · eps64 ≈ 1e-15 relative.
+F64_STATS_RTOL = 1e-10
+# Factors are returned in float32 and the float64 pipelines agree to ≪ eps32, so the projector
+# AAᵀ and the update AB (norms ≤ O(1)) differ by rounding to float32: a few eps32 = 1.2e-7.
+F32_OUT_ATOL = 1e-6
+# float32 solve on bitwise-equal statistics: only the LAPACK path may differ (threads). eigh is
+# backward stable (error ~ d·eps32·‖Ω‖ ≈ 32·1.2e-7 = 4e-6 relative); eigengaps here are O(‖Ω‖),
+# so the subspace moves by at most ~1e-5.
+F32_SOLVE_ATOL = 1e-4
+RAISE_LIMIT_S = worker.GROUP_TIMEOUT_S  # a clean failure must not wait for any timeout
+FSDP_RAISE_LIMIT_S = 3 * worker.FAIL_TIMEOUT_S  # one group timeout, plus start-up slack
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("distributed")
+    init_file = str(out / "init_file")
+    mp.spawn(worker.main, args=(init_file, str(out)), nprocs=worker.WORLD, join=True)
+    loaded = {}
+    for path in out.glob("*.pt"):
+        scenario, rank = path.stem.rsplit("_", 1)
+        loaded[(scenario, int(rank))] = torch.load(path, weights_only=False)
+    return loaded
+
+
+def _ok(results, scenario):
+    for rank in range(worker.WORLD):
+        assert "crash" not in results[scenario, rank], results[scenario, rank]["crash"]
+    return [results[scenario, r] for r in range(worker.WORLD)]
+
+
+def _reference(scenario):
+    """Single process, unwrapped model, the union of both ranks' shards."""
+    config_name, dtype, *_ = worker.SHARDS[scenario]
+    config = worker.CONFIGS[config_name]
+    model = worker.model_for(dtype)
+    targets = find_target_modules(model, config.target_modules)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the workers: the same matmul kernels, the same round-off
+    try:
+        stats = collect_statistics(model, worker.union(scenario), targets, config, progress=False)
+        factors = init_lora_da(model, worker.union(scenario), config, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    return stats, factors
+
+
+def _assert_factors_close(got, ref, atol):
+    for name, (A, B, _) in got.items():
+        A, B = A.double(), B.double()
+        A0, B0 = ref[name].A.double(), ref[name].B.double()
+        allclose_report(
+            (A @ A.T).numpy(), (A0 @ A0.T).numpy(), atol=atol, rtol=0, name=f"{name} AAᵀ"
+        )
+        allclose_report((A @ B).numpy(), (A0 @ B0).numpy(), atol=atol, rtol=0, name=f"{name} AB")
+
+
+def _rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("scenario", ["uneven64", "zero64", "fsdp64", "fsdp_zero64"])
+def test_float64_equals_single_process_on_union(results, scenario):
+    ranks = _ok(results, scenario)
+    stats, factors = _reference(scenario)
+    got = ranks[0]["stats"]
+    assert got["tokens"] == stats.tokens
+    for kind in ("Z", "Y", "G"):
+        ref = getattr(stats, kind)
+        assert set(got[kind]) == set(ref), kind
+        for name in ref:
+            rel = _rel(got[kind][name], ref[name])
+            assert rel <= F64_STATS_RTOL, f"{scenario} {kind}[{name}]: rel {rel:.2e}"
+    _assert_factors_close(ranks[0]["factors"], factors, F32_OUT_ATOL)
+
+
+def test_float32_contiguous_shards_add_in_the_same_order(results):
+    """Rank 0 sums b0..b3 in order, rank 1 holds b4: the all-reduce adds (((b0+b1)+b2)+b3) + b4,
+    one process's order, and both run one thread: float32 statistics must be bitwise equal."""
+    ranks = _ok(results, "contiguous32")
+    stats, factors = _reference("contiguous32")
+    for kind in ("Z", "Y", "G"):
+        for name, ref in getattr(stats, kind).items():
+            assert torch.equal(ranks[0]["stats"][kind][name], ref), f"{kind}[{name}]"
+    _assert_factors_close(ranks[0]["factors"], factors, F32_SOLVE_ATOL)
+
+
+@pytest.mark.parametrize("scenario", list(worker.SHARDS))
+def test_every_rank_has_bitwise_identical_results(results, scenario):
+    r0, r1 = _ok(results, scenario)
+    for name, tensors in r0["factors"].items():
+        for t0, t1 in zip(tensors, r1["factors"][name], strict=True):
+            assert torch.equal(t0, t1), f"{scenario} {name}"
+    for kind in ("Z", "Y", "G"):
+        for name, t in r0["stats"][kind].items():
+            assert torch.equal(t, r1["stats"][kind][name]), f"{scenario} {kind}[{name}]"
+    assert set(r0["owners"].values()) == {0, 1}, "the solves were not split over the ranks"
+    assert r0["unchanged"] and r1["unchanged"], "a rank's model changed"
+
+
+def test_rank_that_raises_fails_every_rank_fast(results):
+    r0, r1 = _ok(results, "raise")
+    assert r1["error_type"] == "RuntimeError" and worker.INJECTED in r1["message"]
+    assert r0["error_type"] == "RankFailedError", r0
+    assert "rank(s) [1]" in r0["message"] and worker.INJECTED in r0["message"], r0["message"]
+    for r in (r0, r1):
+        assert r["seconds"] < RAISE_LIMIT_S and r["unchanged"], r
+
+
+def test_rank_that_raises_under_fsdp_fails_every_rank_within_the_timeout(results):
+    r0, r1 = _ok(results, "raise_fsdp")
+    assert r1["error_type"] == "RuntimeError" and worker.INJECTED in r1["message"]
+    assert r0["error_type"] == "RankFailedError", r0
+    assert "another rank failed" in r0["message"], r0["message"]
+    for r in (r0, r1):
+        assert r["seconds"] < FSDP_RAISE_LIMIT_S and r["unchanged"], r
+
+
+def test_assign_layers_balances_whole_input_groups():
+    model = worker.model_for(torch.float32)
+    config = worker.CONFIGS["paper64"]
+    targets = find_target_modules(model, config.target_modules)
+    groups = {n: n for n in targets}
+    for n in targets:  # q/k/v read one input, gate/up another
+        for a, b in (("k_proj", "q_proj"), ("v_proj", "q_proj"), ("up_proj", "gate_proj")):
+            if n.endswith(a):
+                groups[n] = n[: -len(a)] + b
+    owners = assign_layers(targets, groups, config, 2)
+    assert all(owners[n] == owners[g] for n, g in groups.items()), "a Z group was split"
+    assert set(owners.values()) == {0, 1}
+    assert assign_layers(targets, groups, config, 1) == dict.fromkeys(targets, 0)
+    assert owners == assign_layers(targets, groups, config, 2), "not deterministic"
+
+
+def test_single_process_needs_no_group():
+    assert resolve_process_group() is None
+    with pytest.raises(TypeError, match="ProcessGroup"):
+        resolve_process_group("world")
