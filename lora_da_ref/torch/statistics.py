@@ -279,6 +279,7 @@ class _Collector:
         self._batch = {
             "P": positions,
             "w": weight,
+            "all": bool(positions.all()),  # every position counts: skip the gather
             "scale": scale,
             "x": {},
             "inputs": [],
@@ -319,7 +320,9 @@ class _Collector:
             )
         group = self._group(name, x)
         if group == name:
-            self._add(self.sums.Z, name, _gram(x[b["P"]], self.config.dtype))
+            xP = x.detach().to(self.config.dtype)  # (..., d_in)
+            xP = xP.reshape(-1, xP.shape[-1]) if b["all"] else xP[b["P"]]  # (|P_b|, d_in)
+            _addmm(self.sums.Z, name, xP.mT, xP, 1.0)  # += Σ x xᵀ
             b["x"][group] = (x, x._version)
         if not output.requires_grad:
             output.requires_grad_(True)  # a leaf: gradients flow to it, not into frozen weights
@@ -344,23 +347,29 @@ class _Collector:
             raise RuntimeError(f"the input of {name!r} was modified in place before backward")
         g = g.detach().to(dtype)  # (..., d_out) = ∂L_b/∂o
         x = x.detach().to(dtype)  # (..., d_in)
-        G = x.reshape(-1, x.shape[-1]).mT @ g.reshape(-1, g.shape[-1])  # (d_in, d_out) = ∇_W L_b
-        self._add(self.sums.G, name, b["w"] * G)
-        s = b["scale"] * g[b["P"]]  # (|P_b|, d_out) scores
-        y = s.mT @ s if self.config.output_factor == "full" else (s * s).sum(0)
-        self._add(self.sums.Y, name, y)
-
-    @staticmethod
-    def _add(store: dict[str, Tensor], key: str, value: Tensor) -> None:
-        if key in store:
-            store[key] += value
+        g_all, x_all = (
+            g.reshape(-1, g.shape[-1]),
+            x.reshape(-1, x.shape[-1]),
+        )  # (n, d_out), (n, d_in)
+        _addmm(self.sums.G, name, x_all.mT, g_all, b["w"])  # += w_b ∇_W L_b, (d_in, d_out)
+        gP = g_all if b["all"] else g[b["P"]]  # (|P_b|, d_out); scores s = scale · g
+        if self.config.output_factor == "full":
+            _addmm(self.sums.Y, name, gP.mT, gP, b["scale"] ** 2)  # += Σ s sᵀ
         else:
-            store[key] = value.clone()
+            _add(self.sums.Y, name, (gP * gP).sum(0), b["scale"] ** 2)  # += Σ s²
 
 
-def _gram(x: Tensor, dtype: torch.dtype) -> Tensor:
-    x = x.detach().to(dtype)  # (|P_b|, d)
-    return x.mT @ x  # (d, d)
+def _addmm(store: dict[str, Tensor], key: str, a: Tensor, b: Tensor, alpha: float) -> None:
+    """``store[key] += alpha · a @ b`` (one fused BLAS call; allocated on first use)."""
+    if key not in store:
+        store[key] = torch.zeros(a.shape[0], b.shape[1], dtype=a.dtype, device=a.device)
+    store[key].addmm_(a, b, alpha=alpha)
+
+
+def _add(store: dict[str, Tensor], key: str, value: Tensor, alpha: float = 1.0) -> None:
+    if key not in store:
+        store[key] = torch.zeros_like(value)
+    store[key].add_(value, alpha=alpha)
 
 
 def _check_loss(loss: object, index: int) -> None:
