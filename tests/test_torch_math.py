@@ -21,6 +21,7 @@ from lora_da_ref.torch import (
 )
 from lora_da_ref.torch.fisher import unvec, vec
 from tests.report import allclose_report
+from tests.torch_cases import single_thread  # noqa: F401  (autouse fixture)
 
 # float64, well-conditioned SPD factors (cond ≲ 1e2): both sides agree to ~ cond · eps ≈ 1e-14;
 # 1e-10 leaves room for the (d1·d2)-sized dense solves.

@@ -11,6 +11,7 @@ import torch
 from lora_da_ref._linalg import principal_angles
 from lora_da_ref.torch import SOLVERS, smallest_eigenpairs
 from lora_da_ref.torch.solvers import default_tol, fix_signs, relative_residual
+from tests.torch_cases import single_thread  # noqa: F401  (autouse fixture)
 
 # Davis–Kahan sin Θ theorem: sin θ_max ≤ ‖ΩA − AΛ‖_F / δ, δ = λ_{r+1} − λ_r (exact spectrum).
 # Factor 2 covers the perturbation of λ_r itself by the residual (δ is estimated from eigh).

@@ -22,6 +22,7 @@ from tests.torch_cases import (
     mlp_batches,
     mlp_loss,
     model_state,
+    single_thread,  # noqa: F401  (autouse fixture)
     tiny_llama,
 )
 
