@@ -353,10 +353,18 @@ class _Collector:
         )  # (n, d_out), (n, d_in)
         _addmm(self.sums.G, name, x_all.mT, g_all, b["w"])  # += w_b ∇_W L_b, (d_in, d_out)
         gP = g_all if b["all"] else g[b["P"]]  # (|P_b|, d_out); scores s = scale · g
-        if self.config.output_factor == "full":
-            _addmm(self.sums.Y, name, gP.mT, gP, b["scale"] ** 2)  # += Σ s sᵀ
-        else:
-            _add(self.sums.Y, name, (gP * gP).sum(0), b["scale"] ** 2)  # += Σ s²
+        _OUTPUT_FACTORS[self.config.output_factor](self.sums.Y, name, gP, b["scale"] ** 2)
+
+
+def _full_output_factor(store: dict[str, Tensor], key: str, g: Tensor, alpha: float) -> None:
+    _addmm(store, key, g.mT, g, alpha)  # += Σ s sᵀ, (d_out, d_out)
+
+
+def _diagonal_output_factor(store: dict[str, Tensor], key: str, g: Tensor, alpha: float) -> None:
+    _add(store, key, (g * g).sum(0), alpha)  # += Σ s², (d_out,)
+
+
+_OUTPUT_FACTORS = {"full": _full_output_factor, "diagonal": _diagonal_output_factor}
 
 
 def _addmm(store: dict[str, Tensor], key: str, a: Tensor, b: Tensor, alpha: float) -> None:
