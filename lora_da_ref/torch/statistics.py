@@ -23,8 +23,9 @@ Definitions and normalisation:
   "expand" convention; for per-token models it is exactly ``∂ℓ_t/∂o_t``). With
   ``score_scale="batch"`` (official code) ``s_t = ∂L_b/∂o_t`` instead.
 * ``P`` is the set of statistics positions (``config.token_mask``): the loss tokens, or every
-  attention-mask position. ``G`` sums over **all** positions (``x_t s_tᵀ`` summed over every
-  position is exactly ``T_b ∇_W L_b``), so ``G`` equals ``weight.grad.T`` of the token-weighted loss.
+  attention-mask position. ``G`` sums over **all** positions (``Σ_t x_t (∂L_b/∂o_t)ᵀ`` over every
+  position is exactly ``∇_W L_b``, prompt tokens included), so ``G`` equals ``weight.grad.T`` of
+  ``Σ_b w_b L_b / Σ_b w_b`` (tested).
 * Accumulation is in ``config.dtype`` (float32 or float64) whatever the model dtype.
 
 The pass first accumulates **sums and counts** (:class:`KFACSums`), then :func:`finalize` divides.
