@@ -98,16 +98,21 @@ def _run_init(args: argparse.Namespace) -> int:
 
     from lora_da_ref.data import read_jsonl_texts, tokenize_batches
     from lora_da_ref.torch.adapter import apply_lora_da
+    from lora_da_ref.torch.distributed import join_torchrun_group
     from lora_da_ref.torch.init import init_lora_da
 
     config, preset = _lora_da_config(args)
+    rank, world = join_torchrun_group()  # (0, 1) unless launched by torchrun
     texts = read_jsonl_texts(args.data, field=args.text_field, limit=args.samples)
     tokenizer = _load_tokenizer(args.model)
     batches = tokenize_batches(
         tokenizer, texts, max_length=args.max_length, batch_size=args.batch_size
     )
     model = _load_model(args)
-    factors = init_lora_da(model, batches, config, progress=not args.no_progress)
+    # Under torchrun each rank takes every world-th batch; all ranks get the same factors.
+    factors = init_lora_da(model, batches[rank::world], config, progress=not args.no_progress)
+    if rank != 0:
+        return 0  # rank 0 writes the adapter
     torch.manual_seed(args.seed)  # PEFT's default init is overwritten, but keep it reproducible
     peft_model = get_peft_model(model, _peft_config(args, config, preset, LoraConfig))
     apply_lora_da(peft_model, factors, offset=args.offset)

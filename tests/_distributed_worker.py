@@ -49,8 +49,8 @@ def all_batches() -> list[dict[str, torch.Tensor]]:
 SHARDS: dict[str, tuple[str, torch.dtype, bool, list[int], list[int]]] = {
     # uneven, interleaved (the summation order differs from one process), a masked batch on rank 1
     "uneven64": ("paper64", torch.float64, False, [0, 2, 3, 4], [1, 5]),
-    # rank 1 has no unmasked token at all
-    "zero64": ("paper64", torch.float64, False, [0, 1, 2], [5, 5]),
+    # rank 1 has no unmasked token at all; one pass per layer (layers_per_pass=1)
+    "zero64": ("paper64_lpp1", torch.float64, False, [0, 1, 2], [5, 5]),
     # rank 1 holds only the last batch: ((b0+b1)+b2+b3) + b4 is one process's order of additions
     "contiguous32": ("official32", torch.float32, False, [0, 1, 2, 3], [4]),
     # FSDP-wrapped decoder layers, uneven shards, one pass per layer (lockstep padding per pass)

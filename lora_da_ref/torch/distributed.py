@@ -39,7 +39,9 @@ Design (one call of :func:`init_lora_da_distributed` on every rank of the group)
 
 from __future__ import annotations
 
+import atexit
 import heapq
+import os
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import MISSING, fields, replace
@@ -70,6 +72,7 @@ __all__ = [
     "assign_layers",
     "collect_statistics_distributed",
     "init_lora_da_distributed",
+    "join_torchrun_group",
     "resolve_process_group",
 ]
 
@@ -95,6 +98,29 @@ def resolve_process_group(process_group: Any = None) -> dist.ProcessGroup | None
     if dist.get_rank(group) < 0:
         raise ValueError("this process is not a member of process_group")
     return group if dist.get_world_size(group) > 1 else None
+
+
+def join_torchrun_group() -> tuple[int, int]:
+    """Join the default group when launched by ``torchrun`` (``WORLD_SIZE`` > 1 in the
+    environment); returns ``(rank, world_size)``, ``(0, 1)`` for a plain single process.
+
+    The group is NCCL on CUDA (device ``LOCAL_RANK``) and gloo otherwise, and is destroyed at
+    exit. An already initialised default group is used as it is.
+    """
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    atexit.register(_destroy_group)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _destroy_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def init_lora_da_distributed(
