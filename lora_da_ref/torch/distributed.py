@@ -3,12 +3,13 @@
 Every statistic of Algorithm 1, step 1 is a sum over tokens divided by a count
 (:mod:`lora_da_ref.torch.statistics`; paper orientation, ``W`` (d_in, d_out))::
 
-    Z = Σ_{t∈P} x xᵀ / |P|,   Y = Σ_{t∈P} s sᵀ / |P|,   G = Σ_b T_b ∇_W L_b / Σ_b T_b.
+    Z = Σ_{t∈P} x xᵀ / |P|,   Y = Σ_{t∈P} s sᵀ / |P|,   G = Σ_b w_b ∇_W L_b / Σ_b w_b.
 
-With the calibration set ``S = S_0 ∪ … ∪ S_{R-1}`` split over ``R`` ranks, ``Σ_{t∈S} = Σ_r Σ_{t∈S_r}``:
-all-reducing (SUM) each rank's unnormalised :class:`KFACSums` — ``Z``, ``Y`` (full or diagonal),
-``G`` and the token / sample counts, in the statistics dtype — *before* :func:`finalize` gives the
-single-process statistics of the union, up to the order of floating-point additions.
+With the calibration set ``S = S_0 ∪ … ∪ S_{R-1}`` split over ``R`` ranks,
+``Σ_{t∈S} = Σ_r Σ_{t∈S_r}``: all-reducing (SUM) each rank's unnormalised :class:`KFACSums` —
+``Z``, ``Y`` (full or diagonal), ``G``, the token / sample counts and ``Σ_b w_b``, in the
+statistics dtype — *before* :func:`finalize` gives the single-process statistics of the union,
+up to the order of floating-point additions.
 
 Design (one call of :func:`init_lora_da_distributed` on every rank of the group):
 
@@ -28,13 +29,15 @@ Design (one call of :func:`init_lora_da_distributed` on every rank of the group)
    because (a) the solves of a deep model run ``R`` times faster, and (b) the factors are
    **bitwise identical on every rank by construction** — a replicated solve is identical only
    if every rank's all-reduce result, BLAS/LAPACK build, thread count and GPU kernels agree.
-4. **Errors.** After each local stage every rank all-reduces a failure flag. When any rank
-   failed, every rank raises: the failing rank its own exception, the others
-   :class:`RankFailedError` naming the failed rank(s) and their messages. A rank that fails
-   *inside* an FSDP collective of the pass cannot reach the flag: its peers then fail when the
-   group's timeout (``init_process_group(timeout=...)``) expires, with a
-   :class:`RankFailedError` saying so. Each rank's model is restored in ``finally`` (parameters
-   frozen/unfrozen back, train/eval modes, hooks removed, FSDP modules resharded).
+4. **Errors.** After each stage (input check, pass, finalize, solves) every rank all-reduces a
+   failure flag. When any rank failed, every rank raises: the failing rank its own exception,
+   the others :class:`RankFailedError` naming the failed rank(s) and their messages. In a
+   lockstep (FSDP) pass a failed rank re-raises at once without the flag exchange — its peers
+   may be inside an FSDP collective, and a mismatched gloo collective aborts the process — and
+   its peers fail when that collective errors or the group's timeout
+   (``init_process_group(timeout=...)``) expires, with a :class:`RankFailedError` saying so.
+   Each rank's model is restored in ``finally`` (requires_grad, train/eval modes, hooks;
+   FSDP2 modules resharded).
 """
 
 from __future__ import annotations
@@ -88,7 +91,8 @@ def resolve_process_group(process_group: Any = None) -> dist.ProcessGroup | None
     initialised; ``None`` (single process) when there is none or it has one rank."""
     if process_group is not None and not isinstance(process_group, dist.ProcessGroup):
         raise TypeError(
-            f"process_group must be a torch.distributed.ProcessGroup, got {type(process_group).__name__}"
+            "process_group must be a torch.distributed.ProcessGroup, "
+            f"got {type(process_group).__name__}"
         )
     if not (dist.is_available() and dist.is_initialized()):
         if process_group is not None:
