@@ -44,6 +44,7 @@ __all__ = [
     "ExactFisherStatistics",
     "causal_lm_token_losses",
     "exact_empirical_fisher",
+    "exact_fisher_variants",
     "full_precision_copy",
     "per_token_gradients",
 ]
@@ -51,6 +52,7 @@ __all__ = [
 Batch = dict[str, Any]
 TokenLossFn = Callable[[nn.Module, Batch], Tensor]
 ScoreScale = Literal["token", "batch"]
+GradientWeight = Literal["token", "sequence"]
 
 
 def causal_lm_token_losses(model: nn.Module, batch: Batch, *, label_shift: int = 1) -> Tensor:
@@ -187,6 +189,7 @@ def exact_empirical_fisher(
     *,
     token_losses: TokenLossFn | None = None,
     score_scale: ScoreScale = "token",
+    gradient_weight: GradientWeight = "token",
     dtype: torch.dtype = torch.float64,
 ) -> ExactFisherStatistics:
     """The exact per-token empirical Fisher of each target's ``vec(W)`` and the mean gradient.
@@ -202,34 +205,80 @@ def exact_empirical_fisher(
         targets: name → ``nn.Linear`` of ``model``.
         token_losses: per-token loss function (default :func:`causal_lm_token_losses`).
         score_scale: ``"token"`` (c_t = 1) or ``"batch"`` (c_t = 1/T_b).
+        gradient_weight: ``G = Σ_b w_b ∇L_b / Σ_b w_b`` with ``L_b`` the batch's mean token loss
+            and ``w_b = T_b`` (``"token"``: the token-mean loss, as above) or ``w_b`` = the
+            batch's number of sequences (``"sequence"``, the official code), as
+            :class:`~lora_da_ref.torch.config.LoraDAConfig` ``.gradient_weight``.
         dtype: accumulation dtype (the gradients themselves are in the model's dtype).
 
     Returns:
         :class:`ExactFisherStatistics`; ``G`` in the paper's orientation (d_in, d_out).
     """
-    _check_arguments(model, batches, targets, score_scale)
+    variant = (score_scale, gradient_weight)
+    return exact_fisher_variants(
+        model, batches, targets, [variant], token_losses=token_losses, dtype=dtype
+    )[variant]
+
+
+def exact_fisher_variants(
+    model: nn.Module,
+    batches: Sequence[Batch],
+    targets: dict[str, nn.Linear],
+    variants: Sequence[tuple[ScoreScale, GradientWeight]],
+    *,
+    token_losses: TokenLossFn | None = None,
+    dtype: torch.dtype = torch.float64,
+) -> dict[tuple[ScoreScale, GradientWeight], ExactFisherStatistics]:
+    """:func:`exact_empirical_fisher` for several ``(score_scale, gradient_weight)`` settings
+    from ONE pass of per-token gradients (the expensive part)."""
+    for score_scale, gradient_weight in variants:
+        _check_arguments(model, batches, targets, score_scale, gradient_weight)
     shapes = {n: (m.in_features, m.out_features) for n, m in targets.items()}
-    J = {n: torch.zeros(d1 * d2, d1 * d2, dtype=dtype) for n, (d1, d2) in shapes.items()}
-    G = {n: torch.zeros(d1 * d2, dtype=dtype) for n, (d1, d2) in shapes.items()}
+    J = {(s, n): torch.zeros(d1 * d2, d1 * d2, dtype=dtype)
+         for s, _ in variants for n, (d1, d2) in shapes.items()}  # fmt: skip
+    G = {(w, n): torch.zeros(d1 * d2, dtype=dtype)
+         for _, w in variants for n, (d1, d2) in shapes.items()}  # fmt: skip
+    weights = {w: 0.0 for _, w in variants}
     tokens = 0
     with model_guard(model):
         for batch in batches:
             rows = per_token_gradients(model, batch, targets, token_losses=token_losses)
             n_b = next(iter(rows.values())).shape[0]
-            c = 1.0 if score_scale == "token" else 1.0 / max(n_b, 1)
+            if n_b == 0:
+                continue  # no loss token: the batch's mean loss is 0/0 (skipped, as statistics)
+            c = {"token": 1.0, "batch": 1.0 / n_b}
+            w = {"token": float(n_b), "sequence": float(_sequences(batch))}
             for name, g in rows.items():
                 g = g.detach().to(device="cpu", dtype=dtype)  # (T_b, d1·d2)
-                J[name] += c * c * (g.mT @ g)
-                G[name] += g.sum(0)
+                gram = g.mT @ g  # (d1·d2, d1·d2)
+                for s in {s for s, _ in variants}:
+                    J[s, name] += c[s] ** 2 * gram
+                for k in weights:
+                    G[k, name] += (w[k] / n_b) * g.sum(0)  # w_b ∇L_b
             tokens += n_b
+            weights = {k: v + w[k] for k, v in weights.items()}
     if tokens == 0:
         raise ValueError("the calibration batches contain no loss tokens")
-    J = {n: 0.5 * (v + v.mT) / tokens for n, v in J.items()}
-    G = {n: (v / tokens).reshape(shapes[n][1], shapes[n][0]).mT for n, v in G.items()}
-    return ExactFisherStatistics(J, G, shapes, tokens)
+    return {(s, w): _finish(J, G, s, w, weights[w], shapes, tokens) for s, w in variants}
 
 
-def _check_arguments(model: object, batches: object, targets: object, score_scale: object) -> None:
+def _finish(J, G, s, w, weight, shapes, tokens) -> ExactFisherStatistics:
+    Js = {n: 0.5 * (J[s, n] + J[s, n].mT) / tokens for n in shapes}
+    Gs = {n: (G[w, n] / weight).reshape(d2, d1).mT for n, (d1, d2) in shapes.items()}
+    return ExactFisherStatistics(Js, Gs, dict(shapes), tokens)
+
+
+def _sequences(batch: Batch) -> int:
+    """The batch's number of sequences: the leading size of its first 2-D tensor (else 1)."""
+    for value in batch.values():
+        if isinstance(value, Tensor) and value.ndim >= 2:
+            return int(value.shape[0])
+    return 1
+
+
+def _check_arguments(
+    model: object, batches: object, targets: object, score_scale: object, gradient_weight: object
+) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if isinstance(batches, dict) or not isinstance(batches, Sequence) or not batches:
@@ -242,3 +291,5 @@ def _check_arguments(model: object, batches: object, targets: object, score_scal
             raise ValueError(f"target {name!r} is not an nn.Linear of the model under that name")
     if score_scale not in ("token", "batch"):
         raise ValueError(f"score_scale must be 'token' or 'batch', got {score_scale!r}")
+    if gradient_weight not in ("token", "sequence"):
+        raise ValueError(f"gradient_weight must be 'token' or 'sequence', got {gradient_weight!r}")
