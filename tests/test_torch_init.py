@@ -93,6 +93,36 @@ def test_layers_per_pass_gives_identical_factors(llama):
         assert torch.equal(a[name].A, b[name].A) and torch.equal(a[name].B, b[name].B), name
 
 
+def test_layers_per_pass_holds_one_group_of_statistics_at_a_time(llama, monkeypatch):
+    """Memory bound: with layers_per_pass=1 each statistics object covers one decoder layer,
+    and the factors of a group are solved before the next group's pass starts."""
+    import lora_da_ref.torch.init as init_module
+
+    events = []
+    real_collect, real_layer = init_module.collect_statistics, init_module.layer_factors
+
+    def collect(model, batches, targets, config, **kw):
+        stats = real_collect(model, batches, targets, config, **kw)
+        events.append(("pass", {n.split(".self_attn")[0].split(".mlp")[0] for n in stats.G}))
+        return stats
+
+    def solve(stats, name, config, z_factors=None):
+        events.append(("solve", name))
+        return real_layer(stats, name, config, z_factors)
+
+    monkeypatch.setattr(init_module, "collect_statistics", collect)
+    monkeypatch.setattr(init_module, "layer_factors", solve)
+    cfg = PRESETS["paper"].replace(layers_per_pass=1)
+    factors = init_lora_da(llama, llama_batches(), cfg, progress=False)
+    passes = [layers for kind, layers in events if kind == "pass"]
+    assert len(passes) == llama.config.num_hidden_layers
+    assert all(len(layers) == 1 for layers in passes), passes
+    # pass 1, its 7 solves, pass 2, its 7 solves: never two passes' statistics alive at once
+    kinds = [kind for kind, _ in events]
+    per_layer = len(factors) // len(passes)
+    assert kinds == (["pass"] + ["solve"] * per_layer) * len(passes), kinds
+
+
 def test_generator_batches_accepted(llama):
     cfg = PRESETS["paper"]
     a = init_lora_da(llama, llama_batches(), cfg, progress=False)

@@ -180,7 +180,7 @@ def collect_statistics_distributed(
     show = progress and dist.get_rank(group) == 0
     lockstep = _runs_collectives(model)
     with _all_ranks_or_none(group, "input check"):  # local errors before any collective
-        shard = _as_list(batches)
+        shard = as_shard(batches)
         usable = sum(token_masks(b, config)[1] > 0 for b in shard)  # batches the pass runs
     if lockstep:
         steps, pad = _lockstep_plan(shard, usable, config, group)
@@ -243,7 +243,7 @@ def assign_layers(
 # --- the statistics pass ---------------------------------------------------------------------
 
 
-def _as_list(batches: Iterable[Batch]) -> list[Batch]:
+def as_shard(batches: Iterable[Batch]) -> list[Batch]:
     """A rank's shard; unlike single-process init it may be empty (the union must not be)."""
     if isinstance(batches, dict):
         raise TypeError("batches must be an iterable of dicts, not a single dict")

@@ -27,11 +27,20 @@ import torch
 from torch import Tensor, nn
 
 from lora_da_ref.torch.config import LoraDAConfig, LoraFactors
-from lora_da_ref.torch.distributed import init_lora_da_distributed, resolve_process_group
+from lora_da_ref.torch.distributed import (
+    init_lora_da_distributed,
+    resolve_process_group,
+)
 from lora_da_ref.torch.fisher import CholeskyFactor, KroneckerFisher, damped_cholesky
 from lora_da_ref.torch.guidance import fisher_gradient, guidance_matrix
 from lora_da_ref.torch.solvers import smallest_eigenpairs
-from lora_da_ref.torch.statistics import Batch, KFACStatistics, LossFn, collect_statistics
+from lora_da_ref.torch.statistics import (
+    Batch,
+    KFACStatistics,
+    LossFn,
+    collect_statistics,
+    layer_passes,
+)
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -72,13 +81,26 @@ def init_lora_da(
     targets = find_target_modules(model, config.target_modules)
     _check_rank(config.rank, targets)
     group = resolve_process_group(process_group)
-    if group is not None:
-        kwargs = {"loss_fn": loss_fn, "progress": progress}
-        return init_lora_da_distributed(model, batches, targets, config, group, **kwargs)
-    batches = _materialise(batches)
-    stats = collect_statistics(model, batches, targets, config, loss_fn=loss_fn, progress=progress)
-    z_factors: dict[str, CholeskyFactor] = {}
-    return {name: layer_factors(stats, name, config, z_factors) for name in targets}
+    # A rank's shard may be empty under distribution (checked collectively there).
+    if group is None:
+        batches = _materialise(batches)
+    elif not isinstance(batches, list | dict):  # a generator must survive several passes
+        batches = list(batches)  # (a dict is rejected collectively in the distributed path)
+    factors: dict[str, LoraFactors] = {}
+    # One group of `layers_per_pass` layers at a time: its statistics are collected, reduced,
+    # solved and dropped before the next pass, so peak memory holds one group's statistics.
+    for names in layer_passes(list(targets), config.layers_per_pass):
+        chunk = {name: targets[name] for name in names}
+        if group is not None:
+            kwargs = {"loss_fn": loss_fn, "progress": progress}
+            factors |= init_lora_da_distributed(model, batches, chunk, config, group, **kwargs)
+            continue
+        stats = collect_statistics(
+            model, batches, chunk, config, loss_fn=loss_fn, progress=progress
+        )
+        z_factors: dict[str, CholeskyFactor] = {}
+        factors |= {name: layer_factors(stats, name, config, z_factors) for name in chunk}
+    return factors
 
 
 def layer_factors(
