@@ -6,7 +6,18 @@ compare both: ``fisher_gradient``, ``inverse_fisher_block_sum``, ``guidance_matr
 """
 
 # Configuration and results
+# PEFT glue
+from lora_da_ref.torch.adapter import apply_lora_da
 from lora_da_ref.torch.config import LoraDAConfig, LoraFactors
+
+# Data-parallel statistics over torch.distributed
+from lora_da_ref.torch.distributed import (
+    RankFailedError,
+    all_reduce_sums,
+    collect_statistics_distributed,
+    init_lora_da_distributed,
+    join_torchrun_group,
+)
 
 # Fisher representations
 from lora_da_ref.torch.fisher import DenseFisher, FisherMatrix, KroneckerFisher, damped_cholesky
@@ -29,9 +40,6 @@ from lora_da_ref.torch.statistics import (
     finalize,
 )
 
-# PEFT glue (owned by adapter.py):
-# from lora_da_ref.torch.adapter import apply_lora_da
-
 __all__ = [
     "SOLVERS",
     "DenseFisher",
@@ -42,15 +50,21 @@ __all__ = [
     "KroneckerFisher",
     "LoraDAConfig",
     "LoraFactors",
+    "RankFailedError",
     "accumulate_statistics",
+    "all_reduce_sums",
+    "apply_lora_da",
     "collect_statistics",
+    "collect_statistics_distributed",
     "damped_cholesky",
     "finalize",
     "find_target_modules",
     "fisher_gradient",
     "guidance_matrix",
     "init_lora_da",
+    "init_lora_da_distributed",
     "inverse_fisher_block_sum",
+    "join_torchrun_group",
     "layer_factors",
     "smallest_eigenpairs",
     "smallest_eigvecs",
