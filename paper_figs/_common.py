@@ -78,6 +78,7 @@ METHOD_LABELS = {
     "lora_da_no_variance_no_fisher": "LoRA-DA w/o variance & Fisher",
     "pissa": "PiSSA",
     "milora": "MiLoRA",
+    "lora_da_oracle": "(ref.) LoRA-DA, oracle ΔW & exact J",
     "lora_da_official": "LoRA-DA (official preset)",
     "lora_da_paper": "LoRA-DA (paper preset)",
 }
@@ -91,6 +92,7 @@ METHOD_COLORS = {
     "lora_da_no_variance_no_fisher": "tab:gray",
     "pissa": "tab:purple",
     "milora": "tab:brown",
+    "lora_da_oracle": "tab:pink",
     "lora_da_official": "tab:green",
     "lora_da_paper": "tab:red",
 }

@@ -5,7 +5,7 @@ time of ``init_lora_da`` (statistics pass over the calibration set + per-layer e
 the official and with the paper preset, and the wall time of the LoRA fine-tuning that follows
 (one epoch, the shared recipe, started from the official-preset initialisation). Plotted: the
 share of initialisation in the total, ``t_init / (t_init + t_train)`` (the paper reports ≈ 6 %
-for LLaMA 2-7B on a GPU, at every rank), and the absolute times; mean ± s.d. over seeds.
+for LLaMA 2-7B on a GPU, at every rank), and the absolute times; mean ± s.d. over 3 repeats (seeds).
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from paper_figs._common import (
 
 SEED0 = 500
 RANKS = (1, 2, 4, 8, 16)
+REPEATS = 3  # timing repeats (seeds) of the full run; --seeds overrides, --quick uses 2
 PRESETS = ("official", "paper")
 
 
@@ -60,7 +61,7 @@ def measure(k: int, quick: bool) -> dict[str, np.ndarray]:
 
 
 def run(out: Path, quick: bool = False, seeds: int | None = None) -> ItemResult:
-    k = n_seeds(quick, seeds)
+    k = n_seeds(quick, seeds) if quick or seeds is not None else REPEATS
     raw = measure(k, quick)
     x = np.array(RANKS, dtype=np.float64)
     series = []

@@ -7,7 +7,10 @@ registry, all from the same calibration statistics):
 * LoRA-DA: Ω = (1/N) Σ_i J⁻¹_[i] − ΔWΔWᵀ with ΔW = −J⁻¹G (Eqs. 19, 21);
 * w/o bias: Ω = variance term only; w/o variance: Ω = −ΔWΔWᵀ;
 * w/o variance & Fisher: Ω = −GGᵀ (Remark 4.3, i.e. LoRA-One's subspace with LoRA-DA's B0 = −AᵀG);
-* PiSSA / MiLoRA: top / bottom singular vectors of W0; LoRA-One; vanilla LoRA.
+* PiSSA / MiLoRA: top / bottom singular vectors of W0; LoRA-One; vanilla LoRA;
+* a reference row that is not a method: LoRA-DA with the *oracle* statistics of the theorems, the
+  true ΔW = W_tgt − W0 and the exact population Fisher J(W0) — what Theorem 4.2 ranks, free of
+  calibration noise.
 
 Three metrics (``_common.METRICS``), mean ± s.d. over seeds: the analysis' quantity ‖Ŵ − W_tgt‖_F at
 the constrained MLE with A frozen (Eq. 11; lower is better), and the held-out excess target loss
@@ -22,6 +25,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 
+from lora_da_ref.initializers import InitProblem
 from paper_figs._common import (
     METHOD_COLORS,
     METHOD_LABELS,
@@ -29,6 +33,7 @@ from paper_figs._common import (
     RANK,
     ItemResult,
     Series,
+    Task,
     evaluate,
     init_factors,
     make_task,
@@ -50,6 +55,7 @@ METHODS = (
     "milora",
     "lora_one",
     "lora",
+    "lora_da_oracle",
 )
 
 
@@ -58,12 +64,20 @@ def measure(k: int, steps: int) -> dict[str, dict[str, np.ndarray]]:
     raw = {m: {key: [] for key in METRICS} for m in METHODS}
     for seed in range(SEED0, SEED0 + k):
         task = make_task("softmax", seed)
-        problem = task.init_problem()
+        problem, oracle = task.init_problem(), oracle_problem(task)
         for m in METHODS:
-            scores = evaluate(task, init_factors(task, m, RANK["softmax"], seed, problem), steps)
+            name, p = ("lora_da", oracle) if m == "lora_da_oracle" else (m, problem)
+            scores = evaluate(task, init_factors(task, name, RANK["softmax"], seed, p), steps)
             for key, v in scores.items():
                 raw[m][key].append(v)
     return {m: {key: np.array(v) for key, v in d.items()} for m, d in raw.items()}
+
+
+def oracle_problem(task: Task) -> InitProblem:
+    """The theorems' inputs without estimation error: exact J(W0) and ΔW = W_tgt − W0."""
+    J = task.model.population_fisher(task.W0)  # (d1·d2, d1·d2)
+    G = task.model.gradient(task.W0, task.X, task.Y)  # unused when delta_w is given
+    return InitProblem(task.W0, G, J, task.n, delta_w=task.W_tgt - task.W0)
 
 
 def run(out: Path, quick: bool = False, seeds: int | None = None) -> ItemResult:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -88,3 +89,17 @@ def test_consistency_check_can_fail(quick_run, tmp_path):
 def test_cli_rejects_unknown_item(tmp_path):
     with pytest.raises(SystemExit):
         main(["fig99", "--out", str(tmp_path)])
+
+
+# The committed full-run figures embedded in the README (fig3, fig2, table7) stay small.
+RESULTS = Path(__file__).resolve().parents[1] / "paper_figs" / "results"
+MAX_PNG_BYTES = 150_000
+
+
+@pytest.mark.parametrize("item", ["fig3", "fig2", "table7"])
+def test_committed_results(item):
+    png, table = RESULTS / f"{item}.png", RESULTS / f"{item}.csv"
+    assert png.read_bytes()[:8] == PNG_MAGIC
+    assert png.stat().st_size < MAX_PNG_BYTES, f"{png.name}: {png.stat().st_size} bytes"
+    series = read_series_csv(table)
+    assert series and all(np.all(np.isfinite(s["y"])) for s in series.values())
