@@ -151,8 +151,11 @@ class Task:
         """``‖W − W_tgt‖_F``, the quantity of Eq. (11)."""
         return float(np.linalg.norm(W - self.W_tgt))
 
-    def init_problem(self, n_calib: int = N_CALIB, *, X=None, Y=None) -> InitProblem:
-        """LoRA-DA's statistics at ``W0`` on the calibration set (first ``n_calib`` pairs).
+    def init_problem(
+        self, n_calib: int = N_CALIB, *, X: np.ndarray | None = None, Y: np.ndarray | None = None
+    ) -> InitProblem:
+        """LoRA-DA's statistics at ``W0`` on the calibration set (first ``n_calib`` pairs, or the
+        given ``X`` (n, d1), ``Y`` (n,)).
 
         ``G`` = mean NLL gradient (Eq. 14); ``J`` = damped empirical Fisher (true labels);
         ``n`` = N, the training-set size (Eq. 19).

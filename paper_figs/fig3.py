@@ -111,7 +111,7 @@ def run(out: Path, quick: bool = False, seeds: int | None = None) -> ItemResult:
                 dists.setdefault(name, []).append(np.linalg.norm(W - task.W_tgt, axis=(1, 2)))
             if seed == SEED0:
                 series += _plane_panel(axes[0, col], task, trajs, contours, quick)
-        series += _distance_panel(axes[1, col], kind, dists, steps)
+        series += _distance_panel(axes[1, col], kind, dists, steps, k)
     axes[0, 0].legend(fontsize=7, loc="best")
     fig.suptitle("Fig. 3 analogue: descent trajectories from W0 (same Adam, lr, steps for all)")
     fig.tight_layout()
@@ -152,7 +152,7 @@ def _plane_panel(ax, task: Task, trajs, contours, quick: bool) -> list[Series]:
     return out
 
 
-def _distance_panel(ax, kind: str, dists, steps: int) -> list[Series]:
+def _distance_panel(ax, kind: str, dists, steps: int, k: int) -> list[Series]:
     out = []
     x = np.arange(steps + 1, dtype=np.float64)
     for (method, train_a), (name, d) in zip(RUNS, dists.items()):
@@ -162,7 +162,7 @@ def _distance_panel(ax, kind: str, dists, steps: int) -> list[Series]:
         out.append(s)
     ax.set_xlabel("step")
     ax.set_ylabel("‖W_t − W_tgt‖_F")
-    ax.set_title(f"{kind}: distance to the target (mean ± s.d., {len(d)} seeds)")
+    ax.set_title(f"{kind}: distance to the target (mean ± s.d., {k} seeds)")
     return out
 
 

@@ -17,6 +17,8 @@ import pytest
 from paper_figs.__main__ import ITEMS, main, run_all
 from paper_figs._common import read_series_csv
 
+pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
+
 # Series are rounded to 7 significant digits before plotting and written with the same format,
 # so the CSV and the figure hold bit-identical numbers.
 CSV_RTOL = 0.0
