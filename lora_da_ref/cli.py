@@ -283,6 +283,11 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     "make-tiny-model": Subcommand(
         "write a tiny random LLaMA + tokenizer (demo)", _add_tiny_arguments, _run_tiny
     ),
+    "validate": Subcommand(  # lazy import: lora_da_ref.validate imports torch
+        "production path vs exact Fisher/Ω/A0, per layer (see lora_da_ref.validate)",
+        lambda p: __import__("lora_da_ref.validate", fromlist=["x"]).add_arguments(p),
+        lambda a: __import__("lora_da_ref.validate", fromlist=["x"]).run(a),
+    ),
 }
 
 
