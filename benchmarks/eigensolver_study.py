@@ -31,7 +31,7 @@ import torch
 
 from lora_da_ref._linalg import principal_angles
 from lora_da_ref.torch.config import LoraDAConfig
-from lora_da_ref.torch.solvers import OFFICIAL_NITER, _random_start, smallest_eigenpairs
+from lora_da_ref.torch.solvers import OFFICIAL_NITER, random_start, smallest_eigenpairs
 
 TARGET_ANGLE = 1e-3  # rad: the accuracy the issue asks of the default solver
 RANK = 8  # official r
@@ -66,7 +66,7 @@ def lobpcg_trace(omega: torch.Tensor, exact: torch.Tensor, r: int, seed: int, ma
     def tracker(worker: Any) -> None:
         angles.append(angle(worker.X[:, :r], exact))
 
-    X0 = _random_start(omega.shape[0], r, seed, omega)
+    X0 = random_start(omega.shape[0], r, seed, omega)
     try:
         torch.lobpcg(omega, k=r, X=X0, niter=max_iter, tol=0.0, largest=False, tracker=tracker)
     except (torch.linalg.LinAlgError, RuntimeError) as err:  # breakdown near convergence
@@ -129,7 +129,7 @@ def llama_rows(hidden: int, max_iter: int) -> list[dict[str, Any]]:
     from lora_da_ref.torch.fisher import KroneckerFisher
     from lora_da_ref.torch.init import find_target_modules
     from lora_da_ref.torch.statistics import collect_statistics
-    from lora_da_ref.validate import METHODS, _guidance  # the production Ω of a layer
+    from lora_da_ref.validate import METHODS, production_guidance  # the production Ω of a layer
 
     model = tiny_llama(0, hidden=hidden, vocab=128)
     gen = torch.Generator().manual_seed(1)
@@ -141,7 +141,7 @@ def llama_rows(hidden: int, max_iter: int) -> list[dict[str, Any]]:
     rows = []
     for name in targets:
         J = KroneckerFisher(stats.Y[name], stats.Z[stats.group_of[name]], damping=config.damping)
-        omega = _guidance(J, stats.G[name], config).omega  # (d_in, d_in) float64
+        omega = production_guidance(J, stats.G[name], config).omega  # (d_in, d_in) float64
         values, vectors = torch.linalg.eigh(omega)
         scale = float(values.abs().max())
         gap = float(values[RANK] - values[RANK - 1]) / scale

@@ -54,7 +54,7 @@ from lora_da_ref.torch.exact import (
 )
 from lora_da_ref.torch.fisher import DenseFisher, FisherMatrix, KroneckerFisher
 from lora_da_ref.torch.guidance import fisher_gradient, guidance_matrix
-from lora_da_ref.torch.init import _layer_seed, find_target_modules, layer_factors
+from lora_da_ref.torch.init import find_target_modules, layer_factors, layer_seed
 from lora_da_ref.torch.solvers import EigenResult, smallest_eigenpairs
 from lora_da_ref.torch.statistics import KFACStatistics, collect_statistics
 
@@ -210,7 +210,7 @@ class Guidance:
     sigma: float
 
 
-def _guidance(J: FisherMatrix, G: Tensor, config: LoraDAConfig) -> Guidance:
+def production_guidance(J: FisherMatrix, G: Tensor, config: LoraDAConfig) -> Guidance:
     """Eqs. (21) and (19) with the config's β, α, N and σ-normalisation (as layer_factors)."""
     delta_w = fisher_gradient(J, G)  # (d1, d2)
     sigma = float(torch.linalg.matrix_norm(delta_w, ord=2)) if config.normalize_delta else 1.0
@@ -417,18 +417,18 @@ def _compare_layer(
     d1, d2 = exact.shapes[name]
     r = config.rank
     J_exact = DenseFisher(exact.J[name], d1, d2, damping=0.0)
-    ref = _guidance(J_exact, exact.G[name], config)
+    ref = production_guidance(J_exact, exact.G[name], config)
     ref_eig = smallest_eigenpairs(ref.omega, r, solver="eigh")
     group = stats.group_of[name]
     to64 = dict(device="cpu", dtype=torch.float64)
     J_kfac = KroneckerFisher(
         stats.Y[name].to(**to64), stats.Z[group].to(**to64), damping=config.damping
     )
-    ours = _guidance(J_kfac, stats.G[name].to(**to64), config)
+    ours = production_guidance(J_kfac, stats.G[name].to(**to64), config)
     factors = layer_factors(stats, name, config)  # the production result
     gamma = 1.0 if config.scale_gamma is None else math.sqrt(config.scale_gamma)
     A0 = torch.linalg.qr(factors.A.to(torch.float64) * gamma)[0]  # (d1, r); float32 → exact AᵀA = I
-    seed = _layer_seed(config.seed, name)
+    seed = layer_seed(config.seed, name)
     metrics = subspace_metrics(A0, factors.eigenvalues, ref.omega, r)
     metrics |= {
         "J_err": _relative(J_kfac.to_dense(), J_exact.to_dense()),

@@ -157,7 +157,7 @@ def init_lora_da_distributed(
         for name in targets:
             if owners[name] == dist.get_rank(group):
                 mine[name] = layer_factors(stats, name, config, z_cache)
-    return _broadcast_factors(mine, owners, targets, config.rank, group)
+    return broadcast_factors(mine, owners, targets, config.rank, group)
 
 
 def collect_statistics_distributed(
@@ -439,7 +439,7 @@ def _all_reduce_bucket(bucket: list[Tensor], group: dist.ProcessGroup) -> None:
         t.copy_(part.view_as(t))
 
 
-def _broadcast_factors(
+def broadcast_factors(
     mine: dict[str, LoraFactors],
     owners: dict[str, int],
     targets: dict[str, nn.Linear],

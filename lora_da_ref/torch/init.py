@@ -122,7 +122,7 @@ def layer_factors(
         J, delta_w, config.n_train,
         variance_weight=config.variance_weight / sigma**2, bias_weight=config.bias_weight,
     )  # fmt: skip  # (d_in, d_in)
-    options = {"seed": _layer_seed(config.seed, name), **config.solver_options}
+    options = {"seed": layer_seed(config.seed, name), **config.solver_options}
     eig = smallest_eigenpairs(omega, config.rank, solver=config.solver, **options)
     A, B = eig.vectors, eig.vectors.mT @ delta_w  # (d_in, r), (r, d_out)
     scale = 1.0 if config.scale_gamma is None else math.sqrt(config.scale_gamma)
@@ -180,7 +180,7 @@ def _top_singular_value(delta_w: Tensor, name: str) -> float:
     return sigma
 
 
-def _layer_seed(seed: int, name: str) -> int:
+def layer_seed(seed: int, name: str) -> int:
     """A per-layer seed, stable across processes (no Python hash randomisation)."""
     return (int(seed) * 1_000_003 + zlib.crc32(name.encode())) % (2**63 - 1)
 

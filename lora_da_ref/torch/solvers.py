@@ -121,7 +121,7 @@ def lobpcg_solver(
     niter = (OFFICIAL_NITER if official else LOBPCG_DEFAULT_NITER) if niter is None else niter
     tol = default_tol(omega.dtype) if tol is None else tol
     c = 0.0 if official or not shift else float(torch.linalg.matrix_norm(omega))
-    X0 = _random_start(d, r, seed, omega)
+    X0 = random_start(d, r, seed, omega)
     steps: list[int] = []
     try:
         values, vectors = _run_lobpcg(omega, c, X0, niter, tol, steps)
@@ -154,7 +154,7 @@ def _converged(residual: float, vectors: Tensor, tol: float) -> bool:
     return math.isfinite(residual) and residual <= tol and ortho <= math.sqrt(tol)
 
 
-def _random_start(d: int, r: int, seed: int, like: Tensor) -> Tensor:
+def random_start(d: int, r: int, seed: int, like: Tensor) -> Tensor:
     gen = torch.Generator(device="cpu").manual_seed(seed)
     X = torch.randn(d, r, generator=gen, dtype=torch.float64)  # CPU draw: same on every device
     Q, _ = torch.linalg.qr(X)  # (d, r)
