@@ -278,6 +278,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--repeats", type=int, default=1, help="time each phase this often, keep min"
     )
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument(
+        "--sequences", type=int, default=None, help="override the number of sequences (time ∝ it)"
+    )
     parser.add_argument("--presets", nargs="+", default=["official", "paper"], choices=PRESETS)
     return parser.parse_args(argv)
 
@@ -288,7 +291,9 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     device = torch.device(args.device)
-    sizes = QUICK if args.quick else FULL
+    sizes = dict(QUICK if args.quick else FULL)
+    if args.sequences:
+        sizes["sequences"] = args.sequences
     model = make_model(sizes, device)
     batches = make_batches(sizes, args.batch_size, device)
     plain_pass(model, batches[:1])  # warm-up: first-call allocations and kernel selection
