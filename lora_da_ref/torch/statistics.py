@@ -266,7 +266,7 @@ class _Collector:
         finally:
             for handle in handles:
                 handle.remove()
-            self._batch = {}
+            self._batch.clear()
         return self.sums
 
     def _step(self, model: nn.Module, batch: Batch, loss_fn: LossFn, index: int) -> None:
@@ -301,7 +301,10 @@ class _Collector:
         self.sums.gradient_weight += weight
         self.sums.sequences += positions.shape[0] if positions.ndim > 1 else 1
         self.sums.batches += 1
-        self._batch = {}
+        # Empty the dict in place: the output-tensor hooks still reference it, and the activations
+        # it holds would otherwise keep a hook → activation → graph → output cycle alive, which
+        # Python's GC cannot collect (it runs through C++ autograd nodes): a leak per batch.
+        self._batch.clear()
 
     def _forward_hook(
         self, name: str, module: nn.Module, inputs: tuple[Any, ...], output: Tensor
