@@ -340,3 +340,16 @@ def test_cuda_bf16_official_preset_is_finite_and_deterministic():
         # Only CPU runs are promised bitwise-equal; CUDA reductions may reorder (float32 noise
         # ≈ 1e-7 amplified by 1/gap ≲ 1e3 on these tiny layers) — untested here without a GPU.
         assert angle < 1e-3, f"{name}: two CUDA runs differ by {angle:.3g} rad"
+
+
+@pytest.mark.parametrize("shape", [(7, 3), (3, 7), (5, 5)])
+def test_top_singular_value_matches_svd(shape):
+    """σ_max from the Gram matrix (used by normalize_delta) equals the SVD's, float64 and float32."""
+    from lora_da_ref.torch.init import _top_singular_value
+
+    for dtype, rtol in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
+        M = torch.randn(*shape, generator=torch.Generator().manual_seed(1), dtype=dtype)
+        expected = float(torch.linalg.svdvals(M.double())[0])
+        assert abs(_top_singular_value(M, "m") - expected) <= rtol * expected
+    with pytest.raises(ValueError, match="top singular value is 0"):
+        _top_singular_value(torch.zeros(*shape), "m")
