@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import Tensor
@@ -60,10 +61,14 @@ class CholeskyFactor:
         """``(M + λI)⁻¹ B``."""
         return torch.cholesky_solve(B, self.L)
 
-    def inverse(self) -> Tensor:
-        """``(M + λI)⁻¹``, symmetrised."""
+    @cached_property
+    def _inverse(self) -> Tensor:
         inv = torch.cholesky_inverse(self.L)
         return 0.5 * (inv + inv.mT)
+
+    def inverse(self) -> Tensor:
+        """``(M + λI)⁻¹``, symmetrised; computed once per factor (q/k/v and gate/up share Z)."""
+        return self._inverse
 
 
 def damped_cholesky(M: Tensor, damping: float, *, name: str = "M") -> CholeskyFactor:
