@@ -241,7 +241,9 @@ class KroneckerFisher(FisherMatrix):
         return self._Zinv
 
     def solve(self, G: Tensor) -> Tensor:
-        ZinvG = self._Z.solve(self._check_G(G))  # (d1, d2)
+        # Z⁻¹ is needed anyway for Ω (Eq. 19) and is shared by q/k/v or gate/up: one GEMM here
+        # is ~3× faster than two triangular solves with d2 right-hand sides.
+        ZinvG = self.z_inverse() @ self._check_G(G)  # (d1, d2)
         if self.diagonal_Y:
             return ZinvG / self._y  # Z⁻¹ G Y⁻¹ with diagonal Y
         return self._Y.solve(ZinvG.mT).mT  # (d1, d2); Y symmetric
