@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -23,10 +25,11 @@ def test_readme_has_two_setup_commands_and_ci_runs_them():
         assert command in ci, f".ci/run does not run the README command {command!r}"
 
 
-def test_readme_api_tour_runs():
+@pytest.mark.parametrize("section", ["API tour", "The torch production path"])
+def test_readme_python_blocks_run(section):
     readme = (ROOT / "README.md").read_text()
-    tour = readme.split("## API tour", 1)[1].split("\n## ", 1)[0]
-    blocks = re.findall(r"```python\n(.*?)```", tour, re.S)
-    assert len(blocks) >= 2
+    body = readme.split(f"## {section}", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", body, re.S)
+    assert blocks, f"no python block under {section!r}"
     for i, code in enumerate(blocks):
-        exec(compile(code, f"README-api-tour-{i}", "exec"), {})
+        exec(compile(code, f"README-{section}-{i}", "exec"), {})
