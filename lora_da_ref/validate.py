@@ -20,7 +20,7 @@ Metrics per layer and method: ``‖ΔW−ΔW*‖/‖ΔW*‖``, ``‖Ω−Ω*‖_
 between ``A0`` and ``A0*`` (radians), the regret ``tr(A0ᵀΩ*A0) − (λ1*+…+λr*)`` ≥ 0 (Eq. 8), also
 divided by ``r‖Ω*‖₂``, and ``max_i |λ_i − λ_i*| / ‖Ω*‖₂`` over the r smallest eigenvalues.
 
-Built-in cases (``--case``): ``tiny-llama`` (a random 2-layer LLaMA, hidden 24, all seven
+Built-in cases (``--case``): ``tiny-llama`` (a random 2-layer LLaMA, hidden 16, all seven
 projections of layer 0) and ``token-mlp`` (a per-token MLP). ``--model DIR --data FILE.jsonl`` runs
 on a local Hugging Face causal LM instead. ``--json`` prints JSON. On CPU both paths run in float64
 (the exact path on a copy without HF's float32 casts); with ``--device cuda`` the production path
