@@ -101,10 +101,6 @@ class LinearGaussian(SyntheticModel):
         Z = sym(self.pool.T @ self.pool / self.pool_size)  # (d1, d1)
         return self._prec.copy(), Z
 
-    def mle(self, X: np.ndarray, Y: np.ndarray) -> np.ndarray:
-        """Unconstrained MLE (Eq. (2)): least squares ``Ŵ = (XᵀX)⁻¹ XᵀY`` (d1, d2)."""
-        return self.constrained_mle(np.zeros(self.shape), np.eye(self.d1), X, Y)
-
     def constrained_mle(
         self,
         W0: np.ndarray,

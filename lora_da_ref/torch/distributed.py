@@ -65,6 +65,7 @@ from lora_da_ref.torch.statistics import (
     default_loss_fn,
     finalize,
     layer_passes,
+    merge_passes,
     model_guard,
     token_masks,
 )
@@ -291,7 +292,7 @@ def _lockstep_sums(
             _padding_steps(model, pad, sub, loss_fn, pad_steps)
     finally:
         _reshard(model)
-    return _merge_passes(parts)
+    return merge_passes(parts)
 
 
 def _padding_batch(first: Batch | None, steps: int, group: dist.ProcessGroup) -> Batch | None:
@@ -345,18 +346,6 @@ def _reshard(model: nn.Module) -> None:
     for m in model.modules():
         if isinstance(m, FSDPModule):
             m.reshard()
-
-
-def _merge_passes(parts: list[KFACSums]) -> KFACSums:
-    out = parts[0]
-    for part in parts[1:]:
-        if (part.tokens, part.loss_tokens) != (out.tokens, out.loss_tokens):
-            raise RuntimeError("token counts differ between passes: the batches changed")
-        out.Z |= part.Z
-        out.Y |= part.Y
-        out.G |= part.G
-        out.group_of |= part.group_of
-    return out
 
 
 # --- collectives -------------------------------------------------------------------------------

@@ -166,7 +166,7 @@ def accumulate_statistics(
                 f" (pass {i + 1}/{len(passes)})" if len(passes) > 1 else ""
             )
             parts.append(collector.run(model, batches, loss_fn, progress, desc))
-    return _merge(parts)
+    return merge_passes(parts)
 
 
 def layer_passes(names: list[str], layers_per_pass: int | None) -> list[list[str]]:
@@ -190,7 +190,8 @@ def _layer_key(name: str) -> str:
     return match.group(1) if match else name
 
 
-def _merge(parts: list[KFACSums]) -> KFACSums:
+def merge_passes(parts: list[KFACSums]) -> KFACSums:
+    """Join the sums of several layer-group passes over the same batches into one."""
     out = parts[0]
     for part in parts[1:]:
         if (part.tokens, part.loss_tokens) != (out.tokens, out.loss_tokens):
