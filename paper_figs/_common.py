@@ -387,6 +387,32 @@ def plot_points(ax: plt.Axes, s: Series, *, color: str | None = None, **kw) -> N
     cont.lines[0].set_gid(f"{s.panel}/{s.name}")
 
 
+def plot_sweep(
+    axes: np.ndarray,
+    raw: dict[str, dict[str, np.ndarray]],
+    panels: dict[str, str],
+    x: tuple[int, ...],
+    xlabel: str,
+) -> list[Series]:
+    """One panel per metric of a sweep (``raw[method][metric]`` is (seeds, len(x))): mean ± s.d.
+    per method on a log₂ x axis. Returns the plotted series (what the CSV must hold)."""
+    series = []
+    xs = np.array(x, dtype=np.float64)
+    for ax, (key, title) in zip(axes, panels.items()):
+        for m, metrics in raw.items():
+            mean, sd = mean_sd(metrics[key])
+            s = Series(key, METHOD_LABELS[m], xs, mean, sd)
+            plot_points(ax, s, color=METHOD_COLORS[m], fmt="-o", ms=5)
+            series.append(s)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(x, [str(v) for v in x])
+        ax.set_xlabel(xlabel)
+        ax.set_title(title, fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    return series
+
+
 def figure_series(fig: plt.Figure) -> dict[tuple[str, str], dict[str, np.ndarray]]:
     """The data of every line drawn by :func:`plot_series`/:func:`plot_points`, read back from the
     figure's artists: ``{(panel, series): {"x", "y"}}`` (for the tests' CSV-vs-figure check)."""

@@ -14,18 +14,16 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from paper_figs._common import (
-    METHOD_COLORS,
     METHOD_LABELS,
     METRICS,
     ItemResult,
-    Series,
     evaluate,
     init_factors,
     make_task,
     mean_sd,
     n_seeds,
     n_steps,
-    plot_points,
+    plot_sweep,
     save_figure,
     write_series_csv,
 )
@@ -52,21 +50,9 @@ def measure(k: int, steps: int) -> dict[str, dict[str, np.ndarray]]:
 def run(out: Path, quick: bool = False, seeds: int | None = None) -> ItemResult:
     k, steps = n_seeds(quick, seeds), n_steps(quick)
     raw = measure(k, steps)
-    series = []
     fig, axes = plt.subplots(1, len(METRICS), figsize=(13, 4))
-    x = np.array(RANKS, dtype=np.float64)
-    for ax, (key, title) in zip(axes, METRICS.items()):
-        for m in METHODS:
-            mean, sd = mean_sd(raw[m][key])
-            s = Series(key, METHOD_LABELS[m], x, mean, sd)
-            plot_points(ax, s, color=METHOD_COLORS[m], fmt="-o", ms=5)
-            series.append(s)
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(RANKS, [str(r) for r in RANKS])
-        ax.set_xlabel("rank r")
-        ax.set_title(title + " (lower is better)", fontsize=9)
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
+    panels = {key: title + " (lower is better)" for key, title in METRICS.items()}
+    series = plot_sweep(axes, raw, panels, RANKS, "rank r")
     fig.suptitle(f"Fig. 4 analogue: metric vs rank (softmax task, mean ± s.d. over {k} seeds)")
     fig.tight_layout()
     png, csv_path = out / "fig4.png", out / "fig4.csv"

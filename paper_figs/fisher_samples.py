@@ -17,19 +17,16 @@ import numpy as np
 
 from lora_da_ref._linalg import principal_angles
 from paper_figs._common import (
-    METHOD_COLORS,
-    METHOD_LABELS,
     METRICS,
     RANK,
     ItemResult,
-    Series,
     evaluate,
     init_factors,
     make_task,
     mean_sd,
     n_seeds,
     n_steps,
-    plot_points,
+    plot_sweep,
     save_figure,
     write_series_csv,
 )
@@ -63,21 +60,8 @@ def measure(k: int, steps: int) -> dict[str, dict[str, np.ndarray]]:
 def run(out: Path, quick: bool = False, seeds: int | None = None) -> ItemResult:
     k, steps = n_seeds(quick, seeds), n_steps(quick)
     raw = measure(k, steps)
-    series = []
     fig, axes = plt.subplots(1, len(PANELS), figsize=(16, 4))
-    x = np.array(SIZES, dtype=np.float64)
-    for ax, (key, title) in zip(axes, PANELS.items()):
-        for m in METHODS:
-            mean, sd = mean_sd(raw[m][key])
-            s = Series(key, METHOD_LABELS[m], x, mean, sd)
-            plot_points(ax, s, color=METHOD_COLORS[m], fmt="-o", ms=5)
-            series.append(s)
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(SIZES, [str(v) for v in SIZES])
-        ax.set_xlabel("calibration-set size |S|")
-        ax.set_title(title, fontsize=9)
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
+    series = plot_sweep(axes, raw, PANELS, SIZES, "calibration-set size |S|")
     fig.suptitle(
         f"App. J analogue: calibration-set size (softmax task, p = 64, mean ± s.d. over {k} seeds)"
     )
