@@ -221,7 +221,6 @@ class KroneckerFisher(FisherMatrix):
         else:
             self._Y = damped_cholesky(Y, damping, name="Y")
         self.d2 = Y.shape[0]
-        self._Zinv: Tensor | None = None
 
     @property
     def damping(self) -> dict[str, float]:
@@ -236,9 +235,7 @@ class KroneckerFisher(FisherMatrix):
 
     def z_inverse(self) -> Tensor:
         """``(Z + λI)⁻¹`` (d1, d1), cached."""
-        if self._Zinv is None:
-            self._Zinv = self._Z.inverse()
-        return self._Zinv
+        return self._Z.inverse()  # cached by the (possibly shared) Cholesky factor
 
     def solve(self, G: Tensor) -> Tensor:
         # Z⁻¹ is needed anyway for Ω (Eq. 19) and is shared by q/k/v or gate/up: one GEMM here
