@@ -19,6 +19,15 @@ from lora_da_ref.torch.distributed import (
     join_torchrun_group,
 )
 
+# Statistics → factors of one layer (Algorithm 1, steps 2–5), the torch twin of lora_da_init
+from lora_da_ref.torch.factors import (
+    Guidance,
+    LayerSolution,
+    layer_guidance,
+    lora_da_init,
+    solve_layer,
+)
+
 # Fisher representations
 from lora_da_ref.torch.fisher import DenseFisher, FisherMatrix, KroneckerFisher, damped_cholesky
 
@@ -45,9 +54,11 @@ __all__ = [
     "DenseFisher",
     "EigenResult",
     "FisherMatrix",
+    "Guidance",
     "KFACStatistics",
     "KFACSums",
     "KroneckerFisher",
+    "LayerSolution",
     "LoraDAConfig",
     "LoraFactors",
     "RankFailedError",
@@ -66,6 +77,9 @@ __all__ = [
     "inverse_fisher_block_sum",
     "join_torchrun_group",
     "layer_factors",
+    "layer_guidance",
+    "lora_da_init",
     "smallest_eigenpairs",
     "smallest_eigvecs",
+    "solve_layer",
 ]

@@ -146,7 +146,7 @@ def init_lora_da_distributed(
     and the factors are broadcast, so every rank returns bitwise-identical
     ``{name: LoraFactors}`` in model order, ``A`` (d_in, r), ``B`` (r, d_out).
     """
-    from lora_da_ref.torch.init import layer_factors  # init imports this module
+    from lora_da_ref.torch.factors import layer_factors
 
     stats = collect_statistics_distributed(
         model, batches, targets, config, group, loss_fn=loss_fn, progress=progress

@@ -18,25 +18,20 @@ The result is float32 on CPU, ``A`` (d_in, r) and ``B`` (r, d_out); PEFT's
 
 from __future__ import annotations
 
-import math
-import zlib
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-import torch
-from torch import Tensor, nn
+from torch import nn
 
 from lora_da_ref.torch.config import LoraDAConfig, LoraFactors
 from lora_da_ref.torch.distributed import (
     init_lora_da_distributed,
     resolve_process_group,
 )
-from lora_da_ref.torch.fisher import CholeskyFactor, KroneckerFisher, damped_cholesky
-from lora_da_ref.torch.guidance import fisher_gradient, guidance_matrix
-from lora_da_ref.torch.solvers import smallest_eigenpairs
+from lora_da_ref.torch.factors import layer_factors, layer_seed
+from lora_da_ref.torch.fisher import CholeskyFactor
 from lora_da_ref.torch.statistics import (
     Batch,
-    KFACStatistics,
     LossFn,
     collect_statistics,
     layer_passes,
@@ -45,7 +40,7 @@ from lora_da_ref.torch.statistics import (
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
 
-__all__ = ["find_target_modules", "init_lora_da", "layer_factors"]
+__all__ = ["find_target_modules", "init_lora_da", "layer_factors", "layer_seed"]
 
 
 def init_lora_da(
@@ -103,33 +98,6 @@ def init_lora_da(
     return factors
 
 
-def layer_factors(
-    stats: KFACStatistics,
-    name: str,
-    config: LoraDAConfig,
-    z_factors: dict[str, CholeskyFactor] | None = None,
-) -> LoraFactors:
-    """Steps 2–5 of Algorithm 1 for one layer; ``z_factors`` caches Cholesky factors of shared Z."""
-    group = stats.group_of[name]
-    z_factors = {} if z_factors is None else z_factors
-    if group not in z_factors:
-        z_factors[group] = damped_cholesky(stats.Z[group], config.damping, name=f"Z of {group}")
-    J = KroneckerFisher(stats.Y[name], z_factors[group], damping=config.damping)
-    delta_w = fisher_gradient(J, stats.G[name])  # (d_in, d_out)
-    sigma = _top_singular_value(delta_w, name) if config.normalize_delta else 1.0
-    delta_w = delta_w / sigma
-    omega = guidance_matrix(
-        J, delta_w, config.n_train,
-        variance_weight=config.variance_weight / sigma**2, bias_weight=config.bias_weight,
-    )  # fmt: skip  # (d_in, d_in)
-    options = {"seed": layer_seed(config.seed, name), **config.solver_options}
-    eig = smallest_eigenpairs(omega, config.rank, solver=config.solver, **options)
-    A, B = eig.vectors, eig.vectors.mT @ delta_w  # (d_in, r), (r, d_out)
-    scale = 1.0 if config.scale_gamma is None else math.sqrt(config.scale_gamma)
-    diagnostics = _diagnostics(stats, name, J, sigma, eig.diagnostics)
-    return LoraFactors(_out(A / scale), _out(B / scale), _out(eig.eigenvalues), diagnostics)
-
-
 def find_target_modules(model: nn.Module, target_modules: Iterable[str]) -> dict[str, nn.Linear]:
     """PEFT-style matching: module ``name`` is a target iff ``name == t`` or ends with ``"." + t``.
 
@@ -169,38 +137,3 @@ def _materialise(batches: Iterable[Batch]) -> list[Batch]:
     if not batches:
         raise ValueError("batches is empty: LoRA-DA needs calibration data")
     return batches
-
-
-def _top_singular_value(delta_w: Tensor, name: str) -> float:
-    """σ_max(ΔW) as √λ_max of the smaller Gram matrix: 2–6× faster than a full SVD here, and as
-    accurate for the top singular value (λ_max of MᵀM has relative error O(eps))."""
-    gram = delta_w.mT @ delta_w if delta_w.shape[0] >= delta_w.shape[1] else delta_w @ delta_w.mT
-    sigma = math.sqrt(max(float(torch.linalg.eigvalsh(gram)[-1]), 0.0))
-    if not math.isfinite(sigma) or sigma <= 0.0:
-        raise ValueError(
-            f"cannot normalise ΔW of {name!r}: its top singular value is {sigma} (zero gradient?)"
-        )
-    return sigma
-
-
-def layer_seed(seed: int, name: str) -> int:
-    """A per-layer seed, stable across processes (no Python hash randomisation)."""
-    return (int(seed) * 1_000_003 + zlib.crc32(name.encode())) % (2**63 - 1)
-
-
-def _diagnostics(
-    stats: KFACStatistics, name: str, J: KroneckerFisher, sigma: float, solver: dict[str, Any]
-) -> dict[str, Any]:
-    return {
-        "group": stats.group_of[name],
-        "damping": J.damping,
-        "delta_sigma": sigma,
-        "tokens": stats.tokens,
-        "loss_tokens": stats.loss_tokens,
-        "sequences": stats.sequences,
-        **solver,
-    }
-
-
-def _out(t: Tensor) -> Tensor:
-    return t.detach().to(device="cpu", dtype=torch.float32).contiguous()
