@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -25,7 +26,9 @@ class LoraDAConfig:
 
     Attributes:
         rank: LoRA rank ``r``.
-        target_modules: PEFT-style module-name suffixes (``"q_proj"`` matches ``...self_attn.q_proj``).
+        target_modules: as PEFT's ``LoraConfig``: a list of module-name suffixes (``"q_proj"``
+            matches ``...self_attn.q_proj``), a regex string (full match) or ``"all-linear"``
+            (:func:`lora_da_ref.torch.targets.find_target_modules`).
         n_train: ``N``, the fine-tuning set size, in ``Ω = tr(Y⁻¹)/N · Z⁻¹ − ΔWΔWᵀ`` (Eq. 19).
         variance_weight: ``β``, weight of the variance term (paper: 1; official code: 0.03).
         bias_weight: ``α``, weight of the bias term ``ΔWΔWᵀ`` (1 in both).
@@ -57,7 +60,7 @@ class LoraDAConfig:
     """
 
     rank: int = 8
-    target_modules: tuple[str, ...] = DEFAULT_TARGETS
+    target_modules: tuple[str, ...] | str = DEFAULT_TARGETS
     n_train: int = 100_000
     variance_weight: float = 1.0
     bias_weight: float = 1.0
@@ -76,9 +79,9 @@ class LoraDAConfig:
     gradient_weight: Literal["token", "sequence"] = "token"
 
     def __post_init__(self) -> None:
-        # Accept a str or a list for target_modules but store a tuple (hashable, immutable).
+        # A str is PEFT's regex (or "all-linear") and stays a str; a list is stored as a tuple.
         targets = self.target_modules
-        targets = (targets,) if isinstance(targets, str) else tuple(targets)
+        targets = targets if isinstance(targets, str) else tuple(targets)
         object.__setattr__(self, "target_modules", targets)
         _validate(self)
 
@@ -134,7 +137,9 @@ def _validate(c: LoraDAConfig) -> None:
         _positive_int("layers_per_pass", c.layers_per_pass)
     if isinstance(c.label_shift, bool) or not isinstance(c.label_shift, int) or c.label_shift < 0:
         raise ValueError(f"label_shift must be a non-negative integer, got {c.label_shift!r}")
-    if not c.target_modules or not all(isinstance(t, str) and t for t in c.target_modules):
+    if isinstance(c.target_modules, str):
+        _regex_or_all_linear(c.target_modules)
+    elif not c.target_modules or not all(isinstance(t, str) and t for t in c.target_modules):
         raise ValueError(
             f"target_modules must be non-empty module-name suffixes, got {c.target_modules!r}"
         )
@@ -151,6 +156,15 @@ def _validate(c: LoraDAConfig) -> None:
         raise ValueError(f"dtype must be torch.float32 or torch.float64, got {c.dtype}")
     if not isinstance(c.solver_options, dict):
         raise TypeError(f"solver_options must be a dict, got {type(c.solver_options).__name__}")
+
+
+def _regex_or_all_linear(pattern: str) -> None:
+    try:
+        re.compile(pattern)
+    except re.error as err:
+        raise ValueError(f"target_modules regex {pattern!r} does not compile: {err}") from None
+    if not pattern:
+        raise ValueError("target_modules must be non-empty")
 
 
 def _positive_int(name: str, value: object) -> None:
