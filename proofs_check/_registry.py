@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from proofs_check import (
+    calibration_noise,
     courant_fischer,
     degenerate,
     fisher_gradient,
@@ -35,5 +36,8 @@ CLAIMS: dict[str, Claim] = {
         Claim("11", "degenerate case = LoRA-One, Remark 4.3", degenerate.run),
         Claim("12", "K-FAC exactness, Algorithm 1", kfac_exact.run),
         Claim("13", "price of the Loewner relaxation (beyond the paper)", relaxation_price.run),
+        Claim(
+            "14", "calibration-noise lemma, E[Ω̂] at finite |S| (issue 11)", calibration_noise.run
+        ),
     ]
 }

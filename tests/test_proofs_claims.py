@@ -78,3 +78,17 @@ def test_cli_table_and_bad_id(capsys):
 def test_theorems_broken_input_fails_monte_carlo_part():
     rows = CLAIMS["10"].run("quick", broken=True, parts="b")
     assert not any(r.passed for r in rows), _explain(rows)
+
+
+def test_calibration_noise_second_broken_input_and_order():
+    """Claim 14: J in place of J⁻¹ fails the Monte-Carlo rows; on the same draws the alternative
+    "Ĵ's noise is first order in 1/|S|" (ρ(256) = ρ(1024)) is rejected while |S|·ρ is constant."""
+    rows = {r.id: r for r in CLAIMS["14"].run("quick", broken="fisher")}
+    assert not any(rows[i].passed for i in ("14a", "14b", "14c", "14d")), _explain(
+        list(rows.values())
+    )
+    for rid in ("14e", "14f"):
+        alt = next(v for k, v in rows[rid].details.items() if k.startswith("|z| of ρ(256)"))
+        assert rows[rid].passed and alt > rows[rid].tolerance, _explain([rows[rid]])
+    with pytest.raises(ValueError, match="broken"):
+        CLAIMS["14"].run("quick", broken="nonsense")
