@@ -327,3 +327,96 @@ def test_failure_during_write_phase_rolls_back(monkeypatch):
         bound = EPS32 * (v.abs() + delta.abs()) + torch.finfo(v.dtype).tiny
         assert ((after[k] - v).abs() <= bound).all(), k
     assert calls["n"] == 4 + 3  # 3 layers written, then rolled back
+
+
+# ----------------------------------------------------------------------------- guards (issue 12)
+
+
+def test_subtract_twice_is_refused_and_none_after_it_is_allowed():
+    x = _inputs()
+    model = make_tiny_llama(0)
+    with torch.no_grad():
+        ref = model(x).logits
+    pm = _peft(model)
+    factors = _factors(pm)
+    apply_lora_da(pm, factors, offset="subtract")
+    before = _state(pm)
+    with pytest.raises(ValueError, match="'subtract' was already applied"):
+        apply_lora_da(pm, factors, offset="subtract")
+    _assert_same_state(before, pm)
+    apply_lora_da(pm, factors, offset="none")  # rewriting the adapter alone stays allowed
+    with torch.no_grad():
+        got = pm(x).logits
+    tol = SUBTRACT_RTOL_PER_LAYER * N_LAYERS * EPS32 * ref.abs().max()
+    allclose_report(got, ref, rtol=0.0, atol=float(tol), name="logits after refused 2nd subtract")
+
+
+def test_rolled_back_subtract_can_be_applied_again(monkeypatch):
+    pm = _peft(make_tiny_llama(0))
+    factors = _factors(pm)
+    real = adapter_mod._OFFSETS["subtract"]
+    calls = {"n": 0}
+
+    def flaky(w, sign):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("injected failure")
+        real(w, sign)
+
+    monkeypatch.setitem(adapter_mod._OFFSETS, "subtract", flaky)
+    with pytest.raises(RuntimeError, match="injected"):
+        apply_lora_da(pm, factors, offset="subtract")
+    monkeypatch.setitem(adapter_mod._OFFSETS, "subtract", real)
+    apply_lora_da(pm, factors, offset="subtract")  # the rollback cleared the marks
+
+
+def _fingerprinted(peft_model, factors):
+    for name, layer in lora_modules(peft_model).items():
+        weight = layer.get_base_layer().weight
+        factors[name].diagnostics[adapter_mod.FINGERPRINT_KEY] = adapter_mod.weight_fingerprint(
+            weight
+        )
+    return factors
+
+
+def test_factors_of_another_model_with_the_same_shapes_are_refused():
+    own = _peft(make_tiny_llama(0))
+    factors = _fingerprinted(own, _factors(own))
+    apply_lora_da(own, factors)  # the model they were computed for: accepted
+    other = _peft(make_tiny_llama(1))
+    before = _state(other)
+    with pytest.raises(ValueError, match="computed for a different model"):
+        apply_lora_da(other, factors)
+    _assert_same_state(before, other)
+    # The same weights rounded to bfloat16 are the same model; scaled by 1.1 they are not.
+    apply_lora_da(_peft(make_tiny_llama(0, torch.bfloat16)), factors)
+    scaled = make_tiny_llama(0)
+    with torch.no_grad():
+        for p in scaled.parameters():
+            p.mul_(1.1)
+    with pytest.raises(ValueError, match="different model"):
+        apply_lora_da(_peft(scaled), factors)
+
+
+def test_subtract_on_a_tied_weight_is_refused():
+    model = make_tiny_llama(0)
+    model.lm_head.weight = model.model.embed_tokens.weight  # tie (same shapes: vocab x hidden)
+    pm = _peft(model, targets=("q_proj", "lm_head"))
+    factors = _factors(pm)
+    before = _state(pm)
+    with pytest.raises(ValueError, match=r"lm_head: offset='subtract' on a tied weight.*embed"):
+        apply_lora_da(pm, factors, offset="subtract")
+    _assert_same_state(before, pm)
+    apply_lora_da(pm, factors, offset="none")  # the base weights are untouched: allowed
+
+
+@pytest.mark.parametrize("offset", ["none", "subtract"])
+def test_non_finite_base_weight_names_the_parameter(offset):
+    model = make_tiny_llama(0)
+    with torch.no_grad():
+        model.model.layers[1].self_attn.v_proj.weight[0, 0] = float("nan")
+    pm = _peft(model)
+    with pytest.raises(
+        ValueError, match=r"model\.layers\.1\.self_attn\.v_proj\.weight .*non-finite"
+    ):
+        apply_lora_da(pm, _factors(pm), offset=offset)

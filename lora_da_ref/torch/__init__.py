@@ -37,6 +37,15 @@ from lora_da_ref.torch.guidance import fisher_gradient, guidance_matrix, inverse
 # The initialisation (Algorithm 1)
 from lora_da_ref.torch.init import find_target_modules, init_lora_da, layer_factors
 
+# PEFT-native init (EVA conventions): one LoraConfig, one call, a reusable saved state
+from lora_da_ref.torch.peft_init import (
+    LoraDAState,
+    get_lora_da_state_dict,
+    initialize_lora_da_weights,
+    load_lora_da_state,
+    save_lora_da_state,
+)
+
 # Eigensolvers (Eqs. 5-8)
 from lora_da_ref.torch.solvers import SOLVERS, EigenResult, smallest_eigenpairs, smallest_eigvecs
 
@@ -60,6 +69,7 @@ __all__ = [
     "KroneckerFisher",
     "LayerSolution",
     "LoraDAConfig",
+    "LoraDAState",
     "LoraFactors",
     "RankFailedError",
     "accumulate_statistics",
@@ -71,14 +81,18 @@ __all__ = [
     "finalize",
     "find_target_modules",
     "fisher_gradient",
+    "get_lora_da_state_dict",
     "guidance_matrix",
     "init_lora_da",
     "init_lora_da_distributed",
+    "initialize_lora_da_weights",
     "inverse_fisher_block_sum",
     "join_torchrun_group",
     "layer_factors",
     "layer_guidance",
+    "load_lora_da_state",
     "lora_da_init",
+    "save_lora_da_state",
     "smallest_eigenpairs",
     "smallest_eigvecs",
     "solve_layer",

@@ -22,10 +22,24 @@ import torch
 
 from lora_da_ref.torch.config import LoraFactors
 
-__all__ = ["apply_lora_da", "lora_modules"]
+__all__ = [
+    "FINGERPRINT_KEY",
+    "apply_lora_da",
+    "base_model_of",
+    "fingerprint_distance",
+    "lora_modules",
+    "weight_fingerprint",
+]
 
 Offset = Literal["none", "subtract"]
 _PEFT_PREFIXES = ("base_model.model.", "base_model.", "model.")
+# Diagnostics key of the base-weight fingerprint stored with the factors (see weight_fingerprint).
+FINGERPRINT_KEY = "weight_fingerprint"
+# Relative distance above which two fingerprints belong to different weights. The same weights in
+# bfloat16 vs float32 differ by ≤ 2^-8 ≈ 4e-3 relative per entry; unrelated weights by O(1).
+FINGERPRINT_RTOL = 2e-2
+_FINGERPRINT_SAMPLES = 16
+_SUBTRACTED = "_lora_da_subtracted"  # attribute set on a LoRA layer whose base weight was offset
 
 
 @dataclass
@@ -37,6 +51,7 @@ class _Write:
     lora_A: torch.Tensor  # (r, d_in) = Aᵀ
     lora_B: torch.Tensor  # (d_out, r) = Bᵀ
     scaling: float
+    adapter: str
 
 
 def apply_lora_da(
@@ -74,6 +89,8 @@ def apply_lora_da(
     layers = lora_modules(peft_model, adapter_name)
     writes = [_validate(name, f, layers, adapter_name, offset) for name, f in factors.items()]
     _check_coverage(writes, layers, strict)
+    if offset == "subtract":
+        _check_untied(writes, base_model_of(peft_model))
     _write_all(writes, adapter_name, _OFFSETS[offset])
 
 
@@ -81,7 +98,7 @@ def lora_modules(peft_model: Any, adapter_name: str = "default") -> dict[str, An
     """LoRA layers holding ``adapter_name``, keyed by their name in the *base* model."""
     from peft.tuners.lora import LoraLayer
 
-    base = _base_model(peft_model)
+    base = base_model_of(peft_model)
     found = {
         name: mod
         for name, mod in base.named_modules()
@@ -92,7 +109,39 @@ def lora_modules(peft_model: Any, adapter_name: str = "default") -> dict[str, An
     return found
 
 
-def _base_model(peft_model: Any) -> torch.nn.Module:
+def weight_fingerprint(weight: torch.Tensor) -> list[float]:
+    """A cheap fingerprint of a base weight, stored with its factors (``FINGERPRINT_KEY``).
+
+    ``[numel, mean, rms, w[i_1], ..., w[i_16]]`` in float64, the samples at 16 evenly spaced
+    flat positions. It tells apart two models of the same shapes (different weights differ by
+    O(1) in the samples or the rms) while the same weights in another float dtype match within
+    ``FINGERPRINT_RTOL``; it is not a cryptographic hash.
+    """
+    w = weight.detach().reshape(-1)
+    n = w.numel()
+    if n == 0:
+        return [0.0]
+    idx = torch.linspace(0, n - 1, min(_FINGERPRINT_SAMPLES, n), device=w.device).long()
+    w64 = w.to(torch.float64)
+    head = [float(n), float(w64.mean()), float(w64.square().mean().sqrt())]
+    return head + [float(v) for v in w64[idx].cpu()]
+
+
+def fingerprint_distance(a: Any, b: Any) -> float:
+    """Relative distance ``‖a − b‖ / max(‖a‖, ‖b‖)`` of two fingerprints (inf if incomparable)."""
+    try:
+        ta = torch.tensor([float(v) for v in a], dtype=torch.float64)
+        tb = torch.tensor([float(v) for v in b], dtype=torch.float64)
+    except (TypeError, ValueError):
+        return float("inf")
+    if ta.shape != tb.shape or ta[0] != tb[0]:
+        return float("inf")  # different number of entries: different shapes
+    scale = max(float(ta[1:].norm()), float(tb[1:].norm()), torch.finfo(torch.float64).tiny)
+    return float((ta[1:] - tb[1:]).norm()) / scale
+
+
+def base_model_of(peft_model: Any) -> torch.nn.Module:
+    """The model PEFT wrapped (with its LoRA layers injected); TypeError if not a PEFT model."""
     from peft import PeftModel
     from peft.tuners.lora import LoraModel
 
@@ -124,6 +173,7 @@ def _validate(
     key = _resolve(name, layers)
     layer = layers[key]
     _check_layer(key, layer, adapter, offset)
+    _check_fingerprint(key, layer, f)
     A, B = f.A, f.B
     for sym, t in (("A", A), ("B", B)):
         if not isinstance(t, torch.Tensor) or t.ndim != 2:
@@ -147,7 +197,7 @@ def _validate(
     weight = layer.lora_A[adapter].weight
     lora_A = A.T.to(device=weight.device, dtype=weight.dtype).contiguous()  # (r, d_in)
     lora_B = B.T.to(device=weight.device, dtype=weight.dtype).contiguous()  # (d_out, r)
-    return _Write(key, layer, lora_A, lora_B, float(layer.scaling[adapter]))
+    return _Write(key, layer, lora_A, lora_B, float(layer.scaling[adapter]), adapter)
 
 
 def _check_layer(key: str, layer: Any, adapter: str, offset: str) -> None:
@@ -155,11 +205,54 @@ def _check_layer(key: str, layer: Any, adapter: str, offset: str) -> None:
         raise ValueError(f"{key}: only LoRA on linear layers is supported")
     if adapter in getattr(layer, "lora_magnitude_vector", {}):
         raise ValueError(f"{key}: DoRA adapters are not supported (use_dora=False)")
-    if offset == "subtract" and not layer.get_base_layer().weight.is_floating_point():
+    weight = layer.get_base_layer().weight
+    if offset == "subtract" and not weight.is_floating_point():
         raise ValueError(
             f"{key}: offset='subtract' needs a floating-point base weight, "
-            f"got {layer.get_base_layer().weight.dtype} (quantised?)"
+            f"got {weight.dtype} (quantised?)"
         )
+    if weight.is_floating_point() and not torch.isfinite(weight).all():
+        raise ValueError(f"{key}.weight (the base weight) has non-finite entries (NaN or inf)")
+    if offset == "subtract" and getattr(layer, _SUBTRACTED, None):
+        raise ValueError(
+            f"{key}: offset='subtract' was already applied to this layer (adapter "
+            f"{sorted(getattr(layer, _SUBTRACTED))[0]!r}): its base weight is already W0 − s·A0B0, "
+            "a second subtraction would move the model; wrap a fresh copy of the original model"
+        )
+
+
+def _check_fingerprint(key: str, layer: Any, f: LoraFactors) -> None:
+    """Factors carrying a base-weight fingerprint must match this layer's base weight."""
+    stored = (f.diagnostics or {}).get(FINGERPRINT_KEY)
+    if stored is None:
+        return
+    current = weight_fingerprint(layer.get_base_layer().weight)
+    dist = fingerprint_distance(stored, current)
+    if not dist <= FINGERPRINT_RTOL:
+        raise ValueError(
+            f"{key}: these factors were computed for a different model: the base weight's "
+            f"fingerprint differs (relative distance {dist:.3g} > {FINGERPRINT_RTOL:g}); "
+            "recompute them on this model"
+        )
+
+
+def _check_untied(writes: list[_Write], base: torch.nn.Module) -> None:
+    """offset='subtract' must not change a weight shared with another parameter (tied weights)."""
+
+    def key(p: torch.Tensor) -> tuple[Any, ...]:  # same Parameter, or a view starting there
+        return (p.device, p.data_ptr()) if p.device.type != "meta" else (id(p),)
+
+    owners: dict[tuple[Any, ...], list[str]] = {}
+    for pname, p in base.named_parameters(remove_duplicate=False):
+        owners.setdefault(key(p), []).append(pname)
+    for w in writes:
+        names = owners.get(key(w.layer.get_base_layer().weight), [])
+        if len(names) > 1:
+            raise ValueError(
+                f"{w.name}: offset='subtract' on a tied weight: its storage is shared by "
+                f"{names}; subtracting s·A0B0 would also change the others. Untie the weights "
+                "(e.g. config.tie_word_embeddings=False) or use offset='none'"
+            )
 
 
 def _check_coverage(writes: list[_Write], layers: Mapping[str, Any], strict: bool) -> None:
@@ -213,6 +306,11 @@ def _offset_subtract(w: _Write, sign: float) -> None:
     if getattr(w.layer, "fan_in_fan_out", False):
         delta = delta.T  # Conv1D stores (d_in, d_out)
     base.copy_((base.to(work) - sign * delta.to(base.device)).to(base.dtype))
+    marks = w.layer.__dict__.setdefault(_SUBTRACTED, set())
+    if sign > 0:
+        marks.add(w.adapter)
+    else:
+        marks.discard(w.adapter)
 
 
 _OFFSETS = {"none": _offset_none, "subtract": _offset_subtract}
