@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lora_da_ref._linalg import principal_angles
+from lora_da_ref.linalg import principal_angles
 from lora_da_ref.torch.config import LoraDAConfig
 from lora_da_ref.torch.solvers import OFFICIAL_NITER, random_start, smallest_eigenpairs
 

@@ -14,9 +14,6 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-# Conventions and helpers.
-from lora_da_ref._linalg import principal_angles, random_orthonormal, unvec, vec
-
 # Eigen-solution, Eqs. (5)–(8).
 from lora_da_ref.eigen import smallest_eigenpairs, smallest_eigvecs
 
@@ -28,6 +25,9 @@ from lora_da_ref.guidance import fisher_gradient, guidance_matrix, inverse_fishe
 
 # Initialisers: LoRA-DA (Eq. 17), baselines and ablations.
 from lora_da_ref.initializers import INITIALIZERS, InitProblem, initialize, lora_da_init
+
+# Conventions and helpers.
+from lora_da_ref.linalg import principal_angles, random_orthonormal, unvec, vec
 
 # Synthetic models with an exact Fisher, and the Monte-Carlo estimate of the objective (11).
 from lora_da_ref.monte_carlo import MonteCarloResult, monte_carlo_error, subspace_projection

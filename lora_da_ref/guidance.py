@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from lora_da_ref._checks import as_matrix, check_finite_scalar, check_positive_int
-from lora_da_ref._linalg import sym
+from lora_da_ref.checks import as_matrix, check_finite_scalar, check_positive_int
 from lora_da_ref.fisher import FisherMatrix, as_fisher
+from lora_da_ref.linalg import sym
 
 __all__ = ["fisher_gradient", "guidance_matrix", "inverse_fisher_block_sum"]
 

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from lora_da_ref.checks import as_array, check_generator, check_positive_int
 from lora_da_ref.synthetic import ConvergenceError, SyntheticModel
-from lora_da_ref.synthetic._checks import finite_array, generator, positive_int
 
 __all__ = ["MonteCarloResult", "monte_carlo_error", "subspace_projection"]
 
@@ -130,11 +130,11 @@ def _fit_replicate(model, W0, W_tgt, A, n, rng, B_star, k) -> np.ndarray:
 def _check_mc_args(model, W0, W_tgt, A, n, reps, rng):
     if not isinstance(model, SyntheticModel):
         raise TypeError(f"model must be a SyntheticModel, got {type(model).__name__}")
-    W0 = finite_array("W0", W0, model.shape)
-    W_tgt = finite_array("W_tgt", W_tgt, model.shape)
-    A = finite_array("A", A, (model.d1, None))
+    W0 = as_array("W0", W0, model.shape)
+    W_tgt = as_array("W_tgt", W_tgt, model.shape)
+    A = as_array("A", A, (model.d1, None))
     if not 1 <= A.shape[1] <= model.d1:
         raise ValueError(f"A must have between 1 and d1 = {model.d1} columns, got {A.shape[1]}")
     _orthonormal_basis(A)  # rank check
-    generator(rng)
-    return W0, W_tgt, A, positive_int("n", n), positive_int("reps", reps, minimum=2)
+    check_generator(rng)
+    return W0, W_tgt, A, check_positive_int("n", n), check_positive_int("reps", reps, minimum=2)

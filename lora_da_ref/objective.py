@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lora_da_ref._checks import as_matrix, check_positive_int
+from lora_da_ref.checks import as_matrix, check_positive_int
 from lora_da_ref.fisher import FisherMatrix, as_fisher
 
 __all__ = [

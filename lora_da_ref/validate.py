@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from lora_da_ref._linalg import principal_angles
+from lora_da_ref.linalg import principal_angles
 from lora_da_ref.torch.config import LoraDAConfig
 from lora_da_ref.torch.exact import (
     ExactFisherStatistics,

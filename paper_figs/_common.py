@@ -39,8 +39,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 from scipy.special import expit
 
-from lora_da_ref._linalg import random_orthonormal
 from lora_da_ref.initializers import InitProblem, initialize
+from lora_da_ref.linalg import random_orthonormal
 from lora_da_ref.synthetic import LogisticRegression, SoftmaxRegression
 
 # ---- the shared synthetic setting ---------------------------------------------------------------

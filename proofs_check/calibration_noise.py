@@ -40,10 +40,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lora_da_ref._linalg import unvec, vec
 from lora_da_ref.guidance import inverse_fisher_block_sum
+from lora_da_ref.linalg import kron_average, unvec, vec
 from lora_da_ref.synthetic import SyntheticModel
-from lora_da_ref.synthetic._base import kron_average
 from proofs_check._models import _MEAN_MAP, direction, make_model, population_gradient
 from proofs_check._record import ClaimResult, Mode, check_mode
 

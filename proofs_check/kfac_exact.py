@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from lora_da_ref._linalg import principal_angles
 from lora_da_ref.fisher import KroneckerFisher
 from lora_da_ref.initializers import lora_da_init
+from lora_da_ref.linalg import principal_angles
 from lora_da_ref.objective import expected_error_bound
 from proofs_check._models import (
     direction,

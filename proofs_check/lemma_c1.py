@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from lora_da_ref._linalg import random_orthonormal
 from lora_da_ref.guidance import inverse_fisher_block_sum
+from lora_da_ref.linalg import random_orthonormal
 from lora_da_ref.monte_carlo import monte_carlo_error
 from lora_da_ref.objective import unrelaxed_variance
 from proofs_check._models import direction, input_second_moment, make_model

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from lora_da_ref._linalg import random_orthonormal
+from lora_da_ref.linalg import random_orthonormal
 from lora_da_ref.synthetic import ConvergenceError
 from proofs_check._models import make_model
 from proofs_check._record import ClaimResult, Mode, check_mode

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from lora_da_ref._linalg import random_orthonormal
+from lora_da_ref.linalg import random_orthonormal
 from lora_da_ref.monte_carlo import monte_carlo_error
 from lora_da_ref.objective import projected_fisher
 from proofs_check._models import MODEL_NAMES, SHORT

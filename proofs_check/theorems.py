@@ -26,10 +26,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lora_da_ref._linalg import random_orthonormal
 from lora_da_ref.eigen import fix_signs
 from lora_da_ref.guidance import guidance_matrix
 from lora_da_ref.initializers import INITIALIZERS, InitProblem, initialize
+from lora_da_ref.linalg import random_orthonormal
 from lora_da_ref.monte_carlo import monte_carlo_error
 from lora_da_ref.objective import expected_error_bound, unrelaxed_variance
 from lora_da_ref.synthetic import SyntheticModel

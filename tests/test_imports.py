@@ -1,16 +1,20 @@
-"""What each layer may import (issue 14, "Dependencies").
+"""What each layer may import (issue 14, "Dependencies" and "Files that do one job").
 
 - The NumPy reference (``lora_da_ref`` outside ``lora_da_ref.torch`` and its torch tools) and
   ``proofs_check`` import without torch, matplotlib, hypothesis or pytest installed.
 - The torch path (``lora_da_ref.torch`` and the torch tools: the CLI, data, validation, the real
   model) imports without matplotlib, hypothesis or pytest: those are extras (``figs``, ``test``).
 
-Each check runs in a fresh interpreter whose ``sys.meta_path`` refuses the blocked packages, as if
+- No file imports a private module of ``lora_da_ref`` (a ``_name`` module) from outside the
+  package that holds it: shared helpers are public (``lora_da_ref.linalg``, ``lora_da_ref.checks``).
+
+Each import check runs in a fresh interpreter whose ``sys.meta_path`` refuses the blocked packages, as if
 they were not installed, then asserts that none of them was loaded.
 """
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
 from pathlib import Path
@@ -83,3 +87,37 @@ def test_the_blocker_blocks(blocked):
     done = _import_blocked(["lora_da_ref", *blocked], blocked)
     assert done.returncode != 0
     assert "blocked by the test" in done.stderr
+
+
+def _private_module_imports(path: Path) -> list[str]:
+    """Private ``lora_da_ref`` modules that ``path`` imports from outside their package."""
+    importer = ".".join(path.relative_to(ROOT).with_suffix("").parts[:-1])
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        elif isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        else:
+            continue
+        for name in names:
+            parts = name.split(".")
+            if parts[0] != "lora_da_ref":
+                continue
+            for i, part in enumerate(parts):
+                module = ROOT.joinpath(*parts[: i + 1])
+                is_module = module.with_suffix(".py").exists() or module.is_dir()
+                if part.startswith("_") and not part.startswith("__") and is_module:
+                    if ".".join(parts[:i]) != importer:
+                        found.append(name)
+                    break
+    return found
+
+
+def test_no_private_module_is_used_across_packages():
+    offenders = {}
+    for top in ("lora_da_ref", "proofs_check", "paper_figs", "benchmarks", "tests"):
+        for path in sorted((ROOT / top).rglob("*.py")):
+            if bad := _private_module_imports(path):
+                offenders[str(path.relative_to(ROOT))] = sorted(set(bad))
+    assert not offenders, f"private lora_da_ref modules imported across packages: {offenders}"

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lora_da_ref._linalg import random_orthonormal, vec
+from lora_da_ref.linalg import random_orthonormal, vec
 from lora_da_ref.synthetic import (
     ConvergenceError,
     LinearGaussian,

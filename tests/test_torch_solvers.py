@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from lora_da_ref._linalg import principal_angles
+from lora_da_ref.linalg import principal_angles
 from lora_da_ref.torch import SOLVERS, smallest_eigenpairs
 from lora_da_ref.torch.solvers import default_tol, fix_signs, relative_residual
 from tests.torch_cases import single_thread  # noqa: F401  (autouse fixture)

@@ -5,10 +5,12 @@ Every model draws ``x`` uniformly from a fixed, seeded, non-Gaussian and anisotr
 ``y | x``), and ``y ~ p(y | x; W)`` with logits/mean ``f = Wᵀx``, ``W`` of shape ``(d1, d2)``.
 """
 
-from lora_da_ref.synthetic._base import ConvergenceError, SyntheticModel, kron_average
+from lora_da_ref.linalg import kron_average
 from lora_da_ref.synthetic.inputs import InputKind, design_pool
 from lora_da_ref.synthetic.linear_gaussian import LinearGaussian
 from lora_da_ref.synthetic.logistic import LogisticRegression
+from lora_da_ref.synthetic.mle import ConvergenceError, newton_constrained_mle
+from lora_da_ref.synthetic.model import SyntheticModel
 from lora_da_ref.synthetic.softmax import SoftmaxRegression
 
 __all__ = [
@@ -20,4 +22,5 @@ __all__ = [
     "SyntheticModel",
     "design_pool",
     "kron_average",
+    "newton_constrained_mle",
 ]

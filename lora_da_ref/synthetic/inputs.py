@@ -22,8 +22,8 @@ from typing import Literal
 
 import numpy as np
 
-from lora_da_ref._linalg import random_orthonormal
-from lora_da_ref.synthetic._checks import positive_int
+from lora_da_ref.checks import check_positive_int
+from lora_da_ref.linalg import random_orthonormal
 
 __all__ = ["InputKind", "design_pool"]
 
@@ -74,8 +74,8 @@ def design_pool(
 
 
 def _check_pool_args(d1: int, size: int, kind: str, decay: float) -> None:
-    positive_int("d1", d1)
-    positive_int("pool size", size, minimum=d1)
+    check_positive_int("d1", d1)
+    check_positive_int("pool size", size, minimum=d1)
     if kind not in _LATENT:
         raise ValueError(f"input kind must be one of {sorted(_LATENT)}, got {kind!r}")
     if not isinstance(decay, int | float) or not np.isfinite(decay) or decay < 0:

@@ -13,10 +13,11 @@ from __future__ import annotations
 import numpy as np
 from scipy import linalg
 
-from lora_da_ref._linalg import random_orthonormal, sym
-from lora_da_ref.synthetic._base import DEFAULT_MAX_ITER, ConvergenceError, SyntheticModel
-from lora_da_ref.synthetic._checks import finite_array
+from lora_da_ref.checks import as_array
+from lora_da_ref.linalg import random_orthonormal, sym
 from lora_da_ref.synthetic.inputs import InputKind
+from lora_da_ref.synthetic.mle import DEFAULT_MAX_ITER, ConvergenceError
+from lora_da_ref.synthetic.model import SyntheticModel
 
 __all__ = ["LinearGaussian"]
 
@@ -62,7 +63,7 @@ class LinearGaussian(SyntheticModel):
         return sym((Q * np.geomspace(0.5, 2.0, self.d2)) @ Q.T)
 
     def _check_cov(self, noise_cov: object) -> np.ndarray:
-        S = finite_array("noise_cov", noise_cov, (self.d2, self.d2))
+        S = as_array("noise_cov", noise_cov, (self.d2, self.d2))
         if not np.allclose(S, S.T, rtol=1e-12, atol=0.0):
             raise ValueError("noise_cov must be symmetric")
         if np.linalg.eigvalsh(S)[0] <= 0:
@@ -84,7 +85,7 @@ class LinearGaussian(SyntheticModel):
         return F + rng.standard_normal(F.shape) @ self._chol.T  # rows f + L z, (n, d2)
 
     def _check_labels(self, Y: object, n: int) -> np.ndarray:
-        return finite_array("Y", Y, (n, self.d2))
+        return as_array("Y", Y, (n, self.d2))
 
     # ---- closed forms -------------------------------------------------------------------------
     def kronecker_factors(self, W: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:

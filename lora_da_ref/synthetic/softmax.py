@@ -19,9 +19,9 @@ from __future__ import annotations
 import numpy as np
 from scipy.special import logsumexp, softmax
 
-from lora_da_ref.synthetic._base import SyntheticModel
-from lora_da_ref.synthetic._checks import check_class_labels, positive_int
+from lora_da_ref.checks import check_class_labels, check_positive_int
 from lora_da_ref.synthetic.inputs import InputKind
+from lora_da_ref.synthetic.model import SyntheticModel
 
 __all__ = ["SoftmaxRegression"]
 
@@ -46,7 +46,7 @@ class SoftmaxRegression(SyntheticModel):
         input_kind: InputKind = "laplace",
         spectrum_decay: float = 1.0,
     ) -> None:
-        self.n_classes = positive_int("n_classes", n_classes, minimum=2)
+        self.n_classes = check_positive_int("n_classes", n_classes, minimum=2)
         super().__init__(
             d1,
             self.n_classes - 1,

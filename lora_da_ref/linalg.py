@@ -1,4 +1,5 @@
-"""Small linear-algebra helpers shared by the NumPy reference.
+"""Linear-algebra conventions and helpers of the NumPy reference (public: the torch path, the
+checks, the figures and the tests use them too).
 
 Conventions (declared once, used everywhere in ``lora_da_ref``):
 
@@ -13,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import linalg
 
-__all__ = ["principal_angles", "random_orthonormal", "sym", "unvec", "vec"]
+__all__ = ["kron_average", "principal_angles", "random_orthonormal", "sym", "unvec", "vec"]
 
 
 def vec(W: np.ndarray) -> np.ndarray:
@@ -44,3 +45,20 @@ def principal_angles(A: np.ndarray, B: np.ndarray) -> np.ndarray:
     compared through these angles, never column by column.
     """
     return np.sort(linalg.subspace_angles(A, B))
+
+
+def kron_average(Lam: np.ndarray, X: np.ndarray) -> np.ndarray:
+    """``(1/n) Σ_n Λ_n ⊗ x_n x_nᵀ`` as a dense ``(d2·d, d2·d)`` matrix (column-stacking order).
+
+    Entry ``[i·d + a, j·d + b] = mean_n Λ_n[i, j] x_n[a] x_n[b]``.
+
+    Args:
+        Lam: ``Λ_n``, shape ``(n, d2, d2)``.
+        X: ``x_n``, shape ``(n, d)``.
+    """
+    n, d = X.shape
+    d2 = Lam.shape[1]
+    XX = (X[:, :, None] * X[:, None, :]).reshape(n, d * d)  # (n, d·d): x_n[a] x_n[b]
+    J = Lam.reshape(n, d2 * d2).T @ XX / n  # (d2·d2, d·d): [(i, j), (a, b)], one GEMM
+    J = J.reshape(d2, d2, d, d).transpose(0, 2, 1, 3)  # (i, a, j, b)
+    return sym(J.reshape(d2 * d, d2 * d))

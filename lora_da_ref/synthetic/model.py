@@ -1,6 +1,6 @@
 """Common interface of the synthetic models: GLMs ``p(y | x; W)`` whose mean/logits are ``f = Wᵀx``.
 
-Conventions (see ``lora_da_ref._linalg``): ``W`` is ``(d1, d2)`` = ``(d_in, d_out)``; ``vec`` stacks
+Conventions (see :mod:`lora_da_ref.linalg`): ``W`` is ``(d1, d2)`` = ``(d_in, d_out)``; ``vec`` stacks
 columns; data are stored row-wise, ``X`` is ``(n, d1)`` and the logits of all samples are
 ``F = X W``, ``(n, d2)``.
 
@@ -15,7 +15,8 @@ Every model here has a canonical link, so with the *output residual*
 
 ``E_x`` is the uniform average over the model's design pool (``inputs.design_pool``), so the
 population Fisher is exact. A concrete model only supplies the four maps ``F ↦ NLL terms, e, Λ,
-labels`` and a label validator; everything else (gradients, Fishers, (constrained) MLE) is here.
+labels`` and a label validator; everything else (gradients, Fishers, the (constrained) MLE) is
+here, the MLE by the Newton solver of :mod:`lora_da_ref.synthetic.mle`.
 """
 
 from __future__ import annotations
@@ -23,45 +24,13 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 
 import numpy as np
-from scipy import linalg
 
-from lora_da_ref._linalg import sym, unvec, vec
-from lora_da_ref.synthetic._checks import finite_array, generator, positive_int
+from lora_da_ref.checks import as_array, check_generator, check_positive_int
+from lora_da_ref.linalg import kron_average, sym
 from lora_da_ref.synthetic.inputs import InputKind, design_pool
+from lora_da_ref.synthetic.mle import DEFAULT_MAX_ITER, newton_constrained_mle
 
-__all__ = ["ConvergenceError", "SyntheticModel", "kron_average"]
-
-# Newton stops once a full step is this small relative to ‖B‖ (+1). Newton converges quadratically,
-# so the returned point is then accurate to ~STEP_RTOL²; the round-off floor of a step is
-# ~eps/λ_min(H_B) (≈1e-13 for the conditioning used here), far below this.
-STEP_RTOL = 1e-9
-# Armijo sufficient-decrease constant (standard choice, Nocedal & Wright §3.1).
-ARMIJO_C = 1e-4
-# Loss differences below this many ulps of max(|L|, 1) are round-off, not increases.
-LOSS_ULPS = 16
-MAX_HALVINGS = 40
-DEFAULT_MAX_ITER = 100
-
-
-class ConvergenceError(RuntimeError):
-    """The (constrained) MLE does not exist, is not unique, or Newton's method failed to reach it."""
-
-
-def kron_average(Lam: np.ndarray, X: np.ndarray) -> np.ndarray:
-    """``(1/n) Σ_n Λ_n ⊗ x_n x_nᵀ`` as a dense ``(d2·d, d2·d)`` matrix (column-stacking order).
-
-    Entry ``[i·d + a, j·d + b] = mean_n Λ_n[i, j] x_n[a] x_n[b]``.
-
-    Args:
-        Lam: ``Λ_n``, shape ``(n, d2, d2)``.
-        X: ``x_n``, shape ``(n, d)``.
-    """
-    n, d = X.shape
-    d2 = Lam.shape[1]
-    XX = (X[:, :, None] * X[:, None, :]).reshape(n, d * d)  # (n, d·d): x_n[a] x_n[b]
-    J = Lam.reshape(n, d2 * d2).T @ XX / n  # (d2·d2, d·d): [(i, j), (a, b)], one GEMM
-    J = J.reshape(d2, d2, d, d).transpose(0, 2, 1, 3)  # (i, a, j, b)
-    return sym(J.reshape(d2 * d, d2 * d))
+__all__ = ["SyntheticModel"]
 
 
 class SyntheticModel(ABC):
@@ -86,9 +55,9 @@ class SyntheticModel(ABC):
         input_kind: InputKind = "laplace",
         spectrum_decay: float = 1.0,
     ) -> None:
-        self.d1 = positive_int("d1", d1)
-        self.d2 = positive_int("d2", d2)
-        self.seed = positive_int("seed", seed, minimum=0)
+        self.d1 = check_positive_int("d1", d1)
+        self.d2 = check_positive_int("d2", d2)
+        self.seed = check_positive_int("seed", seed, minimum=0)
         self.input_kind = input_kind
         self.spectrum_decay = spectrum_decay
         self.pool = design_pool(
@@ -144,10 +113,10 @@ class SyntheticModel(ABC):
 
     # ---- validation -----------------------------------------------------------------------------
     def _check_W(self, W: object, name: str = "W") -> np.ndarray:
-        return finite_array(name, W, self.shape)
+        return as_array(name, W, self.shape)
 
     def _check_data(self, X: object, Y: object) -> tuple[np.ndarray, np.ndarray]:
-        X = finite_array("X", X, (None, self.d1))
+        X = as_array("X", X, (None, self.d1))
         if X.shape[0] < 1:
             raise ValueError("X must hold at least one sample (got n = 0)")
         return X, self._check_labels(Y, X.shape[0])
@@ -158,7 +127,7 @@ class SyntheticModel(ABC):
 
         Entries are i.i.d. ``N(0, scale² / tr E[x xᵀ])``.
         """
-        generator(rng)
+        check_generator(rng)
         if not np.isfinite(scale) or scale < 0:
             raise ValueError(f"scale must be finite and >= 0, got {scale!r}")
         tr_Z = float(np.mean(np.sum(self.pool**2, axis=1)))
@@ -178,8 +147,8 @@ class SyntheticModel(ABC):
             ``X`` (n, d1) and ``Y`` (labels; shape depends on the model).
         """
         W = self._check_W(W)
-        n = positive_int("n", n)
-        generator(rng)
+        n = check_positive_int("n", n)
+        check_generator(rng)
         X = self.pool[rng.integers(0, self.pool_size, size=n)]  # (n, d1), a fresh copy
         return X, self._draw_labels(X @ W, rng)
 
@@ -220,7 +189,7 @@ class SyntheticModel(ABC):
             W: parameter ``W`` (d1, d2). X: inputs (n, d1).
         """
         W = self._check_W(W)
-        X = finite_array("X", X, (None, self.d1))
+        X = as_array("X", X, (None, self.d1))
         return kron_average(self._output_fisher(X @ W), X)
 
     # ---- Fisher ---------------------------------------------------------------------------------
@@ -282,66 +251,24 @@ class SyntheticModel(ABC):
                 data, rank-deficient ``XA``) or Newton did not converge in ``max_iter`` steps.
         """
         W0, A, B, X, Y = self._check_constrained(W0, A, B_init, X, Y)
-        max_iter = positive_int("max_iter", max_iter)
-        return self._newton(X @ W0, X @ A, Y, B, max_iter)
+        max_iter = check_positive_int("max_iter", max_iter)
+        return newton_constrained_mle(
+            X @ W0,
+            X @ A,
+            Y,
+            B,
+            nll_terms=self._nll_terms,
+            residuals=self._residuals,
+            output_fisher=self._output_fisher,
+            max_iter=max_iter,
+        )
 
     def _check_constrained(self, W0, A, B_init, X, Y):
         W0 = self._check_W(W0, "W0")
-        A = finite_array("A", A, (self.d1, None))
+        A = as_array("A", A, (self.d1, None))
         if A.shape[1] < 1:
             raise ValueError("A must have at least one column (rank r >= 1)")
         r = A.shape[1]
-        B = (
-            np.zeros((r, self.d2))
-            if B_init is None
-            else finite_array("B_init", B_init, (r, self.d2))
-        )
+        B = np.zeros((r, self.d2)) if B_init is None else as_array("B_init", B_init, (r, self.d2))
         X, Y = self._check_data(X, Y)
         return W0, A, B, X, Y
-
-    def _newton(self, F0, U, Y, B, max_iter):
-        """Minimise ``L(B) = mean NLL of logits F0 + U B``; F0 (n, d2), U (n, r), B (r, d2)."""
-        n = U.shape[0]
-
-        def loss(B: np.ndarray) -> float:
-            return float(np.mean(self._nll_terms(F0 + U @ B, Y)))
-
-        L = loss(B)
-        for _ in range(max_iter):
-            F = F0 + U @ B  # (n, d2)
-            g = -U.T @ self._residuals(F, Y) / n  # (r, d2)
-            step = self._newton_step(g, self._output_fisher(F), U)  # (r, d2)
-            if np.linalg.norm(step) <= STEP_RTOL * (1.0 + np.linalg.norm(B)):
-                return B + step
-            B, L = self._backtrack(loss, B, L, g, step)
-        raise ConvergenceError(
-            f"Newton did not converge in {max_iter} iterations (‖B‖ = {np.linalg.norm(B):.3e}, "
-            f"NLL = {L:.3e}); the MLE may not exist (separable or quasi-separable data)"
-        )
-
-    @staticmethod
-    def _newton_step(g: np.ndarray, Lam: np.ndarray, U: np.ndarray) -> np.ndarray:
-        r, d2 = g.shape
-        H = kron_average(Lam, U)  # (d2·r, d2·r)
-        try:
-            step = -unvec(linalg.cho_solve(linalg.cho_factor(H), vec(g)), r, d2)
-        except linalg.LinAlgError as exc:
-            raise ConvergenceError(
-                "the Hessian in B is singular: XA is rank-deficient or the data are separable "
-                "(the constrained MLE does not exist or is not unique)"
-            ) from exc
-        if not np.all(np.isfinite(step)):
-            raise ConvergenceError("Newton step is not finite (Hessian numerically singular)")
-        return step
-
-    @staticmethod
-    def _backtrack(loss, B, L, g, step):
-        slope = float(np.vdot(g, step))  # < 0 for a descent direction
-        slack = LOSS_ULPS * np.finfo(np.float64).eps * max(abs(L), 1.0)
-        t = 1.0
-        for _ in range(MAX_HALVINGS):
-            L_new = loss(B + t * step)
-            if L_new <= L + ARMIJO_C * t * slope + slack:
-                return B + t * step, L_new
-            t *= 0.5
-        raise ConvergenceError(f"backtracking line search failed (NLL = {L:.6e})")
