@@ -14,6 +14,7 @@ Conventions (also in docs/index.md, "Writing these pages"):
 
 from __future__ import annotations
 
+import importlib
 import os
 import re
 import subprocess
@@ -124,3 +125,46 @@ def test_relative_links_resolve(page):
         elif anchor and dest.suffix == ".md" and anchor not in _anchors(dest):
             broken.append(target)
     assert not broken, f"{_rel(page)}: broken links {broken}"
+
+
+def _resolve(dotted: str) -> object:
+    """Import the longest module prefix of ``dotted`` and fetch the rest as attributes."""
+    parts = dotted.split(".")
+    for i in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:i]))
+        except ModuleNotFoundError:
+            continue
+        for attr in parts[i:]:
+            obj = getattr(obj, attr)
+        return obj
+    raise ModuleNotFoundError(dotted)
+
+
+def test_equation_table_names_resolve():
+    """docs/equations.md: every function named imports, every test file named exists."""
+    rows = [
+        line.split("|")[1:-1]
+        for line in (DOCS / "equations.md").read_text().splitlines()
+        if line.startswith("| ") and "`" in line
+    ]
+    assert len(rows) >= 15
+    missing = []
+    for _, code, tests in rows:
+        last = None
+        for name in re.findall(r"`([^`]+)`", code):
+            if name.startswith("lora_da_ref"):
+                last = name
+                target = name
+            elif re.fullmatch(r"\w+", name) and last is not None:
+                target = f"{last}.{name}"
+            else:
+                continue
+            try:
+                _resolve(target)
+            except (ImportError, AttributeError) as err:
+                missing.append(f"{target} ({err})")
+        for path in re.findall(r"`(tests/[^`]+)`", tests):
+            if not (ROOT / path).exists():
+                missing.append(path)
+    assert not missing, f"docs/equations.md names what does not exist: {missing}"
