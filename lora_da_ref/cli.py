@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
+import re
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -71,56 +71,146 @@ def _add_init_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="local directory of a HF causal LM + tokenizer")
     p.add_argument("--data", required=True, help='JSONL file, one {"text": ...} object per line')
     p.add_argument("--out", required=True, help="adapter directory to write")
-    p.add_argument("--rank", type=int, default=8, help="LoRA rank r (default 8)")
+    p.add_argument("--rank", type=int, default=8, help="LoRA rank r")
     p.add_argument("--config", choices=sorted(PRESETS), default="official", help="preset")
-    p.add_argument("--target-modules", nargs="+", default=None, help="default: all 7 projections")
-    p.add_argument("--samples", type=int, default=256, help="use the first N texts (default 256)")
+    p.add_argument(
+        "--target-modules",
+        nargs="+",
+        default=None,
+        help="module-name suffixes, 'all-linear', or one regex (PEFT's LoraConfig rules); "
+        "default: the 7 projections q,k,v,o,gate,up,down_proj",
+    )
+    p.add_argument("--samples", type=int, default=256, help="use the first N records")
     p.add_argument(
         "--max-length", type=int, default=1024, help="truncate texts to this many tokens"
     )
-    p.add_argument("--batch-size", type=int, default=1, help="sequences per batch (default 1)")
-    p.add_argument("--text-field", default="text", help='JSONL field of the text (default "text")')
-    p.add_argument("--offset", choices=("none", "subtract"), default="none")
-    p.add_argument("--n-train", type=int, default=None, help="N, fine-tuning set size")
-    p.add_argument("--lora-alpha", type=float, default=None, help="default: from the preset")
-    p.add_argument("--rslora", action=argparse.BooleanOptionalAction, default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=1, help="sequences per batch")
+    p.add_argument("--text-field", default="text", help="JSONL field of the text")
+    p.add_argument(
+        "--prompt-field",
+        default=None,
+        help="JSONL field of a prompt; with --completion-field the loss (and labels) cover the "
+        "completion only: prompt tokens get labels -100",
+    )
+    p.add_argument("--completion-field", default=None, help="JSONL field of the completion")
+    p.add_argument(
+        "--offset",
+        choices=("none", "subtract"),
+        default="none",
+        help="none: start at W0 + s·A0B0; subtract: base weights become W0 − s·A0B0 and are saved "
+        "to OUT/base_model",
+    )
+    p.add_argument(
+        "--n-train", type=int, default=None, help="N, fine-tuning set size (default: 100000)"
+    )
+    p.add_argument(
+        "--lora-alpha", type=float, default=None, help="PEFT lora_alpha (default: the preset's)"
+    )
+    p.add_argument(
+        "--rslora",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="PEFT use_rslora (default: the preset's)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the solver's random start")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype of the statistics")
-    p.add_argument("--model-dtype", choices=MODEL_DTYPES, default="auto")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda if any)")
+    p.add_argument(
+        "--model-dtype", choices=MODEL_DTYPES, default="auto", help="dtype to load the model in"
+    )
+    p.add_argument(
+        "--device", default="auto", help="cpu, cuda, cuda:1, mps ... (auto: cuda if available)"
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def _run_init(args: argparse.Namespace) -> int:
     """Algorithm 1 on a local model, then a PEFT adapter holding (A0, B0) (Eq. 17)."""
+    device = _check_device(args.device)  # one-line error before any data or model is loaded
+    if (args.prompt_field is None) != (args.completion_field is None):
+        raise ValueError("give both --prompt-field and --completion-field, or neither")
     import torch
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
-    from lora_da_ref.data import read_jsonl_texts, tokenize_batches
-    from lora_da_ref.torch.adapter import apply_lora_da
     from lora_da_ref.torch.distributed import join_torchrun_group
-    from lora_da_ref.torch.init import init_lora_da
+    from lora_da_ref.torch.peft_init import get_lora_da_state_dict, initialize_lora_da_weights
 
     config, preset = _lora_da_config(args)
+    lora_config = _peft_config(args, config, preset)
     rank, world = join_torchrun_group()  # (0, 1) unless launched by torchrun
-    texts = read_jsonl_texts(args.data, field=args.text_field, limit=args.samples)
     tokenizer = _load_tokenizer(args.model)
-    batches = tokenize_batches(
-        tokenizer, texts, max_length=args.max_length, batch_size=args.batch_size
-    )
-    model = _load_model(args)
+    batches, data = _calibration_batches(args, tokenizer)
+    model = _load_model(args, device)
     # Under torchrun each rank takes every world-th batch; all ranks get the same factors.
-    factors = init_lora_da(model, batches[rank::world], config, progress=not args.no_progress)
+    state = get_lora_da_state_dict(
+        model, batches[rank::world], lora_config, config,
+        progress=not args.no_progress, data_description=data,
+    )  # fmt: skip
     if rank != 0:
         return 0  # rank 0 writes the adapter
     torch.manual_seed(args.seed)  # PEFT's default init is overwritten, but keep it reproducible
-    peft_model = get_peft_model(model, _peft_config(args, config, preset, LoraConfig))
-    apply_lora_da(peft_model, factors, offset=args.offset)
-    out = _save(args, peft_model, tokenizer, config, factors, texts, batches)
+    peft_model = get_peft_model(model, lora_config)
+    initialize_lora_da_weights(peft_model, lora_da_state=state, offset=args.offset)
+    out = _save(args, peft_model, tokenizer, state)
     print(
-        f"lora-da: wrote a rank-{config.rank} LoRA-DA adapter for {len(factors)} modules to {out}"
+        f"lora-da: wrote a rank-{config.rank} LoRA-DA adapter for {len(state.factors)} modules "
+        f"to {out}"
     )
     return 0
+
+
+def _check_device(device: str) -> str:
+    """The device to use; a ValueError naming the problem for an unknown or unavailable one."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ValueError(
+            f"--device {device!r} is not a torch device (use auto, cpu, cuda, cuda:1, mps)"
+        ) from None
+    if dev.type == "cuda":
+        if torch.version.cuda is None and getattr(torch.version, "hip", None) is None:
+            raise ValueError(
+                f"--device {device}: this torch {torch.__version__} is a CPU-only build "
+                "(no CUDA); use --device cpu or install a CUDA build of torch"
+            )
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: no CUDA device is visible")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) visible"
+            )
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {device}: MPS is not available on this machine")
+    return str(dev)
+
+
+def _calibration_batches(args: argparse.Namespace, tokenizer: Any) -> tuple[list, dict]:
+    from lora_da_ref.data import (
+        read_jsonl_pairs,
+        read_jsonl_texts,
+        tokenize_batches,
+        tokenize_prompt_completion,
+    )
+
+    sizes = {"max_length": args.max_length, "batch_size": args.batch_size}
+    data: dict[str, Any] = {"file": str(args.data)}
+    if args.prompt_field is not None:
+        pairs = read_jsonl_pairs(
+            args.data, prompt_field=args.prompt_field,
+            completion_field=args.completion_field, limit=args.samples,
+        )  # fmt: skip
+        batches = tokenize_prompt_completion(tokenizer, pairs, **sizes)
+        data |= {"prompt_field": args.prompt_field, "completion_field": args.completion_field}
+        data["texts"] = len(pairs)
+    else:
+        texts = read_jsonl_texts(args.data, field=args.text_field, limit=args.samples)
+        batches = tokenize_batches(tokenizer, texts, **sizes)
+        data |= {"text_field": args.text_field, "texts": len(texts)}
+    data |= {"batches": len(batches), "max_length": args.max_length}
+    return batches, data
 
 
 def _lora_da_config(args: argparse.Namespace) -> tuple[Any, Preset]:
@@ -131,8 +221,6 @@ def _lora_da_config(args: argparse.Namespace) -> tuple[Any, Preset]:
     preset = PRESETS[args.config]
     overrides: dict[str, Any] = {"rank": args.rank, "seed": args.seed}
     overrides["dtype"] = getattr(torch, args.dtype)
-    if args.target_modules:
-        overrides["target_modules"] = tuple(args.target_modules)
     if args.n_train is not None:
         overrides["n_train"] = args.n_train
     return getattr(LoraDAConfig, preset.config)(**overrides), preset
@@ -149,13 +237,10 @@ def _load_tokenizer(model_dir: str) -> Any:
     return AutoTokenizer.from_pretrained(path)
 
 
-def _load_model(args: argparse.Namespace) -> Any:
+def _load_model(args: argparse.Namespace, device: str) -> Any:
     import torch
     from transformers import AutoModelForCausalLM
 
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = args.model_dtype if args.model_dtype == "auto" else getattr(torch, args.model_dtype)
     with _hf_progress(not args.no_progress):
         model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
@@ -177,80 +262,86 @@ def _hf_progress(enabled: bool) -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def _peft_config(args: argparse.Namespace, config: Any, preset: Preset, lora_config: type) -> Any:
+def _peft_config(args: argparse.Namespace, config: Any, preset: Preset) -> Any:
+    """The adapter's LoraConfig: the single source of rank, targets, alpha and rsLoRA."""
+    from peft import LoraConfig
+
+    from lora_da_ref.torch.config import DEFAULT_TARGETS
+
     alpha = args.lora_alpha if args.lora_alpha is not None else preset.lora_alpha
     alpha = float(config.rank) if alpha is None else alpha
     rslora = preset.use_rslora if args.rslora is None else args.rslora
-    return lora_config(
+    targets: Any = list(args.target_modules or DEFAULT_TARGETS)
+    if len(targets) == 1 and (
+        targets[0] == "all-linear" or re.search(r"[\\^$*+?()\[\]|{}]", targets[0])
+    ):
+        targets = targets[0]  # PEFT: a str is "all-linear" or a full-match regex
+    return LoraConfig(
         r=config.rank,
         lora_alpha=alpha,
-        target_modules=list(config.target_modules),
+        target_modules=targets,
         use_rslora=rslora,
         lora_dropout=0.0,
+        task_type="CAUSAL_LM",
     )
 
 
-def _save(
-    args: argparse.Namespace,
-    peft_model: Any,
-    tokenizer: Any,
-    config: Any,
-    factors: dict[str, Any],
-    texts: list[str],
-    batches: list[dict[str, Any]],
-) -> Path:
-    """Adapter + ``lora_da.json``; with ``--offset subtract`` also the offset base model."""
+def _save(args: argparse.Namespace, peft_model: Any, tokenizer: Any, state: Any) -> Path:
+    """Adapter + ``lora_da.json`` + factors; with ``--offset subtract`` also the offset base model.
+
+    ``adapter_config.json``'s ``base_model_name_or_path`` is absolute, so
+    ``AutoPeftModelForCausalLM.from_pretrained(OUT)`` works from any directory.
+    """
+    from lora_da_ref.torch.peft_init import save_lora_da_state
+
     out = Path(args.out)
-    if args.offset == "subtract":
-        base_dir = (out / "base_model").resolve()
-        peft_model.peft_config["default"].base_model_name_or_path = str(base_dir)
+    subtract = args.offset == "subtract"
+    base_path = (out / "base_model").resolve() if subtract else Path(args.model).resolve()
+    peft_model.peft_config["default"].base_model_name_or_path = str(base_path)
     peft_model.save_pretrained(out, save_embedding_layers=False)  # LoRA-DA never touches them
-    (out / "lora_da.json").write_text(
-        json.dumps(_provenance(args, config, factors, texts, batches), indent=2) + "\n"
-    )
-    if args.offset == "subtract":
+    state.provenance["base_model"] = str(base_path)
+    save_lora_da_state(out, state)
+    if subtract:
         # The adapter only reproduces the original model on top of W0 − s·A0B0: save those weights.
         base = peft_model.unload()  # drops LoRA layers, keeps the offset base weights
         with _hf_progress(not args.no_progress):
-            base.save_pretrained(base_dir)
-        tokenizer.save_pretrained(base_dir)
+            base.save_pretrained(base_path)
+        tokenizer.save_pretrained(base_path)
     return out
 
 
-def _provenance(
-    args: argparse.Namespace,
-    config: Any,
-    factors: dict[str, Any],
-    texts: list[str],
-    batches: list[dict[str, Any]],
-) -> dict[str, Any]:
-    settings = {k: v for k, v in asdict(config).items() if k != "dtype"}
-    settings["dtype"] = str(config.dtype).removeprefix("torch.")
-    return {
-        "method": "LoRA-DA (Algorithm 1)",
-        "preset": args.config,
-        "offset": args.offset,
-        "base_model": "base_model" if args.offset == "subtract" else str(args.model),
-        "data": {"file": str(args.data), "texts": len(texts), "batches": len(batches)},
-        "config": _jsonable(settings),
-        "layers": {name: _jsonable(f.diagnostics) for name, f in factors.items()},
-    }
+# ----------------------------------------------------------------------------- report
 
 
-def _jsonable(value: Any) -> Any:
-    import torch
+def _add_report_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "adapter", help="adapter directory written by lora-da init (or its lora_da.json)"
+    )
+    p.add_argument(
+        "--figure", default=None, help="PNG to write (default: ADAPTER/lora_da_report.png)"
+    )
+    p.add_argument("--no-figure", action="store_true", help="do not write the PNG")
+    p.add_argument("--json", action="store_true", help="print the rows and flags as JSON")
 
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, torch.Tensor):
-        return _jsonable(value.tolist())
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if value is None or isinstance(value, bool | int | float | str):
-        return value
-    return str(value)
+
+def _run_report(args: argparse.Namespace) -> int:
+    """Per-layer diagnostics table by module type, a PNG, exit 1 if any layer is flagged."""
+    from lora_da_ref.adapter_report import format_report, load_rows, write_figure
+
+    provenance, rows = load_rows(args.adapter)
+    if args.json:
+        doc = [{"name": r.name, "kind": r.kind, "index": r.index, **r.values,
+                "flags": r.reasons} for r in rows]  # fmt: skip
+        print(json.dumps(doc, indent=2))
+    else:
+        print(format_report(provenance, rows))
+    if not args.no_figure:
+        where = Path(args.adapter)
+        figure = args.figure or (where if where.is_dir() else where.parent) / "lora_da_report.png"
+        written = write_figure(rows, figure)
+        note = f"figure: {written}" if written else "figure skipped: matplotlib is not installed"
+        print(f"lora-da report: {note}", file=sys.stderr)
+    return 1 if any(r.reasons for r in rows) else 0
 
 
 # ----------------------------------------------------------------------------- make-tiny-model
@@ -258,9 +349,9 @@ def _jsonable(value: Any) -> Any:
 
 def _add_tiny_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("out", help="directory to write the model and tokenizer to")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--hidden", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    p.add_argument("--layers", type=int, default=2, help="number of decoder layers")
+    p.add_argument("--hidden", type=int, default=32, help="hidden size")
 
 
 def _run_tiny(args: argparse.Namespace) -> int:
@@ -280,6 +371,11 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     "init": Subcommand(
         "LoRA-DA init of a local HF causal LM -> PEFT adapter", _add_init_arguments, _run_init
     ),
+    "report": Subcommand(
+        "per-layer diagnostics of a LoRA-DA adapter; exit 1 if a layer is flagged",
+        _add_report_arguments,
+        _run_report,
+    ),
     "make-tiny-model": Subcommand(
         "write a tiny random LLaMA + tokenizer (demo)", _add_tiny_arguments, _run_tiny
     ),
@@ -291,19 +387,46 @@ SUBCOMMANDS: dict[str, Subcommand] = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+class _HelpFormatter(argparse.HelpFormatter):
+    """Every option's help ends with its default (unless None, i.e. required or 'not set')."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (
+            "%(default)" in text
+            or "(default" in text
+            or action.default in (None, argparse.SUPPRESS)
+        ):
+            return text
+        if not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+ALL = "*"
+
+
+def build_parser(command: str = ALL) -> argparse.ArgumentParser:
+    """The parser; only ``command``'s arguments are declared (all of them for ``ALL``, none for
+    ``""``), so ``lora-da --help`` imports nothing heavy (``validate`` declares its own)."""
     parser = argparse.ArgumentParser(
         prog="lora-da", description="LoRA-DA: data-aware LoRA initialisation."
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, command in SUBCOMMANDS.items():
-        command.add_arguments(sub.add_parser(name, help=command.help, description=command.help))
+    for name, cmd in SUBCOMMANDS.items():
+        p = sub.add_parser(
+            name, help=cmd.help, description=cmd.help, formatter_class=_HelpFormatter
+        )
+        if command in (ALL, name):
+            cmd.add_arguments(p)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``lora-da``; bad input (ValueError, OSError such as a missing file) prints one line and returns 2."""
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv[0] if argv and argv[0] in SUBCOMMANDS else ""
+    args = build_parser(command).parse_args(argv)
     try:
         return SUBCOMMANDS[args.command].run(args)
     except (ValueError, OSError) as err:  # user input: bad values, missing or unreadable files

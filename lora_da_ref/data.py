@@ -27,10 +27,12 @@ __all__ = [
     "IGNORE_INDEX",
     "TINY_TEXTS",
     "build_tiny_tokenizer",
+    "read_jsonl_pairs",
     "read_jsonl_texts",
     "save_tiny_model",
     "tiny_llama",
     "tokenize_batches",
+    "tokenize_prompt_completion",
 ]
 
 IGNORE_INDEX = -100  # HF's CrossEntropyLoss ignore_index: masked label positions.
@@ -70,6 +72,36 @@ def read_jsonl_texts(
     if not texts:
         raise ValueError(f"{path}: no JSON records found (the file is empty or blank)")
     return texts
+
+
+def read_jsonl_pairs(
+    path: str | Path,
+    *,
+    prompt_field: str = "prompt",
+    completion_field: str = "completion",
+    limit: int | None = None,
+) -> list[tuple[str, str]]:
+    """``(prompt, completion)`` pairs of a JSONL file (e.g. ``{"prompt": ..., "completion": ...}``).
+
+    Same rules and errors as :func:`read_jsonl_texts`, for both fields.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"calibration data file not found: {path}")
+    if limit is not None and limit <= 0:
+        raise ValueError(f"limit must be positive, got {limit}")
+    pairs: list[tuple[str, str]] = []
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            prompt = _text_of_line(line, lineno, path, prompt_field)
+            pairs.append((prompt, _text_of_line(line, lineno, path, completion_field)))
+            if limit is not None and len(pairs) >= limit:
+                break
+    if not pairs:
+        raise ValueError(f"{path}: no JSON records found (the file is empty or blank)")
+    return pairs
 
 
 def _text_of_line(line: str, lineno: int, path: Path, field: str) -> str:
@@ -123,6 +155,51 @@ def tokenize_batches(
         )
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     return [_pad_batch(ids[i : i + batch_size], pad_id) for i in range(0, len(ids), batch_size)]
+
+
+def tokenize_prompt_completion(
+    tokenizer: Any,
+    pairs: Sequence[tuple[str, str]],
+    *,
+    max_length: int,
+    batch_size: int = 1,
+) -> list[dict[str, torch.Tensor]]:
+    """Batches whose loss covers only the completion: ``labels = -100`` on prompt and padding.
+
+    The prompt is tokenised with the tokenizer's special tokens (BOS), the completion without,
+    and the two are concatenated, then truncated to ``max_length``. A pair whose completion is
+    empty after truncation is dropped (it has no loss token). With a causal LM's shift, the last
+    prompt position predicts the first completion token, so it is a loss position.
+
+    Raises:
+        ValueError: bad sizes, or no pair keeps a completion token.
+    """
+    if max_length < 2:
+        raise ValueError(f"max_length must be >= 2, got {max_length}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    seqs: list[list[int]] = []
+    prompt_lengths: list[int] = []
+    for prompt, completion in pairs:
+        p_ids = list(tokenizer(prompt)["input_ids"])
+        c_ids = list(tokenizer(completion, add_special_tokens=False)["input_ids"])
+        ids = (p_ids + c_ids)[:max_length]
+        if len(ids) > len(p_ids) and len(ids) >= 2:
+            seqs.append(ids)
+            prompt_lengths.append(len(p_ids))
+    if not seqs:
+        raise ValueError(
+            f"none of the {len(pairs)} prompt/completion pairs keeps a completion token within "
+            f"max_length={max_length}; nothing to learn from"
+        )
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    batches = []
+    for i in range(0, len(seqs), batch_size):
+        batch = _pad_batch(seqs[i : i + batch_size], pad_id)
+        for row, n_prompt in enumerate(prompt_lengths[i : i + batch_size]):
+            batch["labels"][row, :n_prompt] = IGNORE_INDEX
+        batches.append(batch)
+    return batches
 
 
 def _pad_batch(seqs: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:

@@ -183,7 +183,8 @@ def test_target_modules_text_field_batch_size_and_bf16_model(workspace, tmp_path
     ]
     assert main(argv) == 0
     meta = json.loads((out / "lora_da.json").read_text())
-    assert meta["data"] == {"file": str(data), "texts": 2, "batches": 1}
+    assert meta["data"]["file"] == str(data) and meta["data"]["text_field"] == "content"
+    assert meta["data"]["texts"] == 2 and meta["data"]["batches"] == 1
     assert meta["config"]["dtype"] == "float64"
     assert {n.rsplit(".", 1)[-1] for n in meta["layers"]} == {"q_proj", "v_proj"}
     layers = lora_modules(
@@ -249,7 +250,11 @@ def test_missing_files_are_reported(workspace, tmp_path, capsys):
 
 def test_every_subcommand_is_registered_in_the_parser():
     parser = build_parser()
-    argv = {"init": ["--model", "m", "--data", "d", "--out", "o"], "make-tiny-model": ["dir"]}
+    argv = {
+        "init": ["--model", "m", "--data", "d", "--out", "o"],
+        "make-tiny-model": ["dir"],
+        "report": ["adapter"],
+    }
     for name in SUBCOMMANDS:
         assert parser.parse_args([name, *argv.get(name, [])]).command == name
 
@@ -287,3 +292,210 @@ def test_init_overhead_benchmark_quick_prints_its_json():
         assert keys <= set(row)
         assert row["multipass_passes"] == 2  # 4 layers, 2 per pass
         assert row["plain_pass_s"] > 0 and row["init_total_s"] > 0 and row["statistics_size_mb"] > 0
+
+
+# ----------------------------------------------------------------------------- CLI polish (issue 13)
+
+OWN_SUBCOMMANDS = ("init", "report", "make-tiny-model")  # validate declares its own (H3's module)
+
+
+def _subparser(name: str):
+    parser = build_parser(name)
+    return next(a for a in parser._actions if a.dest == "command").choices[name]
+
+
+@pytest.mark.parametrize("name", OWN_SUBCOMMANDS)
+def test_every_option_has_help_that_shows_its_default(name):
+    sub = _subparser(name)
+    text = " ".join(sub.format_help().split())
+    for action in sub._actions:
+        if not action.option_strings or action.dest == "help":
+            continue
+        assert action.help, f"{name} {action.option_strings[0]} has no help text"
+        if action.default is not None:
+            assert f"(default: {action.default})" in text, (name, action.option_strings[0])
+
+
+@pytest.mark.parametrize("argv", [["--help"], *[[n, "--help"] for n in OWN_SUBCOMMANDS]])
+def test_help_imports_no_torch(argv):
+    """Heavy imports come after argument parsing, so --help answers at once (deterministic
+    check: torch, transformers and peft are not imported)."""
+    code = (
+        "import sys\nfrom lora_da_ref.cli import main\n"
+        f"try:\n    main({argv!r})\nexcept SystemExit:\n    pass\n"
+        "print([m for m in ('torch', 'transformers', 'peft') if m in sys.modules])"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "[]", proc.stdout[-500:]
+
+
+@pytest.mark.parametrize(
+    ("device", "message"),
+    [("gpu", r"--device 'gpu' is not a torch device"), ("cuda", "CPU-only build")],
+)
+def test_bad_device_is_one_line_before_anything_is_loaded(
+    tmp_path, capsys, monkeypatch, device, message
+):
+    import lora_da_ref.cli as cli
+
+    monkeypatch.setattr(torch.version, "cuda", None)  # as a CPU-only build of torch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("loaded before the device was checked")
+
+    monkeypatch.setattr(cli, "_load_model", must_not_load)
+    monkeypatch.setattr(cli, "_load_tokenizer", must_not_load)
+    argv = ["init", "--model", str(tmp_path / "no-model"), "--data", str(tmp_path / "no.jsonl")]
+    assert main([*argv, "--out", str(tmp_path / "a"), "--device", device]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and re.search(message, err), err
+
+
+def test_adapter_config_is_causal_lm_with_an_absolute_base_path(workspace, tmp_path, monkeypatch):
+    monkeypatch.chdir(workspace)
+    out = tmp_path / "adapter"
+    argv = ["init", "--model", "model", "--data", "calib.jsonl", "--out", str(out)]
+    assert main([*argv, "--rank", str(RANK), "--max-length", str(MAX_LENGTH), "--no-progress"]) == 0
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["task_type"] == "CAUSAL_LM"
+    assert cfg["base_model_name_or_path"] == str((workspace / "model").resolve())
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    with torch.no_grad():
+        auto = AutoPeftModelForCausalLM.from_pretrained(out)(X).logits
+        base = AutoModelForCausalLM.from_pretrained(workspace / "model")
+        want = PeftModel.from_pretrained(base, out)(X).logits
+    assert torch.equal(auto, want)
+
+
+PAIRS = [
+    ("Question: what is 2+2? Answer:", " 4, since two and two make four."),
+    ("Translate 'chat' to English:", " cat"),
+    ("The quick brown fox", " jumps over the lazy dog."),
+]
+
+
+def test_prompt_completion_labels_mask_the_prompt():
+    from lora_da_ref.data import IGNORE_INDEX, tokenize_prompt_completion
+    from tests.tiny_models import make_tiny_tokenizer
+
+    tok = make_tiny_tokenizer()
+    batches = tokenize_prompt_completion(tok, PAIRS, max_length=64, batch_size=3)
+    (batch,) = batches
+    for row, (prompt, completion) in enumerate(PAIRS):
+        n_prompt = len(tok(prompt)["input_ids"])
+        n_all = n_prompt + len(tok(completion, add_special_tokens=False)["input_ids"])
+        labels, ids = batch["labels"][row], batch["input_ids"][row]
+        assert (labels[:n_prompt] == IGNORE_INDEX).all()
+        assert torch.equal(labels[n_prompt:n_all], ids[n_prompt:n_all])
+        assert (labels[n_all:] == IGNORE_INDEX).all() and not batch["attention_mask"][
+            row, n_all:
+        ].any()
+    with pytest.raises(ValueError, match="keeps a completion token"):
+        tokenize_prompt_completion(tok, [("a long prompt here", " x")], max_length=3)
+
+
+def test_cli_prompt_completion_fields(workspace, tmp_path):
+    from lora_da_ref.data import tokenize_prompt_completion
+
+    data = tmp_path / "pc.jsonl"
+    data.write_text("".join(json.dumps({"q": p, "a": c}) + "\n" for p, c in PAIRS))
+    out = tmp_path / "adapter"
+    argv = ["init", "--model", str(workspace / "model"), "--data", str(data), "--out", str(out)]
+    argv += ["--rank", "2", "--config", "paper", "--max-length", "64", "--no-progress"]
+    assert main([*argv, "--prompt-field", "q", "--completion-field", "a"]) == 0
+    meta = json.loads((out / "lora_da.json").read_text())
+    assert meta["data"]["prompt_field"] == "q" and meta["data"]["completion_field"] == "a"
+    tok = AutoTokenizer.from_pretrained(workspace / "model")
+    model = AutoModelForCausalLM.from_pretrained(workspace / "model")
+    config = LoraDAConfig.paper(rank=2)
+    masked = tokenize_prompt_completion(tok, PAIRS, max_length=64)
+    want = init_lora_da(model, masked, config, progress=False)
+    unmasked = [{**b, "labels": b["input_ids"].masked_fill(b["attention_mask"] == 0, -100)}
+                for b in masked]  # fmt: skip
+    other = init_lora_da(model, unmasked, config, progress=False)
+    layers = lora_modules(PeftModel.from_pretrained(model, out))
+    name = "model.layers.0.self_attn.q_proj"
+    assert torch.equal(layers[name].lora_B["default"].weight, want[name].B.T)
+    assert not torch.equal(want[name].B, other[name].B)  # the mask matters
+    assert main([*argv[:-1], "--prompt-field", "q"]) == 2
+
+
+def test_cli_and_python_paths_give_the_same_adapter_and_provenance(workspace, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    from lora_da_ref.torch import initialize_lora_da_weights
+    from lora_da_ref.torch.config import DEFAULT_TARGETS
+
+    out = tmp_path / "cli"
+    assert _init(workspace, out) == 0
+    model = AutoModelForCausalLM.from_pretrained(workspace / "model")
+    tok = AutoTokenizer.from_pretrained(workspace / "model")
+    batches = tokenize_batches(tok, list(TINY_TEXTS), max_length=MAX_LENGTH)
+    lora = LoraConfig(r=RANK, lora_alpha=16, use_rslora=True, lora_dropout=0.0,
+                      target_modules=list(DEFAULT_TARGETS), task_type="CAUSAL_LM")  # fmt: skip
+    pm = get_peft_model(model, lora)
+    state = initialize_lora_da_weights(
+        pm, batches, LoraDAConfig.official(rank=RANK), progress=False
+    )
+    base = AutoModelForCausalLM.from_pretrained(workspace / "model")
+    cli = lora_modules(PeftModel.from_pretrained(base, out))
+    for name, layer in lora_modules(pm).items():
+        for part in ("lora_A", "lora_B"):
+            want = getattr(layer, part)["default"].weight
+            assert torch.equal(getattr(cli[name], part)["default"].weight, want), (name, part)
+    meta = json.loads((out / "lora_da.json").read_text())
+    py = json.loads(json.dumps(state.provenance))
+    for key in ("method", "preset", "offset", "config", "peft", "layers", "versions"):
+        assert meta[key] == py[key], key
+    assert set(meta) == set(py)
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def test_report_tables_figure_and_exit_status(workspace, tmp_path, capsys):
+    out = tmp_path / "adapter"
+    assert _init(workspace, out) == 0
+    capsys.readouterr()
+    assert main(["report", str(out)]) == 0
+    text = capsys.readouterr().out
+    for kind in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
+        assert f"{kind} ({N_LAYERS} layers)" in text
+    assert "residual" in text and f"PASS: 0 of {7 * N_LAYERS} layers flagged" in text
+    assert (out / "lora_da_report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    meta = json.loads((out / "lora_da.json").read_text())
+    meta["layers"]["model.layers.1.mlp.down_proj"]["residual"] = 0.5
+    meta["layers"]["model.layers.0.self_attn.k_proj"]["cond"] = {"Z": "inf", "Y": 3.0}
+    (out / "lora_da.json").write_text(json.dumps(meta))
+    assert main(["report", str(out), "--no-figure"]) == 1
+    text = capsys.readouterr().out
+    assert "FLAGGED model.layers.1.mlp.down_proj: residual 0.5 > 0.001" in text
+    assert "FLAGGED model.layers.0.self_attn.k_proj: cond.Z = inf" in text
+    assert f"FAIL: 2 of {7 * N_LAYERS} layers flagged" in text
+    assert main(["report", str(tmp_path / "nothing")]) == 2
+
+
+@pytest.mark.parametrize(
+    ("diag", "flagged"),
+    [
+        ({"residual": 1e-6, "solver": "lobpcg"}, False),
+        ({"residual": 2e-3}, True),
+        ({"residual": "nan"}, True),
+        ({"residual": 1e-9, "fallback": "eigh used: LOBPCG residual 0.1 > tol"}, False),
+        ({"warnings": ["cond(Z) 3e9 beyond float32"]}, True),
+        ({"trustworthy": False}, True),
+        ({"cond_Y": "inf"}, True),
+        ({"cond_Y": 1e12}, False),
+        ({"snr": 0.4}, True),
+        ({"snr": 3.0, "stability": 0.9}, False),
+        ({"stability": 0.2}, True),
+    ],
+)
+def test_flag_rules(diag, flagged):
+    from lora_da_ref.adapter_report import _flatten, flag_reasons
+
+    assert bool(flag_reasons(_flatten(diag))) is flagged

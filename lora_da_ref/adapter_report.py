@@ -1,0 +1,243 @@
+"""``lora-da report ADAPTER_DIR``: the per-layer diagnostics of a LoRA-DA init, and its flags.
+
+Reads ``ADAPTER_DIR/lora_da.json`` (written by ``lora-da init`` and by
+:func:`lora_da_ref.torch.peft_init.save_lora_da_state`) and prints one table per module type
+(``q_proj``, ``down_proj``, ...), one row per layer, with whichever diagnostics the init recorded:
+damping, condition numbers (any key starting with ``cond``), the eigensolver, its iterations and
+relative residual ``‖ΩV − VΛ‖/‖Ω‖``, a fallback, the calibration SNR and split-half stability.
+Keys absent from the file are skipped, so older and newer files both read.
+
+A layer is **flagged** (exit status 1) when any of these holds:
+
+* ``residual``: the eigen-solve's relative residual is not finite or exceeds
+  :data:`RESIDUAL_LIMIT` (1e-3): A0 is then not an eigenbasis of Ω to better than 0.1 % of its
+  spectrum (the official preset's 10 LOBPCG iterations run without a convergence check);
+* ``warning``: the init recorded a warning for the layer (a non-empty ``warning``/``warnings``/
+  ``flags`` entry, or ``trustworthy`` false), e.g. the statistics dtype cannot resolve cond(Z);
+* ``cond``: a recorded condition number is infinite or NaN (numerically singular factor);
+* ``snr``: the calibration signal-to-noise ratio is below :data:`SNR_LIMIT` (1): the mean
+  gradient G is smaller than its own sampling noise;
+* ``stability``: the split-half stability (1 = the two halves give the same subspace) is below
+  :data:`STABILITY_LIMIT` (0.5).
+
+A solver fallback (LOBPCG did not converge and dense ``eigh`` was used) is shown but does not flag
+the layer: the fallback's answer is exact. Exit status 2 is a bad input (no ``lora_da.json``).
+No torch import; the PNG needs matplotlib (skipped with a note when it is not installed).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "RESIDUAL_LIMIT",
+    "SNR_LIMIT",
+    "STABILITY_LIMIT",
+    "LayerRow",
+    "flag_reasons",
+    "format_report",
+    "load_rows",
+    "write_figure",
+]
+
+RESIDUAL_LIMIT = 1e-3
+SNR_LIMIT = 1.0
+STABILITY_LIMIT = 0.5
+PROVENANCE_FILE = "lora_da.json"
+# Shown in this order when present; any other numeric key starting with "cond" is added.
+_COLUMNS = ("damping", "cond", "solver", "iterations", "residual", "snr", "stability")
+_WARNING_KEYS = ("warning", "warnings", "flags")
+
+
+@dataclass
+class LayerRow:
+    """One layer: its name, module type, layer index and flattened diagnostics."""
+
+    name: str
+    kind: str
+    index: int | None
+    values: dict[str, Any] = field(default_factory=dict)
+    reasons: list[str] = field(default_factory=list)
+
+
+def load_rows(path: str | Path) -> tuple[dict[str, Any], list[LayerRow]]:
+    """(provenance, rows) from an adapter directory or a ``lora_da.json`` file."""
+    path = Path(path)
+    file = path / PROVENANCE_FILE if path.is_dir() else path
+    if not file.is_file():
+        raise FileNotFoundError(f"no {PROVENANCE_FILE} in {path} (is it a LoRA-DA adapter?)")
+    try:
+        provenance = json.loads(file.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{file}: invalid JSON ({err.msg})") from err
+    layers = provenance.get("layers") if isinstance(provenance, dict) else None
+    if not isinstance(layers, dict) or not layers:
+        raise ValueError(f"{file}: no per-layer diagnostics ('layers' is missing or empty)")
+    rows = []
+    for name, diag in layers.items():
+        flat = _flatten(diag if isinstance(diag, Mapping) else {})
+        index = re.search(r"\.(\d+)\.", f".{name}.")
+        row = LayerRow(name, name.rsplit(".", 1)[-1], int(index.group(1)) if index else None, flat)
+        row.reasons = flag_reasons(flat)
+        rows.append(row)
+    return provenance, rows
+
+
+def flag_reasons(diag: Mapping[str, Any]) -> list[str]:
+    """Why a layer is flagged (empty: not flagged); see the module docstring for the rules."""
+    reasons = []
+    residual = _number(diag.get("residual"))
+    if "residual" in diag and diag["residual"] is not None:
+        if residual is None or not math.isfinite(residual) or residual > RESIDUAL_LIMIT:
+            reasons.append(f"residual {diag['residual']} > {RESIDUAL_LIMIT:g}")
+    for key in _WARNING_KEYS:
+        if diag.get(key):
+            reasons.append(f"warning: {diag[key]}")
+    if diag.get("trustworthy") is False:
+        reasons.append("not trustworthy in the statistics dtype")
+    for key, value in diag.items():
+        number = _number(value)
+        if key.startswith("cond") and number is not None and not math.isfinite(number):
+            reasons.append(f"{key} = {value}")
+    snr = _number(diag.get("snr"))
+    if snr is not None and not snr >= SNR_LIMIT:
+        reasons.append(f"snr {snr:.3g} < {SNR_LIMIT:g}")
+    stability = _number(diag.get("stability"))
+    if stability is not None and not stability >= STABILITY_LIMIT:
+        reasons.append(f"stability {stability:.3g} < {STABILITY_LIMIT:g}")
+    return reasons
+
+
+def format_report(provenance: Mapping[str, Any], rows: list[LayerRow]) -> str:
+    """The text report: a header, one table per module type, the flagged layers, a verdict."""
+    cols = _columns(rows)
+    lines = [_header(provenance, rows), ""]
+    for kind in dict.fromkeys(r.kind for r in rows):
+        group = [r for r in rows if r.kind == kind]
+        table = [["layer", *cols, "flag"]]
+        for r in group:
+            cells = [_cell(r.values.get(c)) for c in cols]
+            table.append([str(r.index if r.index is not None else r.name), *cells, _mark(r)])
+        widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+        lines.append(f"{kind} ({len(group)} layers)")
+        lines += ["  " + "  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in table]
+        lines.append("")
+    flagged = [r for r in rows if r.reasons]
+    for r in flagged:
+        lines.append(f"FLAGGED {r.name}: {'; '.join(r.reasons)}")
+    fallbacks = sum(1 for r in rows if r.values.get("fallback"))
+    if fallbacks:
+        lines.append(f"note: {fallbacks} layer(s) used the eigh fallback (exact; not flagged)")
+    verdict = "FAIL" if flagged else "PASS"
+    lines.append(f"{verdict}: {len(flagged)} of {len(rows)} layers flagged")
+    return "\n".join(lines)
+
+
+def write_figure(rows: list[LayerRow], out: str | Path) -> Path | None:
+    """A PNG of every numeric diagnostic against the layer index, one line per module type.
+
+    Returns the path, or None when matplotlib is not installed.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    metrics = [c for c in _columns(rows) if any(_number(r.values.get(c)) is not None for r in rows)]
+    metrics = metrics or ["iterations"]
+    fig, axes = plt.subplots(len(metrics), 1, figsize=(7, 2.2 * len(metrics)), squeeze=False)
+    for ax, metric in zip(axes[:, 0], metrics):
+        for kind in dict.fromkeys(r.kind for r in rows):
+            pts = [
+                (r.index if r.index is not None else i, _number(r.values.get(metric)))
+                for i, r in enumerate(rows)
+                if r.kind == kind
+            ]
+            pts = [(x, y) for x, y in pts if y is not None and math.isfinite(y)]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", ms=3, label=kind)
+        positive = [y for r in rows if (y := _number(r.values.get(metric))) is not None and y > 0]
+        if positive and (metric == "residual" or max(positive) / min(positive) > 100):
+            ax.set_yscale("log")
+        if metric == "residual":
+            ax.axhline(RESIDUAL_LIMIT, color="red", lw=0.8, ls="--", label="flag limit")
+        ax.set_ylabel(metric)
+    axes[-1, 0].set_xlabel("layer index")
+    axes[0, 0].legend(fontsize=7, ncol=4)
+    flagged = sum(1 for r in rows if r.reasons)
+    axes[0, 0].set_title(f"LoRA-DA diagnostics: {len(rows)} layers, {flagged} flagged")
+    fig.tight_layout()
+    out = Path(out)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def _flatten(diag: Mapping[str, Any]) -> dict[str, Any]:
+    """One level of nesting: ``{"damping": {"Z": a, "Y": b}}`` → ``damping.Z``, ``damping.Y``."""
+    flat: dict[str, Any] = {}
+    for key, value in diag.items():
+        if isinstance(value, Mapping):
+            for sub, v in value.items():
+                if not isinstance(v, Mapping | list):
+                    flat[f"{key}.{sub}"] = v
+        elif not isinstance(value, list) or key in _WARNING_KEYS:
+            flat[key] = value  # other lists (e.g. the weight fingerprint) are not diagnostics
+    return flat
+
+
+def _columns(rows: list[LayerRow]) -> list[str]:
+    keys = list(dict.fromkeys(k for r in rows for k in r.values))
+    cols = []
+    for want in _COLUMNS:
+        cols += [k for k in keys if (k == want or k.startswith(want + ".")) and k not in cols]
+    cols += [k for k in keys if k.startswith("cond") and k not in cols]
+    return cols
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, str) and value.lower() in ("inf", "-inf", "nan", "infinity"):
+        return float(value)
+    return None
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    number = _number(value)
+    if number is None:
+        return str(value)
+    if isinstance(value, int):
+        return str(value)
+    return f"{number:.2e}"
+
+
+def _mark(row: LayerRow) -> str:
+    return "FLAG" if row.reasons else ("fallback" if row.values.get("fallback") else "ok")
+
+
+def _header(provenance: Mapping[str, Any], rows: list[LayerRow]) -> str:
+    config = provenance.get("config") or {}
+    data = provenance.get("data") or {}
+    parts = [
+        f"LoRA-DA report: {len(rows)} layers",
+        f"preset {provenance.get('preset', '?')}",
+        f"r = {config.get('rank', '?')}",
+        f"N = {config.get('n_train', '?')}",
+        f"statistics {config.get('dtype', '?')}",
+    ]
+    if data:
+        parts.append("data " + ", ".join(f"{k} {v}" for k, v in data.items()))
+    return ", ".join(parts)
