@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lora_da_ref.data import tiny_llama
 from lora_da_ref.torch import LoraDAConfig, find_target_modules, init_lora_da
 from lora_da_ref.torch import distributed as D
-from lora_da_ref.torch.init import layer_factors
+from lora_da_ref.torch.factors import layer_factors
 from lora_da_ref.torch.statistics import accumulate_statistics, finalize
 
 SEED = 0

@@ -36,7 +36,8 @@ import torch
 
 from lora_da_ref.data import tiny_llama
 from lora_da_ref.torch.config import LoraDAConfig
-from lora_da_ref.torch.init import find_target_modules, init_lora_da, layer_factors
+from lora_da_ref.torch.factors import layer_factors
+from lora_da_ref.torch.init import find_target_modules, init_lora_da
 from lora_da_ref.torch.statistics import collect_statistics, layer_passes
 
 FULL = dict(layers=8, hidden=512, intermediate=1376, heads=8, vocab=1000, sequences=32, length=128)

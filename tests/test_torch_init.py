@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from lora_da_ref import lora_da_init
+from lora_da_ref._linalg import principal_angles
 from lora_da_ref.fisher import KroneckerFisher as NpKroneckerFisher
-from lora_da_ref.linalg import principal_angles
 from lora_da_ref.torch import LoraDAConfig, collect_statistics, find_target_modules, init_lora_da
 from tests.report import allclose_report
 from tests.torch_cases import (
@@ -96,22 +96,22 @@ def test_layers_per_pass_gives_identical_factors(llama):
 def test_layers_per_pass_holds_one_group_of_statistics_at_a_time(llama, monkeypatch):
     """Memory bound: with layers_per_pass=1 each statistics object covers one decoder layer,
     and the factors of a group are solved before the next group's pass starts."""
-    import lora_da_ref.torch.init as init_module
+    import lora_da_ref.torch.pipeline as pipeline
 
     events = []
-    real_collect, real_layer = init_module.collect_statistics, init_module.layer_factors
+    real_collect, real_layer = pipeline.accumulate_statistics, pipeline.layer_factors
 
     def collect(model, batches, targets, config, **kw):
-        stats = real_collect(model, batches, targets, config, **kw)
-        events.append(("pass", {n.split(".self_attn")[0].split(".mlp")[0] for n in stats.G}))
-        return stats
+        sums = real_collect(model, batches, targets, config, **kw)
+        events.append(("pass", {n.split(".self_attn")[0].split(".mlp")[0] for n in sums.G}))
+        return sums
 
     def solve(stats, name, config, z_factors=None):
         events.append(("solve", name))
         return real_layer(stats, name, config, z_factors)
 
-    monkeypatch.setattr(init_module, "collect_statistics", collect)
-    monkeypatch.setattr(init_module, "layer_factors", solve)
+    monkeypatch.setattr(pipeline, "accumulate_statistics", collect)
+    monkeypatch.setattr(pipeline, "layer_factors", solve)
     cfg = PRESETS["paper"].replace(layers_per_pass=1)
     factors = init_lora_da(llama, llama_batches(), cfg, progress=False)
     passes = [layers for kind, layers in events if kind == "pass"]
@@ -309,7 +309,8 @@ def test_presets():
         "eigh",
     )
     assert paper.scale_gamma is None and not paper.normalize_delta
-    assert LoraDAConfig(target_modules="q_proj").target_modules == ("q_proj",)
+    assert LoraDAConfig(target_modules=["q_proj"]).target_modules == ("q_proj",)
+    assert LoraDAConfig(target_modules="q_proj").target_modules == "q_proj"  # a regex, as PEFT
 
 
 @pytest.mark.cuda

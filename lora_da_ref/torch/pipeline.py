@@ -1,0 +1,159 @@
+"""Algorithm 1 as one pipeline: collect → reduce → solve → gather, once per group of layers.
+
+Paper orientation, ``W`` (d_in, d_out). For each group of ``layers_per_pass`` transformer layers
+(all target layers when ``None``), :func:`run_pipeline`
+
+1. **collects** the unnormalised K-FAC sums ``Σ x xᵀ``, ``Σ s sᵀ``, ``Σ_b w_b ∇_W L_b`` and their
+   counts over this process's batches (:func:`lora_da_ref.torch.statistics.accumulate_statistics`);
+2. **reduces** them to the normalised statistics ``Z``, ``Y``, ``G`` of the whole calibration set
+   (:func:`~lora_da_ref.torch.statistics.finalize`; across processes: all-reduce first);
+3. **solves** the layers this process owns (:func:`lora_da_ref.torch.factors.layer_factors`,
+   Algorithm 1 steps 2–5, the same pure function everywhere);
+4. **gathers** every layer's factors on every process;
+
+and drops the group's statistics before the next one, so peak memory holds one group's.
+
+The single-process run and the ``torch.distributed`` run differ only in the :class:`Strategy`
+they supply (how batches are checked, how sums are collected and reduced, who solves which layer,
+how results are gathered, how a failure is propagated): :class:`SingleProcess` here,
+:class:`lora_da_ref.torch.distributed.DataParallel` for a process group. This module imports no
+distributed code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from contextlib import AbstractContextManager, nullcontext
+from typing import Protocol
+
+from torch import nn
+
+from lora_da_ref.torch.config import LoraDAConfig, LoraFactors
+from lora_da_ref.torch.factors import layer_factors
+from lora_da_ref.torch.fisher import CholeskyFactor
+from lora_da_ref.torch.statistics import (
+    Batch,
+    KFACStatistics,
+    KFACSums,
+    LossFn,
+    accumulate_statistics,
+    finalize,
+    layer_passes,
+)
+
+__all__ = ["SingleProcess", "Strategy", "run_pipeline", "solve_layers"]
+
+Targets = dict[str, nn.Linear]
+
+
+class Strategy(Protocol):
+    """Where the data lives and who solves what: the only difference between the runs."""
+
+    rank: int
+
+    def prepare(self, batches: Iterable[Batch]) -> list[Batch]:
+        """This process's batches, materialised once (re-used by every layer group's pass)."""
+
+    def collect(
+        self, model: nn.Module, batches: list[Batch], targets: Targets, config: LoraDAConfig,
+        loss_fn: LossFn | None, progress: bool,
+    ) -> KFACSums:  # fmt: skip
+        """Step 1: this process's unnormalised sums for ``targets``."""
+
+    def reduce(self, sums: KFACSums, targets: Targets, config: LoraDAConfig) -> KFACStatistics:
+        """The normalised statistics of the whole calibration set."""
+
+    def plan(
+        self, targets: Targets, group_of: dict[str, str], config: LoraDAConfig
+    ) -> dict[str, int]:
+        """The rank that solves each target."""
+
+    def stage(self, name: str) -> AbstractContextManager[None]:
+        """Runs a local stage; a failure on any process fails every process."""
+
+    def gather(
+        self, mine: dict[str, LoraFactors], owners: dict[str, int], targets: Targets,
+        config: LoraDAConfig,
+    ) -> dict[str, LoraFactors]:  # fmt: skip
+        """Every target's factors, in model order, on every process."""
+
+
+class SingleProcess:
+    """One process holds all the data and solves every layer."""
+
+    rank = 0
+
+    def prepare(self, batches: Iterable[Batch]) -> list[Batch]:
+        if isinstance(batches, dict):
+            raise TypeError("batches must be an iterable of dicts, not a single dict")
+        batches = list(batches)
+        if not batches:
+            raise ValueError("batches is empty: LoRA-DA needs calibration data")
+        return batches
+
+    def collect(
+        self, model: nn.Module, batches: list[Batch], targets: Targets, config: LoraDAConfig,
+        loss_fn: LossFn | None, progress: bool,
+    ) -> KFACSums:  # fmt: skip
+        return accumulate_statistics(
+            model, batches, targets, config, loss_fn=loss_fn, progress=progress
+        )
+
+    def reduce(self, sums: KFACSums, targets: Targets, config: LoraDAConfig) -> KFACStatistics:
+        return finalize(sums)
+
+    def plan(
+        self, targets: Targets, group_of: dict[str, str], config: LoraDAConfig
+    ) -> dict[str, int]:
+        return dict.fromkeys(targets, 0)
+
+    def stage(self, name: str) -> AbstractContextManager[None]:
+        return nullcontext()
+
+    def gather(
+        self, mine: dict[str, LoraFactors], owners: dict[str, int], targets: Targets,
+        config: LoraDAConfig,
+    ) -> dict[str, LoraFactors]:  # fmt: skip
+        return {n: mine[n] for n in targets}
+
+
+def run_pipeline(
+    model: nn.Module,
+    batches: Iterable[Batch],
+    targets: Targets,
+    config: LoraDAConfig,
+    strategy: Strategy,
+    *,
+    loss_fn: LossFn | None = None,
+    progress: bool = True,
+) -> dict[str, LoraFactors]:
+    """collect → reduce → solve → gather for each layer group (module docstring).
+
+    Returns ``{name: LoraFactors}`` in model order, ``A`` (d_in, r), ``B`` (r, d_out).
+    """
+    batches = strategy.prepare(batches)
+    factors: dict[str, LoraFactors] = {}
+    for chunk in _layer_groups(targets, config):
+        sums = strategy.collect(model, batches, chunk, config, loss_fn, progress)
+        stats = strategy.reduce(sums, chunk, config)
+        del sums
+        owners = strategy.plan(chunk, stats.group_of, config)
+        mine = [n for n in chunk if owners[n] == strategy.rank]
+        with strategy.stage("layer solve"):
+            solved = solve_layers(stats, mine, config)
+        del stats
+        factors |= strategy.gather(solved, owners, chunk, config)
+    return factors
+
+
+def solve_layers(
+    stats: KFACStatistics, names: Iterable[str], config: LoraDAConfig
+) -> dict[str, LoraFactors]:
+    """Steps 2–5 of Algorithm 1 for ``names``; layers sharing an input share one factor of Z."""
+    z_factors: dict[str, CholeskyFactor] = {}
+    return {name: layer_factors(stats, name, config, z_factors) for name in names}
+
+
+def _layer_groups(targets: Targets, config: LoraDAConfig) -> Iterator[Targets]:
+    for names in layer_passes(list(targets), config.layers_per_pass):
+        yield {name: targets[name] for name in names}
