@@ -87,7 +87,7 @@ def _mlp_reference(model, batches, output_factor: str, score_scale: str):
     return {k: {n: v / count for n, v in d.items()} for k, d in (("Z", Z), ("Y", Y), ("G", G))}
 
 
-def _positions(batch, cfg) -> tuple[torch.Tensor, int]:
+def reference_positions(batch, cfg) -> tuple[torch.Tensor, int]:
     """Statistics positions P and loss-token count T_b, by a loop (independent of token_masks):
     position t is a loss token iff labels[t + label_shift] != -100 (no labels: attention mask);
     P = the loss tokens, or every attention-mask position (token_mask="attention")."""
@@ -118,7 +118,7 @@ def _llama_reference(model, batches, targets, loss_fn=None, cfg=None):
         loss = loss_fn(model, batch)
         for h in hooks:
             h.remove()
-        positions, T_b = _positions(batch, cfg)
+        positions, T_b = reference_positions(batch, cfg)
         names = list(targets)
         # Differentiate L_b, then multiply by T_b: HF's eager attention runs softmax in float32
         # even in a float64 model, and float32 rounding is not scale-equivariant.
@@ -187,7 +187,7 @@ def _token_weighted_grads(model, batches, targets, cfg, *, per_batch: bool, weig
     """weight.grad.T of L = Σ_b w_b L_b / Σ_b w_b (w_b = T_b by default): one backward, or one
     per batch (L_b), summed."""
     twin = copy.deepcopy(model)
-    T = [_positions(b, cfg)[1] for b in batches] if weights is None else weights
+    T = [reference_positions(b, cfg)[1] for b in batches] if weights is None else weights
     if per_batch:
         grads = {n: 0 for n in targets}
         for t, b in zip(T, batches):
@@ -224,7 +224,7 @@ def test_G_is_weight_grad_of_token_weighted_mean_loss_mlp():
     cfg = _cfg(target_modules=("0", "2", "4"), label_shift=0)
     targets = find_target_modules(model, cfg.target_modules)
     stats = collect_statistics(model, batches, targets, cfg, loss_fn=mlp_loss, progress=False)
-    T = [_positions(b, cfg)[1] for b in batches]
+    T = [reference_positions(b, cfg)[1] for b in batches]
     twin = copy.deepcopy(model)
     (sum(t * mlp_loss(twin, b) for t, b in zip(T, batches)) / sum(T)).backward()
     for n in targets:
@@ -343,8 +343,9 @@ def test_bf16_model_gives_float32_statistics():
             assert err < BF16_MODEL_RTOL, f"{kind} {k}: bf16 vs float32 relative error {err:.3g}"
 
 
-def _bf16_activations(model, batch, targets):
-    """The bf16 inputs x and output gradients g = ∂L_b/∂o of every target (own hooks)."""
+def model_activations(model, batch, targets):
+    """The inputs x and output gradients g = ∂L_b/∂o of every target, in the model's dtype, by
+    hooks of its own (``model(**batch).loss``); the model's parameters are restored."""
     xs, outs = {}, {}
 
     def capture(name):
@@ -383,8 +384,8 @@ def test_bf16_model_statistics_are_float32_sums_of_its_activations():
     sums = {kind: {n: 0.0 for n in targets} for kind in ("Z", "Za", "Y", "Ya", "G", "Ga")}
     count, terms_g = 0, 0
     for batch in batches:
-        xs, gs = _bf16_activations(model, batch, targets)
-        P, T_b = _positions(batch, cfg)
+        xs, gs = model_activations(model, batch, targets)
+        P, T_b = reference_positions(batch, cfg)
         for n in targets:
             x, g = xs[n].double(), gs[n].double()  # exact copies of the bf16 values
             xP, sP = x[P], T_b * g[P]  # (|P_b|, d_in), scores (|P_b|, d_out)
