@@ -4,7 +4,8 @@ MATH.md: drop the variance term and use ``ΔW ≈ −G``. Then ``Ω = −GGᵀ``
 the top-r left singular vectors of G — the LoRA-GA / LoRA-One subspace.
 
 Checks (random G with singular values 1, 2, …: a non-degenerate gap; every r):
-  11a ``guidance_matrix(J, −G, N, variance_weight=0)`` equals ``−GGᵀ`` (22), relative error;
+  11a ``guidance_matrix(J, −G, N, variance_weight=0)`` equals ``−U diag(σ²) Uᵀ`` built from the
+      SVD ``G = U diag(σ) Vᵀ`` (22): an independent route (no product GGᵀ), relative error;
   11b largest principal angle between ``lora_da_init(…, delta_w=−G, variance_weight=0)`` and the
       ``lora_one`` initialiser's A ≤ 1e-8 rad (the bound set in issue 3).
 Broken input: the variance term is kept (β = 1) with a Fisher whose inverse block sum is not a
@@ -24,7 +25,8 @@ from proofs_check._record import ClaimResult, Mode, check_mode
 SHAPES = [(10, 6), (8, 1), (6, 9)]  # (d1, d2)
 N = 100
 ANGLE_TOL = 1e-8  # issue 3: "largest principal angle ≤ 1e-8"
-# Ω = −GGᵀ is one product; relative round-off ≲ d·eps, 100× margin.
+# Ω(β=0) is one product GGᵀ, −UΣ²Uᵀ a backward-stable SVD (error ≲ d·eps·σ₁²) and one product:
+# relative round-off ≲ d·eps, 100× margin (d ≤ 10).
 ROUNDOFF = 100.0 * 10 * EPS
 SETTINGS = {"quick": {"draws": 5}, "full": {"draws": 100}}
 
@@ -32,14 +34,17 @@ SETTINGS = {"quick": {"draws": 5}, "full": {"draws": 100}}
 def _one(rng, d1, d2, broken) -> tuple[float, float]:
     G = matrix_with_singular_gap(d1, d2, rng)  # (d1, d2)
     J = random_spd(d1 * d2, rng, 1e3)
-    omega = guidance_matrix(J, -G, N, variance_weight=0.0)
-    omega_err = np.linalg.norm(omega + G @ G.T) / np.linalg.norm(G @ G.T)
-    problem = InitProblem(W0=np.zeros((d1, d2)), G=G, J=J, n=N)
     beta = 1.0 if broken else 0.0
+    # broken: N = 1 makes the kept variance term comparable to GGᵀ (it moves Ω and the subspace)
+    n = 1 if broken else N
+    omega = guidance_matrix(J, -G, n, variance_weight=beta)
+    U, sv, _ = np.linalg.svd(G, full_matrices=False)  # (d1, k), (k,)
+    svd_route = -(U * sv**2) @ U.T  # −U diag(σ²) Uᵀ = −GGᵀ, Eq. (22)
+    omega_err = np.linalg.norm(omega - svd_route) / np.linalg.norm(svd_route)
+    problem = InitProblem(W0=np.zeros((d1, d2)), G=G, J=J, n=N)
     worst = 0.0
     for r in range(1, min(d1, d2) + 1):
-        # broken: N = 1 makes the kept variance term comparable to GGᵀ, so it moves the subspace
-        A_da, _ = lora_da_init(J, G, 1 if broken else N, r, delta_w=-G, variance_weight=beta)
+        A_da, _ = lora_da_init(J, G, n, r, delta_w=-G, variance_weight=beta)
         A_one, _ = initialize("lora_one", problem, r)
         worst = max(worst, float(principal_angles(A_da, A_one)[-1]))
     return float(omega_err), worst
@@ -54,11 +59,11 @@ def run(mode: Mode = "quick", *, broken: bool = False, seed: int = 11) -> list[C
         ClaimResult(
             "11a",
             "Eq. (22)",
-            "max rel ‖Ω(β=0, ΔW=−G) + GGᵀ‖",
+            "max rel ‖Ω(β=0, ΔW=−G) − (−U diag(σ²) Uᵀ)‖, SVD of G",
             max(r[0] for r in res),
             ROUNDOFF,
             "<=",
-            "100 × d·eps (one matrix product)",
+            "100 × d·eps (one product vs a backward-stable SVD)",
         ),
         ClaimResult(
             "11b",
