@@ -7,6 +7,7 @@ import pytest
 
 import lora_da_ref as ld
 from tests.cases import CASE_IDS, CASES
+from tests.independent import diagonal_problem
 
 ANGLE_TOL = 1e-8  # rad; subspaces from two exact dense factorisations agree to ~1e-12
 
@@ -55,13 +56,25 @@ def test_ablations_change_only_their_term():
     np.testing.assert_allclose(B, no_var_fisher.T @ (-p.G), atol=1e-13)
 
 
-def test_oracle_delta_w_is_used_when_given():
-    case = CASES[1]
-    J, G, delta, W0 = case.problem()
-    A, B = ld.initialize("lora_da", ld.InitProblem(W0, G, J, case.n, delta_w=delta), case.r)
-    A_ref, B_ref = ld.lora_da_init(J, G, case.n, case.r, delta_w=delta)
-    assert ld.principal_angles(A, A_ref).max() < ANGLE_TOL
-    np.testing.assert_allclose(A @ B, A_ref @ B_ref, atol=1e-13)
+@pytest.mark.parametrize("oracle", [False, True], ids=["fisher-gradient", "oracle-delta"])
+def test_lora_da_entry_has_the_closed_form_answer(oracle):
+    """The registry's "lora_da" against an answer computed without the library (diagonal J, one
+    non-zero of G per column: Ω diagonal, A0 = axes of its r smallest entries). With
+    ``delta_w`` given, that ΔW (here a different one, rows in other positions) must be used."""
+    d1, d2, r, n = 6, 4, 2, 100
+    J, G, delta, A_fisher_gradient = diagonal_problem(d1, d2, n, r)
+    A_exact = A_fisher_gradient
+    if oracle:
+        delta = np.roll(delta, 2, axis=0) * 1.5  # disjoint row supports kept, other rows
+        jmat = J.diagonal().reshape(d1, d2, order="F")
+        omega = (1.0 / jmat).sum(1) / n - (delta**2).sum(1)
+        A_exact = np.eye(d1)[:, np.sort(np.argsort(omega)[:r])]
+        # the oracle changes the answer
+        assert ld.principal_angles(A_exact, A_fisher_gradient).max() > 0.1
+    problem = ld.InitProblem(np.zeros((d1, d2)), G, J, n, delta_w=delta if oracle else None)
+    A, B = ld.initialize("lora_da", problem, r)
+    assert ld.principal_angles(A, A_exact).max() < ANGLE_TOL
+    np.testing.assert_allclose(A @ B, A_exact @ A_exact.T @ delta, atol=1e-13)
 
 
 def test_lora_baseline_is_random_and_seeded():
