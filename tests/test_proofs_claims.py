@@ -13,7 +13,8 @@ from proofs_check.cli import main
 
 IDS = sorted(CLAIMS, key=int)
 # Claim 10's Monte-Carlo part takes ~20 s; its broken input already fails the deterministic part
-# (10a), and the slow test below checks that it fails the Monte-Carlo part (10b) too.
+# (10a), and test_theorems_broken_input_fails_monte_carlo_part checks, at a reduced size, that it
+# fails the Monte-Carlo part (10b) too.
 BROKEN_KWARGS = {"10": {"parts": "a"}}
 
 
