@@ -13,7 +13,7 @@ length T, lm_head excluded, CrossEntropyLoss with ``reduction="mean"``):
   activations at those positions do not depend on the last token).
 * ``token_mask="attention"`` averages over all T positions: ``Z`` = curvlinops' ``A`` on the full
   input, ``Y = (T−1)/T · B`` (the last position's score is 0 but counted).
-* ``score_scale="batch"`` (official) uses ``∂(mean loss)/∂o``: ``Y = B / R²`` with equal R per batch.
+* ``score_scale="batch"`` (official) uses ``∂(mean loss of the sequence)/∂o``: ``Y = B / L²`` (L loss terms per sequence).
 * curvlinops' ``EFLinearOperator`` is ``(1/#tokens) Σ_t ∇ℓ_t ∇ℓ_tᵀ`` over the flattened
   (sequence, position) loss terms: exactly our per-token empirical Fisher, same ``vec``
   (torch's row-major ``weight`` (d_out, d_in) flattened = column-stacked ``W`` = weightᵀ).
@@ -115,11 +115,13 @@ def _llama_factors(token_mask: str, score_scale: str):
 
 
 # (token_mask, score_scale) -> factor c with  Y_ours = c · B_curvlinops  (see the module docstring)
-LOSS_TERMS = BATCH * (SEQ - 1)  # R, loss terms per batch
+
 Y_SCALE = {
     ("labels", "token"): 1.0,
     ("attention", "token"): (SEQ - 1) / SEQ,
-    ("attention", "batch"): (SEQ - 1) / SEQ / LOSS_TERMS**2,
+    # "batch": s_t = ∂L_i/∂o_t with L_i the mean over sequence i's SEQ − 1 loss terms (per sequence,
+    # so the result does not depend on the batch grouping)
+    ("attention", "batch"): (SEQ - 1) / SEQ / (SEQ - 1) ** 2,
 }
 
 
