@@ -9,7 +9,7 @@ import torch
 import lora_da_ref.eigen as np_eigen
 import lora_da_ref.fisher as np_fisher
 import lora_da_ref.guidance as np_guidance
-from lora_da_ref.linalg import principal_angles
+from lora_da_ref._linalg import principal_angles
 from lora_da_ref.torch import (
     DenseFisher,
     KroneckerFisher,
@@ -124,31 +124,31 @@ def test_principal_angle_check_can_fail():
     assert principal_angles(smallest_eigvecs(torch.from_numpy(omega), 2).numpy(), wrong).max() > 0.1
 
 
-def test_damped_cholesky_raises_damping_and_records_it():
-    """A singular PSD matrix fails at λ = 0; the factorisation raises λ and says which it used."""
+def test_damped_cholesky_raises_on_a_non_pd_matrix_as_the_numpy_reference():
+    """The damping contract of both sides: M + λI not PD → ValueError naming M; never re-damped."""
     v = torch.tensor([[1.0, 2.0, 3.0]], dtype=torch.float64)
     M = v.T @ v  # rank 1, PSD, singular
-    factor = damped_cholesky(M, 0.0)
-    assert factor.requested_damping == 0.0 and factor.damping > 0.0
-    L = factor.L
-    allclose_report(
-        L @ L.T, M + factor.damping * torch.eye(3, dtype=M.dtype), rtol=1e-12, atol=1e-12
-    )
-    negative = -torch.eye(3, dtype=torch.float64)
-    bumped = damped_cholesky(negative, 1e-3)
-    assert bumped.damping > 1.0  # needed λ > 1 to make −I + λI positive definite
-    assert bumped.damping == pytest.approx(1e-3 * 10**4)  # tenfold steps: 1e-3 → 10
+    with pytest.raises(ValueError, match="Z \\+ λI is not positive definite"):
+        damped_cholesky(M, 0.0, name="Z")
+    with pytest.raises(ValueError, match="Z must be positive definite"):
+        np_fisher.KroneckerFisher(np.eye(2), M.numpy())  # the NumPy reference raises alike
+    factor = damped_cholesky(M, 1e-3)
+    assert factor.damping == 1e-3  # exactly the damping asked for
+    allclose_report(factor.L @ factor.L.T, M + 1e-3 * torch.eye(3, dtype=M.dtype), rtol=1e-12)
+    with pytest.raises(ValueError, match="not positive definite"):
+        damped_cholesky(-torch.eye(3, dtype=torch.float64), 1e-3)
 
 
-def test_kronecker_fisher_records_damping_per_factor():
-    Z = torch.zeros(3, 3, dtype=torch.float64)  # an unused input: Z = 0
-    Y = torch.tensor([1.0, 0.0], dtype=torch.float64)  # a dead output unit
-    J = KroneckerFisher(Y, Z, damping=0.0)
-    assert J.damping["Z"] > 0 and J.damping["Y"] > 0
-    ok = KroneckerFisher(
-        torch.ones(2, dtype=torch.float64), torch.eye(3, dtype=torch.float64), damping=1e-6
-    )
-    assert ok.damping == {"Z": 1e-6, "Y": 1e-6}
+def test_kronecker_fisher_records_damping_and_conditioning_per_factor():
+    Z = torch.diag(torch.tensor([1.0, 1e-3, 1e-6], dtype=torch.float64))
+    Y = torch.tensor([1.0, 0.5], dtype=torch.float64)
+    J = KroneckerFisher(Y, Z, damping=1e-6, y_damping=0.25)
+    assert J.damping == {"Z": 1e-6, "Y": 0.25}
+    cond = J.conditioning()
+    assert cond["Z"] == pytest.approx((1 + 1e-6) / 2e-6)  # κ of Z + λI, what is inverted
+    assert cond["Y"] == pytest.approx(1.25 / 0.75)
+    with pytest.raises(ValueError, match="diagonal Y"):
+        KroneckerFisher(torch.tensor([1.0, 0.0], dtype=torch.float64), Z, damping=0.0)
 
 
 def test_bad_inputs_raise():

@@ -17,6 +17,9 @@ import torch
 
 __all__ = ["LoraDAConfig", "LoraFactors"]
 
+# δ of the relative damping λ = δ·tr(M)/d (docs/numerics.md, "Precision and damping").
+DEFAULT_RELATIVE_DAMPING = 1e-4
+
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -34,7 +37,12 @@ class LoraDAConfig:
         bias_weight: ``α``, weight of the bias term ``ΔWΔWᵀ`` (1 in both).
         output_factor: ``"diagonal"`` keeps only diag(Y) (official code); ``"full"`` is the
             paper's K-FAC ``J ≈ Y ⊗ Z``.
-        damping: ``λ`` added to the diagonals of ``Z`` and ``Y`` before inverting.
+        damping: added to the diagonals of ``Z`` and ``Y`` before inverting: with
+            ``damping_scale="relative"`` (default, paper preset) ``λ_Z = δ·tr(Z)/d_in`` and
+            ``λ_Y = δ·tr(Y)/d_out`` with ``δ = damping``, so the result does not depend on the
+            scale of the inputs or the loss; with ``"absolute"`` (official preset, 1e-6)
+            ``λ_Z = λ_Y = damping``. A damped factor that is not positive definite raises.
+        damping_scale: ``"relative"`` or ``"absolute"`` (see ``damping``).
         normalize_delta: divide ΔW by its top singular value σ (and the variance term by σ²),
             as the official code does; A0 is unchanged, B0 = A0ᵀ ΔW / σ.
         scale_gamma: ``γ``; both factors are divided by ``√γ`` (official: 1024). ``None`` = off.
@@ -51,16 +59,11 @@ class LoraDAConfig:
             (HF causal LMs predict token t+1 from position t: 1; per-position labels: 0).
         score_scale: the output gradient used in Y. ``"token"``: the per-token score
             ``s_t = T_b · ∂L_b/∂o_t`` (``L_b`` the batch's mean loss over its ``T_b`` loss
-            tokens) — the paper's per-token Fisher. ``"batch"``: ``∂L_i/∂o_t``, the gradient of
-            the mean loss of the position's own sequence ``i`` (official code, which runs at batch
-            size 1; Y is then ``~1/T_i²`` smaller, which changes the effective β). Computed per
-            sequence, so the result does not depend on how sequences are grouped into batches.
-        gradient_weight: G is the gradient of the token-mean loss over all sequences
-            (``"token"``) or the mean over sequences of each sequence's mean-loss gradient
-            (``"sequence"``: the official ``estimate_gradient`` at batch size 1, for any batch size).
-        calibration_diagnostics: keep the gradient sums of the even and odd sequences apart in the
-            same pass (one extra (d_in, d_out) matrix per layer) for the per-layer calibration SNR
-            and split-half stability of :mod:`lora_da_ref.torch.diagnostics`.
+            tokens) — the paper's per-token Fisher. ``"batch"``: ``∂L_b/∂o_t`` as is (official
+            code; Y is then ``1/T_b²`` smaller, which changes the effective β).
+        gradient_weight: G averages the batches' mean-loss gradients weighted by their loss-token
+            count (``"token"``: the gradient of the token-mean loss) or by their number of
+            sequences (``"sequence"``: the official ``estimate_gradient``).
         See :mod:`lora_da_ref.torch.statistics` for the exact normalisation.
     """
 
@@ -70,7 +73,8 @@ class LoraDAConfig:
     variance_weight: float = 1.0
     bias_weight: float = 1.0
     output_factor: Literal["diagonal", "full"] = "full"
-    damping: float = 1e-6
+    damping: float = DEFAULT_RELATIVE_DAMPING
+    damping_scale: Literal["relative", "absolute"] = "relative"
     normalize_delta: bool = False
     scale_gamma: float | None = None
     solver: Literal["eigh", "lobpcg"] = "eigh"
@@ -82,7 +86,6 @@ class LoraDAConfig:
     label_shift: int = 1
     score_scale: Literal["token", "batch"] = "token"
     gradient_weight: Literal["token", "sequence"] = "token"
-    calibration_diagnostics: bool = True
 
     def __post_init__(self) -> None:
         # A str is PEFT's regex (or "all-linear") and stays a str; a list is stored as a tuple.
@@ -99,6 +102,7 @@ class LoraDAConfig:
             bias_weight=1.0,
             output_factor="diagonal",
             damping=1e-6,
+            damping_scale="absolute",
             normalize_delta=True,
             scale_gamma=1024.0,
             solver="lobpcg",
@@ -116,6 +120,8 @@ class LoraDAConfig:
             variance_weight=1.0,
             bias_weight=1.0,
             output_factor="full",
+            damping=DEFAULT_RELATIVE_DAMPING,
+            damping_scale="relative",
             normalize_delta=False,
             scale_gamma=None,
             solver="eigh",
@@ -129,6 +135,7 @@ class LoraDAConfig:
 _CHOICES = {
     "output_factor": ("diagonal", "full"),
     "solver": ("eigh", "lobpcg"),
+    "damping_scale": ("relative", "absolute"),
     "token_mask": ("labels", "attention"),
     "score_scale": ("token", "batch"),
     "gradient_weight": ("token", "sequence"),

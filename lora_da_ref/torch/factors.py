@@ -6,13 +6,22 @@ Pure functions, no hooks and no process groups: the pipeline (:mod:`lora_da_ref.
 
 Per layer:
 
-1. ``J ≈ (Y + λI) ⊗ (Z + λI)`` (:class:`KroneckerFisher`; a diagonal ``Y`` uses ``1/(y_i + λ)``);
+1. ``J ≈ (Y + λ_Y I) ⊗ (Z + λ_Z I)`` (:class:`KroneckerFisher`; a diagonal ``Y`` uses
+   ``1/(y_i + λ_Y)``), damping relative to each factor's scale, ``λ_Z = δ·tr(Z)/d1``, or absolute
+   (``config.damping_scale``);
 2. the Fisher–gradient ``ΔW = −Z⁻¹GY⁻¹`` (Eq. 21);
 3. optionally (``normalize_delta``, official code) ``ΔW ← ΔW/σ`` with σ the top singular value of
    ΔW, and ``β ← β/σ²``: Ω is divided by σ², its eigenvectors are unchanged;
 4. ``Ω = β tr(Y⁻¹)/N · Z⁻¹ − α ΔWΔWᵀ`` (Eq. 19); ``A0`` = its r smallest eigenvectors (Eqs. 5–8);
 5. ``B0 = A0ᵀΔW`` (Eq. 17, with the normalised ΔW when normalising); with ``scale_gamma`` both
    factors are divided by ``√γ``.
+
+**Precision.** The statistics may be accumulated in float32, but everything here runs in float64
+(:data:`SOLVE_DTYPE`): Cholesky, the triangular solves of ΔW, the block sum, Ω and its eigen-solve.
+Each layer records the damping applied, ``κ₁`` of the damped factors, the eigengap and
+``precision_probe``, an estimate of how far rounding the statistics to their dtype moves A0
+(radians; :func:`precision_probe`); :func:`untrusted_layers` lists the layers where it exceeds
+:data:`TRUST_RAD`.
 
 :func:`lora_da_init` is the same map from ``(J, G, n, r)`` with the NumPy reference's signature
 (:func:`lora_da_ref.initializers.lora_da_init`); :func:`solve_layer` keeps every intermediate
@@ -30,12 +39,20 @@ import torch
 from torch import Tensor
 
 from lora_da_ref.torch.config import LoraDAConfig, LoraFactors
-from lora_da_ref.torch.fisher import CholeskyFactor, FisherMatrix, KroneckerFisher, damped_cholesky
+from lora_da_ref.torch.fisher import (
+    CholeskyFactor,
+    FisherMatrix,
+    KroneckerFisher,
+    damped_cholesky,
+    relative_damping,
+)
 from lora_da_ref.torch.guidance import fisher_gradient, guidance_matrix
 from lora_da_ref.torch.solvers import EigenResult, smallest_eigenpairs
 from lora_da_ref.torch.statistics import KFACStatistics
 
 __all__ = [
+    "SOLVE_DTYPE",
+    "TRUST_RAD",
     "Guidance",
     "LayerSolution",
     "kfac_fisher",
@@ -43,9 +60,14 @@ __all__ = [
     "layer_guidance",
     "layer_seed",
     "lora_da_init",
+    "precision_probe",
     "solve_layer",
     "top_singular_value",
+    "untrusted_layers",
 ]
+
+SOLVE_DTYPE = torch.float64  # every solve, whatever the statistics dtype
+TRUST_RAD = 1e-3  # a layer whose precision_probe exceeds this is reported as not trustworthy
 
 
 @dataclass
@@ -95,12 +117,25 @@ def kfac_fisher(
     config: LoraDAConfig,
     z_factors: dict[str, CholeskyFactor] | None = None,
 ) -> KroneckerFisher:
-    """``J ≈ (Y + λI) ⊗ (Z + λI)`` of layer ``name``; ``z_factors`` caches shared Z factors."""
+    """``J ≈ (Y + λ_Y I) ⊗ (Z + λ_Z I)`` of layer ``name`` in float64; ``z_factors`` caches the
+    factors of a shared Z. Raises ``ValueError`` naming the layer when a damped factor is not PD."""
     group = stats.group_of[name]
     z_factors = {} if z_factors is None else z_factors
-    if group not in z_factors:
-        z_factors[group] = damped_cholesky(stats.Z[group], config.damping, name=f"Z of {group}")
-    return KroneckerFisher(stats.Y[name], z_factors[group], damping=config.damping)
+    try:
+        if group not in z_factors:
+            Z = stats.Z[group].to(SOLVE_DTYPE)  # (d1, d1)
+            z_factors[group] = damped_cholesky(Z, damping_of(Z, config), name=f"Z of {group!r}")
+        Y = stats.Y[name].to(SOLVE_DTYPE)  # (d2, d2) or (d2,)
+        return KroneckerFisher(Y, z_factors[group], y_damping=damping_of(Y, config))
+    except ValueError as err:
+        raise ValueError(f"layer {name!r}: {err}") from None
+
+
+def damping_of(M: Tensor, config: LoraDAConfig) -> float:
+    """The damping added to factor ``M``: ``δ·tr(M)/d`` (relative) or ``δ`` (absolute)."""
+    if config.damping_scale == "relative":
+        return relative_damping(M, config.damping)
+    return float(config.damping)
 
 
 def layer_guidance(J: FisherMatrix, G: Tensor, config: LoraDAConfig, name: str = "W") -> Guidance:
@@ -121,16 +156,22 @@ def solve_layer(
     name: str,
     config: LoraDAConfig,
     z_factors: dict[str, CholeskyFactor] | None = None,
+    *,
+    probe: bool = True,
 ) -> LayerSolution:
-    """Steps 2–5 of Algorithm 1 for one layer, keeping every intermediate."""
+    """Steps 2–5 of Algorithm 1 for one layer, keeping every intermediate; ``probe`` adds
+    ``diagnostics["precision_probe"]`` (:func:`precision_probe`)."""
     J = kfac_fisher(stats, name, config, z_factors)
-    guide = layer_guidance(J, stats.G[name], config, name)
+    guide = layer_guidance(J, stats.G[name].to(SOLVE_DTYPE), config, name)
     options = {"seed": layer_seed(config.seed, name), **config.solver_options}
     eig = smallest_eigenpairs(guide.omega, config.rank, solver=config.solver, **options)
     A, B = eig.vectors, eig.vectors.mT @ guide.delta_w  # (d1, r), (r, d2)
     scale = 1.0 if config.scale_gamma is None else math.sqrt(config.scale_gamma)
-    diagnostics = _diagnostics(stats, name, J, guide.sigma, eig.diagnostics)
-    return LayerSolution(J, guide, eig, A / scale, B / scale, diagnostics)
+    diagnostics = _diagnostics(stats, name, config, J, guide.sigma, eig.diagnostics)
+    solution = LayerSolution(J, guide, eig, A / scale, B / scale, diagnostics)
+    if probe:
+        diagnostics["precision_probe"] = precision_probe(stats, name, config, solution)
+    return solution
 
 
 def layer_factors(
@@ -193,12 +234,77 @@ def layer_seed(seed: int, name: str) -> int:
     return (int(seed) * 1_000_003 + zlib.crc32(name.encode())) % (2**63 - 1)
 
 
+def precision_probe(
+    stats: KFACStatistics, name: str, config: LoraDAConfig, solution: LayerSolution
+) -> float | None:
+    """How far rounding the statistics to their dtype can move A0 (radians; ``None`` for float64
+    statistics): the largest principal angle between A0 and the A0 solved (in float64, same
+    solver and seed) from statistics perturbed at that dtype's rounding level.
+
+    The perturbation models the rounding of the sums: ``δZ_ij = u·√(Z_ii Z_jj)·ε_ij`` (ε
+    symmetric standard normal, ``u`` the unit roundoff of the statistics dtype), likewise for
+    ``Y`` (``δy_i = u·y_i·ε_i`` for a diagonal Y), and ``δG_ij = u·√(ρ_i κ_j)·ε_ij`` with ρ, κ the
+    root-mean-square of G's rows and columns. One seeded draw: an estimate of the error's size,
+    not a bound (it is compared with the measured float32-vs-float64 angles in
+    docs/numerics.md).
+    """
+    group = stats.group_of[name]
+    dtype = config.dtype  # the per-batch products were rounded to it
+    if dtype == SOLVE_DTYPE:
+        return None
+    u = torch.finfo(dtype).eps / 2
+    gen = torch.Generator(device="cpu").manual_seed(layer_seed(config.seed, name) ^ 0x5EED)
+    Z, Y, G = (t.to(SOLVE_DTYPE) for t in (stats.Z[group], stats.Y[name], stats.G[name]))
+    perturbed = KFACStatistics(
+        {group: _perturb_gram(Z, u, gen)}, {name: _perturb_gram(Y, u, gen)},
+        {name: G + u * _scale_of(G) * _noise(G.shape, gen, G)}, {name: group},
+        stats.tokens, stats.loss_tokens, stats.sequences, stats.batches,
+    )  # fmt: skip
+    other = solve_layer(perturbed, name, config, probe=False)
+    return _largest_angle(solution.eig.vectors, other.eig.vectors)
+
+
+def _noise(shape: tuple[int, ...], gen: torch.Generator, like: Tensor) -> Tensor:
+    return torch.randn(shape, generator=gen, dtype=SOLVE_DTYPE).to(like.device)
+
+
+def _perturb_gram(M: Tensor, u: float, gen: torch.Generator) -> Tensor:
+    """``M + u·√(M_ii M_jj)·ε`` (ε symmetric); a vector ``M`` is a diagonal: ``M + u·M·ε``."""
+    if M.ndim == 1:
+        return M + u * M.abs() * _noise(M.shape, gen, M)
+    E = _noise(M.shape, gen, M)
+    root = M.diagonal().abs().sqrt()  # (d,)
+    return M + u * (root[:, None] * root[None, :]) * (E + E.mT) / math.sqrt(2.0)
+
+
+def _scale_of(G: Tensor) -> Tensor:
+    """``√(ρ_i κ_j)`` (d1, d2), ρ and κ the root-mean-square of G's rows and columns."""
+    rows = G.square().mean(dim=1).sqrt()  # (d1,)
+    cols = G.square().mean(dim=0).sqrt()  # (d2,)
+    return (rows[:, None] * cols[None, :]).sqrt()
+
+
+def _largest_angle(A: Tensor, B: Tensor) -> float:
+    Qa, Qb = torch.linalg.qr(A)[0], torch.linalg.qr(B)[0]
+    cosines = torch.linalg.svdvals(Qa.mT @ Qb).clamp(max=1.0)
+    return float(torch.arccos(cosines.min()))
+
+
+def untrusted_layers(factors: dict[str, LoraFactors]) -> dict[str, float]:
+    """``{layer: precision_probe}`` for the layers whose probe exceeds :data:`TRUST_RAD`."""
+    probes = {name: f.diagnostics.get("precision_probe") for name, f in factors.items()}
+    return {name: p for name, p in probes.items() if p is not None and p > TRUST_RAD}
+
+
 def _diagnostics(
-    stats: KFACStatistics, name: str, J: KroneckerFisher, sigma: float, solver: dict[str, Any]
-) -> dict[str, Any]:
+    stats: KFACStatistics, name: str, config: LoraDAConfig, J: KroneckerFisher, sigma: float,
+    solver: dict[str, Any],
+) -> dict[str, Any]:  # fmt: skip
     return {
         "group": stats.group_of[name],
         "damping": J.damping,
+        "cond": J.conditioning(),
+        "statistics_dtype": str(config.dtype).removeprefix("torch."),
         "delta_sigma": sigma,
         "tokens": stats.tokens,
         "loss_tokens": stats.loss_tokens,

@@ -10,13 +10,18 @@ inputs. Every representation offers
 * ``to_dense()``          — the explicit (d1·d2, d1·d2) matrix (damping included).
 
 Inversions go through :func:`damped_cholesky`: ``M + λI`` is factorised with
-``torch.linalg.cholesky_ex``; when the factorisation fails (info ≠ 0) ``λ`` is raised tenfold and the
-attempt repeated. The damping actually used is recorded in ``.damping`` — the failure flag is never
-ignored.
+``torch.linalg.cholesky_ex``; when it is not positive definite a ``ValueError`` names the matrix and
+the damping (the NumPy reference's contract: a non-PD factor is an error, never silently
+re-damped). Linear solves use the Cholesky factor (triangular solves); an explicit inverse is
+formed only where the math needs the matrix itself (``Z⁻¹`` in Ω, the diagonal of ``Y⁻¹``).
+The caller chooses the precision: the pipeline passes float64 factors
+(:mod:`lora_da_ref.torch.factors`), and the damping ``λ`` (absolute, or relative to the
+factor's scale via :func:`relative_damping`).
 """
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from functools import cached_property
@@ -30,13 +35,12 @@ __all__ = [
     "FisherMatrix",
     "KroneckerFisher",
     "as_fisher",
+    "condition_number",
     "damped_cholesky",
+    "relative_damping",
     "unvec",
     "vec",
 ]
-
-MAX_DAMPING_RAISES = 12  # λ → 10λ at most 12 times: from 1e-6·scale to 1e6·scale, then give up
-DAMPING_SEED_EPS = 100  # when λ = 0 fails, restart at 100·eps·mean|diag| (round-off level)
 
 
 def vec(W: Tensor) -> Tensor:
@@ -55,10 +59,10 @@ class CholeskyFactor:
 
     L: Tensor
     damping: float
-    requested_damping: float
+    norm1: float = math.nan  # ‖M + λI‖₁, kept for the condition number
 
     def solve(self, B: Tensor) -> Tensor:
-        """``(M + λI)⁻¹ B``."""
+        """``(M + λI)⁻¹ B`` by two triangular solves."""
         return torch.cholesky_solve(B, self.L)
 
     @cached_property
@@ -70,37 +74,51 @@ class CholeskyFactor:
         """``(M + λI)⁻¹``, symmetrised; computed once per factor (q/k/v and gate/up share Z)."""
         return self._inverse
 
+    def condition_number(self) -> float:
+        """``κ₁(M + λI) = ‖M + λI‖₁ ‖(M + λI)⁻¹‖₁`` (LAPACK's measure; ``κ₂ ≤ κ₁ ≤ d·κ₂``)."""
+        return self.norm1 * float(torch.linalg.matrix_norm(self.inverse(), ord=1))
+
 
 def damped_cholesky(M: Tensor, damping: float, *, name: str = "M") -> CholeskyFactor:
-    """Cholesky of ``M + λI``; on failure ``λ ← 10λ`` (recorded), never ignoring the info flag.
+    """Cholesky of ``M + λI``; raises when it is not positive definite (never re-damps silently).
 
     Args:
         M: symmetric (d, d) matrix, e.g. a K-FAC factor ``Z`` or ``Y``.
-        damping: requested ``λ ≥ 0``.
-        name: used in the error message.
+        damping: ``λ ≥ 0``, absolute (see :func:`relative_damping` for a scale-relative one).
+        name: names the matrix in the error message.
 
     Raises:
-        ValueError: ``M`` is not square/finite, or still not positive definite after
-            ``MAX_DAMPING_RAISES`` tenfold raises.
+        ValueError: ``M`` is not square/finite, or ``M + λI`` is not positive definite.
     """
     _check_square_finite(name, M)
     M = 0.5 * (M + M.mT)  # (d, d)
     lam = float(damping)
     eye = torch.eye(M.shape[0], dtype=M.dtype, device=M.device)
-    for _ in range(MAX_DAMPING_RAISES + 1):
-        L, info = torch.linalg.cholesky_ex(M + lam * eye)
-        if int(info) == 0:
-            return CholeskyFactor(L, lam, float(damping))
-        lam = 10.0 * lam if lam > 0 else _seed_damping(M)
-    raise ValueError(
-        f"{name} + λI is not positive definite even with λ = {lam / 10:.3g} "
-        f"(requested {damping:.3g}); the statistics are degenerate"
-    )
+    damped = M + lam * eye  # (d, d)
+    L, info = torch.linalg.cholesky_ex(damped)
+    if int(info) != 0:
+        raise ValueError(
+            f"{name} + λI is not positive definite (λ = {lam:.3g}, {M.dtype}, d = {M.shape[0]}; "
+            f"the factorisation fails at row {int(info)}): the statistics are degenerate or the "
+            "damping is too small for them; raise the damping"
+        )
+    return CholeskyFactor(L, lam, float(torch.linalg.matrix_norm(damped, ord=1)))
 
 
-def _seed_damping(M: Tensor) -> float:
-    scale = float(M.diagonal().abs().mean())
-    return DAMPING_SEED_EPS * torch.finfo(M.dtype).eps * max(scale, 1.0)
+def relative_damping(M: Tensor, delta: float) -> float:
+    """``δ · tr(M)/d``: damping relative to the factor's mean eigenvalue (a (d,) ``M`` is a
+    diagonal). Scaling ``M`` by ``c`` scales ``λ`` by ``c``, so ``(M + λI)⁻¹`` scales by ``1/c``
+    and Ω's eigenvectors do not move."""
+    diagonal = M if M.ndim == 1 else M.diagonal()
+    return float(delta) * float(diagonal.mean())
+
+
+def condition_number(M: Tensor, M_inverse: Tensor) -> float:
+    """``κ₁(M) = ‖M‖₁ ‖M⁻¹‖₁`` from an explicit inverse (O(d²)); a vector is a diagonal."""
+    if M.ndim == 1:
+        return float(M.abs().max() * M_inverse.abs().max())
+    norm = lambda A: float(torch.linalg.matrix_norm(A, ord=1))  # noqa: E731
+    return norm(M) * norm(M_inverse)
 
 
 def _check_square_finite(name: str, M: Tensor) -> None:
@@ -112,16 +130,17 @@ def _check_square_finite(name: str, M: Tensor) -> None:
         raise ValueError(f"{name} contains non-finite values (nan or inf)")
 
 
-def _damped_diagonal(y: Tensor, damping: float, *, name: str = "Y") -> tuple[Tensor, float]:
-    """``y + λ`` for a diagonal factor; raises ``λ`` tenfold while any entry is ≤ 0."""
+def _damped_diagonal(y: Tensor, damping: float, *, name: str = "Y") -> Tensor:
+    """``y + λ`` for a diagonal factor; raises when an entry is not positive."""
     if not bool(torch.isfinite(y).all()):
         raise ValueError(f"{name} contains non-finite values (nan or inf)")
-    lam = float(damping)
-    for _ in range(MAX_DAMPING_RAISES + 1):
-        if bool((y + lam > 0).all()):
-            return y + lam, lam
-        lam = 10.0 * lam if lam > 0 else _seed_damping(torch.diag(y))
-    raise ValueError(f"diagonal {name} + λ is not positive even with λ = {lam / 10:.3g}")
+    damped = y + float(damping)  # (d,)
+    if not bool((damped > 0).all()):
+        raise ValueError(
+            f"diagonal {name} + λ is not positive (λ = {float(damping):.3g}, min entry "
+            f"{float(y.min()):.3g}): the statistics are degenerate or the damping is too small"
+        )
+    return damped
 
 
 class FisherMatrix(ABC):
@@ -199,33 +218,56 @@ class DenseFisher(FisherMatrix):
 
 
 class KroneckerFisher(FisherMatrix):
-    """K-FAC Fisher ``J = (Y + λI) ⊗ (Z + λI)`` (Algorithm 1).
+    """K-FAC Fisher ``J = (Y + λ_Y I) ⊗ (Z + λ_Z I)`` (Algorithm 1).
 
     Args:
         Y: (d2, d2) output factor ``E[s sᵀ]``, or a (d2,) vector for a diagonal ``Y``
             (the official code keeps only diag Y and uses ``1/(y_i + λ)``).
         Z: (d1, d1) input factor ``E[x xᵀ]``, or a precomputed :class:`CholeskyFactor` of it
             (layers reading the same input share one).
-        damping: ``λ`` added to both factors' diagonals (raised tenfold if a factorisation fails).
+        damping: ``λ`` added to both factors' diagonals (``λ_Z``; also ``λ_Y`` unless given).
+        y_damping: ``λ_Y`` when it differs from ``λ_Z`` (e.g. relative to each factor's scale).
 
     Then ``J⁻¹_[i] = [Y⁻¹]_ii Z⁻¹``, ``Σ_i J⁻¹_[i] = tr(Y⁻¹) Z⁻¹`` and ``J⁻¹vec G = vec(Z⁻¹GY⁻¹)``.
+    Raises ``ValueError`` naming the factor when a damped factor is not positive definite.
     """
 
-    def __init__(self, Y: Tensor, Z: Tensor | CholeskyFactor, damping: float = 0.0) -> None:
+    def __init__(
+        self,
+        Y: Tensor,
+        Z: Tensor | CholeskyFactor,
+        damping: float = 0.0,
+        *,
+        y_damping: float | None = None,
+    ) -> None:
         self._Z = Z if isinstance(Z, CholeskyFactor) else damped_cholesky(Z, damping, name="Z")
         self.d1 = self._Z.L.shape[0]
+        y_damping = damping if y_damping is None else y_damping
         self.diagonal_Y = isinstance(Y, Tensor) and Y.ndim == 1
         if self.diagonal_Y:
-            self._y, self._y_damping = _damped_diagonal(Y, damping)  # (d2,)
+            self._y, self._y_damping = _damped_diagonal(Y, y_damping), float(y_damping)  # (d2,)
             self._Y = None
         else:
-            self._Y = damped_cholesky(Y, damping, name="Y")
+            self._Y = damped_cholesky(Y, y_damping, name="Y")
         self.d2 = Y.shape[0]
 
     @property
     def damping(self) -> dict[str, float]:
         y_damping = self._y_damping if self.diagonal_Y else self._Y.damping
         return {"Z": self._Z.damping, "Y": y_damping}
+
+    @cached_property
+    def _conditioning(self) -> dict[str, float]:
+        cond_y = (
+            condition_number(self._y, self._y.reciprocal())
+            if self.diagonal_Y
+            else self._Y.condition_number()
+        )
+        return {"Z": self._Z.condition_number(), "Y": cond_y}
+
+    def conditioning(self) -> dict[str, float]:
+        """``κ₁`` of the damped factors ``Z + λ_Z I`` and ``Y + λ_Y I`` (what is inverted)."""
+        return dict(self._conditioning)
 
     def y_inverse_trace(self) -> Tensor:
         """``tr((Y + λI)⁻¹)``; ``Σ_i 1/(y_i + λ)`` for a diagonal ``Y``."""
@@ -238,9 +280,7 @@ class KroneckerFisher(FisherMatrix):
         return self._Z.inverse()  # cached by the (possibly shared) Cholesky factor
 
     def solve(self, G: Tensor) -> Tensor:
-        # Z⁻¹ is needed anyway for Ω (Eq. 19) and is shared by q/k/v or gate/up: one GEMM here
-        # is ~3× faster than two triangular solves with d2 right-hand sides.
-        ZinvG = self.z_inverse() @ self._check_G(G)  # (d1, d2)
+        ZinvG = self._Z.solve(self._check_G(G))  # (d1, d2), triangular solves
         if self.diagonal_Y:
             return ZinvG / self._y  # Z⁻¹ G Y⁻¹ with diagonal Y
         return self._Y.solve(ZinvG.mT).mT  # (d1, d2); Y symmetric

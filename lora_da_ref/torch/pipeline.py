@@ -22,6 +22,7 @@ distributed code.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from typing import Protocol
@@ -29,7 +30,7 @@ from typing import Protocol
 from torch import nn
 
 from lora_da_ref.torch.config import LoraDAConfig, LoraFactors
-from lora_da_ref.torch.factors import layer_factors
+from lora_da_ref.torch.factors import TRUST_RAD, layer_factors, untrusted_layers
 from lora_da_ref.torch.fisher import CholeskyFactor
 from lora_da_ref.torch.statistics import (
     Batch,
@@ -41,7 +42,7 @@ from lora_da_ref.torch.statistics import (
     layer_passes,
 )
 
-__all__ = ["SingleProcess", "Strategy", "run_pipeline", "solve_layers"]
+__all__ = ["SingleProcess", "Strategy", "run_pipeline", "solve_layers", "warn_untrusted"]
 
 Targets = dict[str, nn.Linear]
 
@@ -143,7 +144,27 @@ def run_pipeline(
             solved = solve_layers(stats, mine, config)
         del stats
         factors |= strategy.gather(solved, owners, chunk, config)
+    warn_untrusted(factors)
     return factors
+
+
+def warn_untrusted(factors: dict[str, LoraFactors]) -> None:
+    """One ``RuntimeWarning`` naming the layers whose A0 the statistics dtype may have rotated
+    by more than :data:`~lora_da_ref.torch.factors.TRUST_RAD` (their ``precision_probe``)."""
+    bad = untrusted_layers(factors)
+    if not bad:
+        return
+    dtypes = sorted({factors[n].diagnostics.get("statistics_dtype", "?") for n in bad})
+    worst = sorted(bad, key=bad.get, reverse=True)
+    listed = ", ".join(f"{n} ({bad[n]:.2g} rad)" for n in worst[:10])
+    more = f" and {len(worst) - 10} more" if len(worst) > 10 else ""
+    warnings.warn(
+        f"LoRA-DA: in {len(bad)} layer(s) rounding the {'/'.join(dtypes)} statistics may rotate "
+        f"A0 by more than {TRUST_RAD:g} rad (diagnostics['precision_probe']): "
+        f"{listed}{more}. Use LoraDAConfig(dtype=torch.float64) or a larger damping.",
+        RuntimeWarning,
+        stacklevel=3,
+    )
 
 
 def solve_layers(

