@@ -9,7 +9,7 @@ import torch
 import lora_da_ref.eigen as np_eigen
 import lora_da_ref.fisher as np_fisher
 import lora_da_ref.guidance as np_guidance
-from lora_da_ref._linalg import principal_angles
+from lora_da_ref.linalg import principal_angles
 from lora_da_ref.torch import (
     DenseFisher,
     KroneckerFisher,

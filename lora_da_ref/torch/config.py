@@ -59,11 +59,16 @@ class LoraDAConfig:
             (HF causal LMs predict token t+1 from position t: 1; per-position labels: 0).
         score_scale: the output gradient used in Y. ``"token"``: the per-token score
             ``s_t = T_b · ∂L_b/∂o_t`` (``L_b`` the batch's mean loss over its ``T_b`` loss
-            tokens) — the paper's per-token Fisher. ``"batch"``: ``∂L_b/∂o_t`` as is (official
-            code; Y is then ``1/T_b²`` smaller, which changes the effective β).
-        gradient_weight: G averages the batches' mean-loss gradients weighted by their loss-token
-            count (``"token"``: the gradient of the token-mean loss) or by their number of
-            sequences (``"sequence"``: the official ``estimate_gradient``).
+            tokens) — the paper's per-token Fisher. ``"batch"``: ``∂L_i/∂o_t``, the gradient of
+            the mean loss of the position's own sequence ``i`` (official code, which runs at batch
+            size 1; Y is then ``~1/T_i²`` smaller, which changes the effective β). Computed per
+            sequence, so the result does not depend on how sequences are grouped into batches.
+        gradient_weight: G is the gradient of the token-mean loss over all sequences
+            (``"token"``) or the mean over sequences of each sequence's mean-loss gradient
+            (``"sequence"``: the official ``estimate_gradient`` at batch size 1, for any batch size).
+        calibration_diagnostics: keep the gradient sums of the even and odd sequences apart in the
+            same pass (one extra (d_in, d_out) matrix per layer) for the per-layer calibration SNR
+            and split-half stability of :mod:`lora_da_ref.torch.diagnostics`.
         See :mod:`lora_da_ref.torch.statistics` for the exact normalisation.
     """
 
@@ -86,6 +91,7 @@ class LoraDAConfig:
     label_shift: int = 1
     score_scale: Literal["token", "batch"] = "token"
     gradient_weight: Literal["token", "sequence"] = "token"
+    calibration_diagnostics: bool = True
 
     def __post_init__(self) -> None:
         # A str is PEFT's regex (or "all-linear") and stays a str; a list is stored as a tuple.

@@ -41,7 +41,7 @@ eval mode (dropout off) while statistics are collected.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
@@ -62,7 +62,9 @@ __all__ = [
     "default_loss_fn",
     "finalize",
     "layer_passes",
+    "materialise_batches",
     "model_guard",
+    "prepare_batch",
     "token_masks",
 ]
 
@@ -90,16 +92,22 @@ class KFACSums:
 
     ``Z[g] = Σ_{t∈P} x xᵀ`` per input group ``g``; ``Y[m] = Σ_{t∈P} s sᵀ`` (or ``Σ s²``) and
     ``G[m] = Σ_b w_b ∇_W L_b`` per module ``m``; ``group_of[m]`` is m's input group; ``tokens`` =
-    |P|, ``loss_tokens`` = Σ_b T_b, ``gradient_weight`` = Σ_b w_b. All are additive across shards.
+    |P|, ``loss_tokens`` = Σ_b T_b, ``gradient_weight`` = Σ_b w_b. ``G_split[m]`` is the part of
+    ``G[m]`` from the odd-numbered sequences of the stream (0, 1, 2, ... in the order seen) and
+    ``split_weight`` its share of ``gradient_weight`` (``config.calibration_diagnostics``): the
+    split-half gradients of :mod:`lora_da_ref.torch.diagnostics`, from the same pass. All are
+    additive across shards.
     """
 
     Z: dict[str, Tensor] = field(default_factory=dict)
     Y: dict[str, Tensor] = field(default_factory=dict)
     G: dict[str, Tensor] = field(default_factory=dict)
     group_of: dict[str, str] = field(default_factory=dict)
+    G_split: dict[str, Tensor] = field(default_factory=dict)
     tokens: int = 0
     loss_tokens: int = 0
     gradient_weight: float = 0.0
+    split_weight: float = 0.0
     sequences: int = 0
     batches: int = 0
     skipped_batches: int = 0
@@ -108,7 +116,12 @@ class KFACSums:
 @dataclass
 class KFACStatistics:
     """Normalised statistics: ``Z`` (d_in, d_in) per group, ``Y`` (d_out, d_out) or (d_out,) and
-    ``G`` (d_in, d_out) per module, plus the counts they were normalised by."""
+    ``G`` (d_in, d_out) per module, plus the counts they were normalised by.
+
+    ``G_split[m]`` is the mean gradient of the odd-numbered sequences alone (same weighting as
+    ``G``), ``split_weights`` the gradient weights (even, odd) of the two halves; empty when the
+    diagnostics are off or one half has no loss token. :meth:`halves` gives both half means.
+    """
 
     Z: dict[str, Tensor]
     Y: dict[str, Tensor]
@@ -118,6 +131,18 @@ class KFACStatistics:
     loss_tokens: int
     sequences: int
     batches: int
+    G_split: dict[str, Tensor] = field(default_factory=dict)
+    split_weights: tuple[float, float] = (0.0, 0.0)
+    gradient_weight: float = 0.0
+
+    def halves(self, name: str) -> tuple[Tensor, Tensor] | None:
+        """(G of the even sequences, G of the odd sequences) of module ``name``, or ``None``."""
+        if name not in self.G_split:
+            return None
+        w_even, w_odd = self.split_weights
+        odd = self.G_split[name]
+        even = (self.G[name] * (w_even + w_odd) - odd * w_odd) / w_even
+        return even, odd
 
 
 def finalize(sums: KFACSums) -> KFACStatistics:
@@ -132,12 +157,20 @@ def finalize(sums: KFACSums) -> KFACStatistics:
             if not bool(torch.isfinite(value).all()):
                 raise ValueError(f"non-finite statistic {kind} for {name!r} (nan or inf)")
     counts = (sums.tokens, sums.loss_tokens, sums.sequences, sums.batches)
-    return KFACStatistics(Z, Y, G, dict(sums.group_of), *counts)
+    w_odd = sums.split_weight
+    w_even = sums.gradient_weight - w_odd
+    split: dict[str, Tensor] = {}
+    if w_odd > 0 and w_even > 0:  # both halves carry a gradient
+        split = {k: v / w_odd for k, v in sums.G_split.items()}
+    weights = (w_even, w_odd) if split else (0.0, 0.0)
+    return KFACStatistics(
+        Z, Y, G, dict(sums.group_of), *counts, split, weights, sums.gradient_weight
+    )
 
 
 def collect_statistics(
     model: nn.Module,
-    batches: Sequence[Batch],
+    batches: Iterable[Batch],
     targets: dict[str, nn.Linear],
     config: LoraDAConfig,
     *,
@@ -152,7 +185,7 @@ def collect_statistics(
 
 def accumulate_statistics(
     model: nn.Module,
-    batches: Sequence[Batch],
+    batches: Iterable[Batch],
     targets: dict[str, nn.Linear],
     config: LoraDAConfig,
     *,
@@ -161,6 +194,7 @@ def accumulate_statistics(
 ) -> KFACSums:
     """Sums and counts for ``targets`` (name → module), one pass per group of ``layers_per_pass``
     transformer layers (one pass in total by default). The model is restored on exit."""
+    batches = materialise_batches(batches)
     passes = layer_passes(list(targets), config.layers_per_pass)
     loss_fn = default_loss_fn if loss_fn is None else loss_fn
     parts = []
@@ -204,19 +238,29 @@ def merge_passes(parts: list[KFACSums]) -> KFACSums:
         out.Z |= part.Z
         out.Y |= part.Y
         out.G |= part.G
+        out.G_split |= part.G_split
         out.group_of |= part.group_of
     return out
 
 
 @contextmanager
 def model_guard(model: nn.Module) -> Iterator[None]:
-    """Freeze every parameter and switch to eval mode; restore both exactly in ``finally``."""
+    """Freeze every parameter and switch to eval mode; restore both exactly in ``finally``.
+
+    Gradient checkpointing is honoured: a module with ``gradient_checkpointing=True`` (Hugging
+    Face's checkpointed layers, which checkpoint only ``if self.gradient_checkpointing and
+    self.training``) keeps its own ``training`` flag on, while every other module (dropout,
+    attention dropout) is in eval mode.
+    """
     flags = {p: p.requires_grad for p in model.parameters()}
     modes = {m: m.training for m in model.modules()}
     try:
         for p in flags:
             p.requires_grad_(False)
         model.eval()
+        for m in modes:
+            if getattr(m, "gradient_checkpointing", False) is True:
+                m.training = True  # this module's flag only: its children stay in eval mode
         yield
     finally:
         for p, flag in flags.items():
@@ -228,19 +272,76 @@ def model_guard(model: nn.Module) -> Iterator[None]:
 def token_masks(batch: Batch, config: LoraDAConfig) -> tuple[Tensor, int]:
     """The statistics positions ``P`` (bool, (batch, seq)) and the loss-token count ``T_b``.
 
-    Loss tokens: ``labels[t + label_shift] != -100`` when ``labels`` is present, else
-    ``attention_mask``. ``P`` is the loss tokens (``token_mask="labels"``) or the attention
-    positions (``"attention"``).
+    Loss tokens: ``labels[t + label_shift] != -100`` **and** ``attention_mask[t]`` when both are
+    present (a padded position never counts: with left padding the pad before BOS would
+    otherwise "predict" BOS), else whichever of the two is present. ``P`` is the loss tokens
+    (``token_mask="labels"``) or the attention positions (``"attention"``). The batch given to
+    ``loss_fn`` has the same labels masked (:func:`prepare_batch`), so the loss and the mask agree.
     """
+    positions, loss_mask = _masks(batch, config)
+    return positions, int(loss_mask.sum())
+
+
+def _masks(batch: Batch, config: LoraDAConfig) -> tuple[Tensor, Tensor]:
+    """(statistics positions P, loss tokens), both bool (batch, seq); see :func:`token_masks`."""
     labels, attention = batch.get("labels"), batch.get("attention_mask")
     if labels is None and attention is None:
         raise ValueError("each batch needs 'labels' or 'attention_mask' to select tokens")
     attention = None if attention is None else attention.bool()
     loss_mask = attention if labels is None else _shifted_label_mask(labels, config.label_shift)
+    if labels is not None and attention is not None:
+        loss_mask = loss_mask & attention  # a pad position never counts (left padding: pad → BOS)
     positions = loss_mask
     if config.token_mask == "attention":
         positions = attention if attention is not None else torch.ones_like(loss_mask)
-    return positions, int(loss_mask.sum())
+    return positions, loss_mask
+
+
+def prepare_batch(batch: object, device: torch.device, config: LoraDAConfig) -> Batch:
+    """One calibration batch as the pass uses it: a plain ``dict`` (from any ``Mapping``, e.g.
+    ``transformers.BatchEncoding``), its tensors on ``device``, and ``labels[t + label_shift]``
+    set to -100 where ``attention_mask[t] == 0`` (the loss then skips exactly the positions
+    :func:`token_masks` skips: left padding gives the same loss as right padding)."""
+    if not isinstance(batch, Mapping):
+        hint = (
+            " (a single batch passed as `batches`? wrap it in a list)"
+            if isinstance(batch, str)
+            else ""
+        )
+        raise TypeError(
+            "each batch must be a Mapping of tensors (a dict or a transformers BatchEncoding), "
+            f"got {type(batch).__name__}{hint}"
+        )
+    out = dict(batch)
+    for key in ("input_ids", "attention_mask", "labels"):
+        value = out.get(key)
+        if value is not None and not isinstance(value, Tensor):
+            raise TypeError(
+                f"batch[{key!r}] is a {type(value).__name__}, not a tensor "
+                "(tokenize with return_tensors='pt', or collate with a DataCollator)"
+            )
+    out = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in out.items()}
+    labels, attention = out.get("labels"), out.get("attention_mask")
+    if labels is not None and attention is not None and labels.shape == attention.shape:
+        shift, length = config.label_shift, labels.shape[-1]
+        if shift < length:
+            unattended = torch.zeros_like(labels, dtype=torch.bool)
+            unattended[..., shift:] = attention[..., : length - shift] == 0
+            out["labels"] = labels.masked_fill(unattended, IGNORE_INDEX)  # a new tensor
+    return out
+
+
+def materialise_batches(batches: Iterable[Batch]) -> list[Batch]:
+    """``batches`` as a list, read once: any iterable (a list, a generator, a ``DataLoader``;
+    a shuffling DataLoader would give other batches on the next pass) of ``Mapping`` batches."""
+    if isinstance(batches, Mapping | Tensor | str):
+        raise TypeError(
+            f"batches must be an iterable of batches (a list, a DataLoader), not a single "
+            f"{type(batches).__name__}: wrap one batch in a list"
+        )
+    if not isinstance(batches, Iterable):
+        raise TypeError(f"batches must be an iterable of batches, got {type(batches).__name__}")
+    return batches if isinstance(batches, list) else list(batches)
 
 
 def _shifted_label_mask(labels: Tensor, shift: int) -> Tensor:
@@ -260,7 +361,7 @@ class _Collector:
         self._batch: dict[str, Any] = {}
 
     def run(
-        self, model: nn.Module, batches: Sequence[Batch], loss_fn: LossFn, progress: bool, desc: str
+        self, model: nn.Module, batches: list[Batch], loss_fn: LossFn, progress: bool, desc: str
     ) -> KFACSums:
         handles = [
             m.register_forward_hook(partial(self._forward_hook, n)) for n, m in self.targets.items()
@@ -268,7 +369,7 @@ class _Collector:
         device = _model_device(model)
         try:
             for i, batch in enumerate(tqdm(batches, desc=desc, disable=not progress)):
-                self._step(model, _to_device(batch, device), loss_fn, i)
+                self._step(model, prepare_batch(batch, device, self.config), loss_fn, i)
         finally:
             for handle in handles:
                 handle.remove()
@@ -276,36 +377,54 @@ class _Collector:
         return self.sums
 
     def _step(self, model: nn.Module, batch: Batch, loss_fn: LossFn, index: int) -> None:
-        positions, loss_tokens = token_masks(batch, self.config)
+        cfg = self.config
+        positions, loss_mask = _masks(batch, cfg)
+        rows = positions.shape[0] if positions.ndim > 1 else 1
+        row_tokens = loss_mask.reshape(rows, -1).sum(1)  # (rows,) T_i, loss tokens per sequence
+        loss_tokens = int(row_tokens.sum())  # T_b
         if loss_tokens == 0:
             self.sums.skipped_batches += 1  # its mean loss is 0/0; it carries no information
             return
-        scale = float(loss_tokens) if self.config.score_scale == "token" else 1.0
-        rows = positions.shape[0] if positions.ndim > 1 else 1
-        weight = float(loss_tokens) if self.config.gradient_weight == "token" else float(rows)
+        # "batch"/"sequence" (official): per-sequence mean-loss gradients ∂L_i/∂o = T_b/T_i ∂L_b/∂o,
+        # so the statistics do not depend on how sequences are grouped into batches.
+        per_sequence = _per_sequence_scale(row_tokens, loss_tokens, cfg.dtype)
+        valid = row_tokens > 0
+        row_weight = row_tokens if cfg.gradient_weight == "token" else valid  # (rows,)
+        start = self.sums.sequences  # stream index of this batch's first row
+        odd = (torch.arange(rows, device=row_tokens.device) + start) % 2 == 1
         self._batch = {
             "P": positions,
-            "w": weight,
             "all": bool(positions.all()),  # every position counts: skip the gather
-            "scale": scale,
+            "rows": rows,
+            "y_scale": float(loss_tokens) if cfg.score_scale == "token" else per_sequence,
+            "g_scale": float(loss_tokens) if cfg.gradient_weight == "token" else per_sequence,
+            "odd": _odd_rows(rows, start) if cfg.calibration_diagnostics else None,
             "x": {},
             "inputs": [],
             "called": set(),
+            "graded": set(),
+            "backward": False,
         }
         with torch.enable_grad():
             loss = loss_fn(model, batch)
             _check_loss(loss, index)
+            self._batch["backward"] = True  # forwards from now on are checkpoint recomputes
             loss.backward()
-        self._end_batch(positions, loss_tokens, weight)
+        weight = float(row_weight.sum())
+        self._end_batch(positions, rows, loss_tokens, weight, float(row_weight[odd].sum()))
 
-    def _end_batch(self, positions: Tensor, loss_tokens: int, weight: float) -> None:
+    def _end_batch(
+        self, positions: Tensor, rows: int, loss_tokens: int, weight: float, odd_weight: float
+    ) -> None:
         missing = set(self.targets) - self._batch["called"]
         if missing:
             raise ValueError(f"target modules not called by the forward pass: {sorted(missing)}")
         self.sums.tokens += int(positions.sum())
         self.sums.loss_tokens += loss_tokens
         self.sums.gradient_weight += weight
-        self.sums.sequences += positions.shape[0] if positions.ndim > 1 else 1
+        if self.config.calibration_diagnostics:
+            self.sums.split_weight += odd_weight
+        self.sums.sequences += rows
         self.sums.batches += 1
         # Empty the dict in place: the output-tensor hooks still reference it, and the activations
         # it holds would otherwise keep a hook → activation → graph → output cycle alive, which
@@ -318,6 +437,13 @@ class _Collector:
         b = self._batch
         if not b:
             return  # a forward outside our steps (e.g. generation inside loss_fn is not ours)
+        if b["backward"]:
+            # Gradient checkpointing recomputes the layer during backward. Non-reentrant: the
+            # gradient reaches the first forward's output (hook already set); reentrant: it flows
+            # through this recomputed output. Either way it is counted once (``graded``).
+            if name in b["called"] and output.requires_grad:
+                output.register_hook(partial(self._grad_hook, name, b["group"][name], b))
+            return
         if name in b["called"]:
             raise ValueError(
                 f"target module {name!r} is called more than once per forward; unsupported"
@@ -329,6 +455,7 @@ class _Collector:
                 f"{name}: input positions {tuple(x.shape[:-1])} do not match the token mask {tuple(b['P'].shape)}"
             )
         group = self._group(name, x)
+        b.setdefault("group", {})[name] = group
         if group == name:
             xP = x.detach().to(self.config.dtype)  # (..., d_in)
             xP = xP.reshape(-1, xP.shape[-1]) if b["all"] else xP[b["P"]]  # (|P_b|, d_in)
@@ -351,19 +478,55 @@ class _Collector:
         return group
 
     def _grad_hook(self, name: str, group: str, b: dict[str, Any], g: Tensor) -> None:
+        if not b or name in b["graded"]:
+            return  # (a recomputed output under non-reentrant checkpointing gets no gradient)
+        b["graded"].add(name)
         dtype = self.config.dtype
         x, version = b["x"][group]
         if x._version != version:
             raise RuntimeError(f"the input of {name!r} was modified in place before backward")
         g = g.detach().to(dtype)  # (..., d_out) = ∂L_b/∂o
         x = x.detach().to(dtype)  # (..., d_in)
-        g_all, x_all = (
-            g.reshape(-1, g.shape[-1]),
-            x.reshape(-1, x.shape[-1]),
-        )  # (n, d_out), (n, d_in)
-        _addmm(self.sums.G, name, x_all.mT, g_all, b["w"])  # += w_b ∇_W L_b, (d_in, d_out)
-        gP = g_all if b["all"] else g[b["P"]]  # (|P_b|, d_out); scores s = scale · g
-        _OUTPUT_FACTORS[self.config.output_factor](self.sums.Y, name, gP, b["scale"] ** 2)
+        scaled: dict[int, tuple[Tensor, float]] = {}
+        g_G, a_G = _scaled(g, b["g_scale"], scaled)  # G's per-position gradients, × a_G
+        _addmm(self.sums.G, name, _flat(x).mT, _flat(g_G), a_G)  # += w_b ∇_W L_b (d_in, d_out)
+        odd = b["odd"]  # the odd-numbered sequences of the stream, again into G_split
+        if odd is not None:
+            xs, gs = (x, g_G) if odd is True else (x[odd], g_G[odd])
+            _addmm(self.sums.G_split, name, _flat(xs).mT, _flat(gs), a_G)
+        g_Y, a_Y = _scaled(g, b["y_scale"], scaled)  # scores s = a_Y · g_Y
+        gP = _flat(g_Y) if b["all"] else g_Y[b["P"]]  # (|P_b|, d_out)
+        _OUTPUT_FACTORS[self.config.output_factor](self.sums.Y, name, gP, a_Y**2)
+
+
+def _flat(t: Tensor) -> Tensor:
+    return t.reshape(-1, t.shape[-1])
+
+
+def _per_sequence_scale(row_tokens: Tensor, loss_tokens: int, dtype: torch.dtype) -> float | Tensor:
+    """``T_b / T_i`` per sequence (0 where ``T_i`` = 0): a float when it is the same for all."""
+    if row_tokens.numel() == 1 or bool((row_tokens == row_tokens[0]).all()):
+        return float(loss_tokens) / float(row_tokens[0])
+    t = row_tokens.to(dtype)
+    return torch.where(t > 0, loss_tokens / t.clamp(min=1), torch.zeros_like(t))
+
+
+def _scaled(
+    g: Tensor, scale: float | Tensor, cache: dict[int, tuple[Tensor, float]]
+) -> tuple[Tensor, float]:
+    """``(g', a)`` with ``a · g'`` = g scaled by a float or per row (batch dim first)."""
+    if isinstance(scale, float):
+        return g, scale
+    if id(scale) not in cache:
+        cache[id(scale)] = (g * scale.view(-1, *([1] * (g.ndim - 1))), 1.0)
+    return cache[id(scale)]
+
+
+def _odd_rows(rows: int, start: int) -> bool | slice | None:
+    """The rows with an odd stream index: ``True`` (the whole batch), a slice, or ``None``."""
+    if rows == 1:
+        return True if start % 2 else None
+    return slice(1 - start % 2, None, 2)  # local row i has stream index start + i
 
 
 def _full_output_factor(store: dict[str, Tensor], key: str, g: Tensor, alpha: float) -> None:
@@ -407,9 +570,3 @@ def _model_device(model: nn.Module) -> torch.device:
     if param is None:
         raise ValueError("the model has no parameters")
     return param.device
-
-
-def _to_device(batch: Batch, device: torch.device) -> Batch:
-    if not isinstance(batch, dict):
-        raise TypeError(f"each batch must be a dict of tensors, got {type(batch).__name__}")
-    return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
