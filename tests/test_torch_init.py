@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from lora_da_ref import lora_da_init
-from lora_da_ref._linalg import principal_angles
 from lora_da_ref.fisher import KroneckerFisher as NpKroneckerFisher
+from lora_da_ref.linalg import principal_angles
 from lora_da_ref.torch import LoraDAConfig, collect_statistics, find_target_modules, init_lora_da
 from tests.report import allclose_report
 from tests.torch_cases import (
