@@ -26,9 +26,7 @@ Definitions and normalisation:
   attention-mask position. ``G`` sums over **all** positions (``Σ_t x_t (∂L_b/∂o_t)ᵀ`` over every
   position is exactly ``∇_W L_b``, prompt tokens included), so ``G`` equals ``weight.grad.T`` of
   ``Σ_b w_b L_b / Σ_b w_b`` (tested).
-* Each batch's products (``x xᵀ``, ``s sᵀ``, ``x gᵀ``) are computed in ``config.dtype`` (float32
-  or float64) whatever the model dtype, and added into float64 running sums
-  (:data:`RUNNING_SUM_DTYPE`): the statistics are float64.
+* Accumulation is in ``config.dtype`` (float32 or float64) whatever the model dtype.
 
 The pass first accumulates **sums and counts** (:class:`KFACSums`), then :func:`finalize` divides.
 A distributed run all-reduces (sums) every tensor and count of :class:`KFACSums` between the two.
@@ -69,9 +67,6 @@ __all__ = [
 ]
 
 IGNORE_INDEX = -100  # HF's label value for "no loss at this position"
-# Sums across batches (and ranks) are float64 whatever the statistics dtype: no cross-batch
-# rounding, and a sharded run adds the same per-batch products as a single process.
-RUNNING_SUM_DTYPE = torch.float64
 Batch = dict[str, Any]
 LossFn = Callable[[nn.Module, Batch], Tensor]
 
@@ -92,18 +87,18 @@ class KFACSums:
 
     ``Z[g] = Σ_{t∈P} x xᵀ`` per input group ``g``; ``Y[m] = Σ_{t∈P} s sᵀ`` (or ``Σ s²``) and
     ``G[m] = Σ_b w_b ∇_W L_b`` per module ``m``; ``group_of[m]`` is m's input group; ``tokens`` =
-    |P|, ``loss_tokens`` = Σ_b T_b, ``gradient_weight`` = Σ_b w_b. ``G_split[m]`` is the part of
-    ``G[m]`` from the odd-numbered sequences of the stream (0, 1, 2, ... in the order seen) and
-    ``split_weight`` its share of ``gradient_weight`` (``config.calibration_diagnostics``): the
-    split-half gradients of :mod:`lora_da_ref.torch.diagnostics`, from the same pass. All are
-    additive across shards.
+    |P|, ``loss_tokens`` = Σ_b T_b, ``gradient_weight`` = Σ_b w_b. With
+    ``config.calibration_diagnostics`` each ``G[m]`` is **stacked**, (2, d_in, d_out): the sums of
+    the even- and of the odd-numbered sequences of the stream (0, 1, 2, ... in the order seen;
+    no extra flops, the two halves partition the rows), and ``split_weight`` is the odd half's
+    share of ``gradient_weight``; :func:`finalize` adds the halves. All are additive across
+    shards (an all-reduce of the stacked tensor reduces both halves).
     """
 
     Z: dict[str, Tensor] = field(default_factory=dict)
     Y: dict[str, Tensor] = field(default_factory=dict)
     G: dict[str, Tensor] = field(default_factory=dict)
     group_of: dict[str, str] = field(default_factory=dict)
-    G_split: dict[str, Tensor] = field(default_factory=dict)
     tokens: int = 0
     loss_tokens: int = 0
     gradient_weight: float = 0.0
@@ -151,7 +146,8 @@ def finalize(sums: KFACSums) -> KFACStatistics:
         raise ValueError("the calibration batches contain no unmasked tokens")
     Z = {k: v / sums.tokens for k, v in sums.Z.items()}
     Y = {k: v / sums.tokens for k, v in sums.Y.items()}
-    G = {k: v / sums.gradient_weight for k, v in sums.G.items()}
+    halves = {k: v for k, v in sums.G.items() if v.ndim == 3}  # (2, d_in, d_out), see KFACSums
+    G = {k: (v[0] + v[1] if v.ndim == 3 else v) / sums.gradient_weight for k, v in sums.G.items()}
     for kind, stats in (("Z", Z), ("Y", Y), ("G", G)):
         for name, value in stats.items():
             if not bool(torch.isfinite(value).all()):
@@ -161,7 +157,7 @@ def finalize(sums: KFACSums) -> KFACStatistics:
     w_even = sums.gradient_weight - w_odd
     split: dict[str, Tensor] = {}
     if w_odd > 0 and w_even > 0:  # both halves carry a gradient
-        split = {k: v / w_odd for k, v in sums.G_split.items()}
+        split = {k: v[1] / w_odd for k, v in halves.items()}
     weights = (w_even, w_odd) if split else (0.0, 0.0)
     return KFACStatistics(
         Z, Y, G, dict(sums.group_of), *counts, split, weights, sums.gradient_weight
@@ -238,7 +234,6 @@ def merge_passes(parts: list[KFACSums]) -> KFACSums:
         out.Z |= part.Z
         out.Y |= part.Y
         out.G |= part.G
-        out.G_split |= part.G_split
         out.group_of |= part.group_of
     return out
 
@@ -398,7 +393,7 @@ class _Collector:
             "rows": rows,
             "y_scale": float(loss_tokens) if cfg.score_scale == "token" else per_sequence,
             "g_scale": float(loss_tokens) if cfg.gradient_weight == "token" else per_sequence,
-            "odd": _odd_rows(rows, start) if cfg.calibration_diagnostics else None,
+            "halves": _halves(rows, start) if cfg.calibration_diagnostics else None,
             "x": {},
             "inputs": [],
             "called": set(),
@@ -489,11 +484,15 @@ class _Collector:
         x = x.detach().to(dtype)  # (..., d_in)
         scaled: dict[int, tuple[Tensor, float]] = {}
         g_G, a_G = _scaled(g, b["g_scale"], scaled)  # G's per-position gradients, × a_G
-        _addmm(self.sums.G, name, _flat(x).mT, _flat(g_G), a_G)  # += w_b ∇_W L_b (d_in, d_out)
-        odd = b["odd"]  # the odd-numbered sequences of the stream, again into G_split
-        if odd is not None:
-            xs, gs = (x, g_G) if odd is True else (x[odd], g_G[odd])
-            _addmm(self.sums.G_split, name, _flat(xs).mT, _flat(gs), a_G)
+        if b["halves"] is None:
+            _addmm(self.sums.G, name, _flat(x).mT, _flat(g_G), a_G)  # += w_b ∇_W L_b
+        else:  # G[name] is (2, d_in, d_out): the even- and odd-numbered sequences' sums
+            for half, rows in b["halves"]:
+                xs, gs = (x, g_G) if rows is None else (x[rows], g_G[rows])
+                product = _flat(xs).mT @ _flat(gs)  # (d_in, d_out)
+                if name not in self.sums.G:  # allocated as a running sum by _add
+                    _add(self.sums.G, name, product.new_zeros(2, *product.shape))
+                self.sums.G[name][half].add_(product, alpha=a_G)
         g_Y, a_Y = _scaled(g, b["y_scale"], scaled)  # scores s = a_Y · g_Y
         gP = _flat(g_Y) if b["all"] else g_Y[b["P"]]  # (|P_b|, d_out)
         _OUTPUT_FACTORS[self.config.output_factor](self.sums.Y, name, gP, a_Y**2)
@@ -522,11 +521,12 @@ def _scaled(
     return cache[id(scale)]
 
 
-def _odd_rows(rows: int, start: int) -> bool | slice | None:
-    """The rows with an odd stream index: ``True`` (the whole batch), a slice, or ``None``."""
+def _halves(rows: int, start: int) -> list[tuple[int, slice | None]]:
+    """(half, rows) pairs: rows with an even stream index go to half 0, odd to half 1."""
     if rows == 1:
-        return True if start % 2 else None
-    return slice(1 - start % 2, None, 2)  # local row i has stream index start + i
+        return [(start % 2, None)]
+    first_even = start % 2  # local row i has stream index start + i
+    return [(0, slice(first_even, None, 2)), (1, slice(1 - first_even, None, 2))]
 
 
 def _full_output_factor(store: dict[str, Tensor], key: str, g: Tensor, alpha: float) -> None:
@@ -541,14 +541,15 @@ _OUTPUT_FACTORS = {"full": _full_output_factor, "diagonal": _diagonal_output_fac
 
 
 def _addmm(store: dict[str, Tensor], key: str, a: Tensor, b: Tensor, alpha: float) -> None:
-    """``store[key] += alpha · a @ b``: the batch's product in the statistics dtype (one BLAS
-    call), added into a :data:`RUNNING_SUM_DTYPE` running sum (allocated on first use)."""
-    _add(store, key, a @ b, alpha)
+    """``store[key] += alpha · a @ b`` (one fused BLAS call; allocated on first use)."""
+    if key not in store:
+        store[key] = torch.zeros(a.shape[0], b.shape[1], dtype=a.dtype, device=a.device)
+    store[key].addmm_(a, b, alpha=alpha)
 
 
 def _add(store: dict[str, Tensor], key: str, value: Tensor, alpha: float = 1.0) -> None:
     if key not in store:
-        store[key] = torch.zeros(value.shape, dtype=RUNNING_SUM_DTYPE, device=value.device)
+        store[key] = torch.zeros_like(value)
     store[key].add_(value, alpha=alpha)
 
 
