@@ -43,6 +43,9 @@ class InitProblem:
         n: N, the fine-tuning set size.
         delta_w: displacement ΔW to use; ``None`` = the Fisher–gradient ``−J⁻¹G`` (Eq. 21).
             Passing the true ``W_tgt − W0`` gives the "oracle" version of the theorems.
+        n_calib: |S|, the number of calibration samples ``G`` and ``J`` were estimated from;
+            ``None`` = exact (population) statistics. Only the calibration-noise-aware variants
+            (issue 11, ``docs/regime.md``) read it.
     """
 
     W0: np.ndarray
@@ -50,6 +53,7 @@ class InitProblem:
     J: np.ndarray | FisherMatrix
     n: int
     delta_w: np.ndarray | None = None
+    n_calib: int | None = None
 
     def __post_init__(self) -> None:
         W0 = as_matrix("W0", self.W0)
@@ -59,6 +63,8 @@ class InitProblem:
         object.__setattr__(self, "n", check_positive_int("n", self.n))
         if self.delta_w is not None:
             object.__setattr__(self, "delta_w", as_matrix("delta_w", self.delta_w, W0.shape))
+        if self.n_calib is not None:
+            object.__setattr__(self, "n_calib", check_positive_int("n_calib", self.n_calib))
 
     @property
     def displacement(self) -> np.ndarray:
@@ -144,6 +150,43 @@ def _lora_da(beta: float, alpha: float, *, fisher: bool = True) -> Initializer:
     return init
 
 
+def _noise_weights(p: InitProblem, delta: np.ndarray) -> tuple[float, float]:
+    """``(1/|S|, SNR̂)``: the calibration-noise scale and ``|S|·‖ΔŴ‖² / tr(Σ_i Ĵ⁻¹_[i])``.
+
+    Claim 14 (``proofs_check.calibration_noise``): ``E[ΔŴΔŴᵀ] ≈ ΔWΔWᵀ + Σ_i J⁻¹_[i]/|S|``, so
+    ``SNR̂`` estimates ``SNR + 1``. Exact statistics (``n_calib=None``) have no noise: ``(0, inf)``.
+    """
+    if p.n_calib is None:
+        return 0.0, np.inf
+    trace = float(np.trace(p.J.inverse_block_sum()))
+    return 1.0 / p.n_calib, p.n_calib * float(np.sum(delta**2)) / trace
+
+
+def _lora_da_debiased(p: InitProblem, r: int, rng: np.random.Generator) -> Factors:
+    """LoRA-DA with the calibration-noise bias of ``ΔŴΔŴᵀ`` removed (issue 11, claim 14).
+
+    ``Ω = (1/N + 1/|S|) Σ_i Ĵ⁻¹_[i] − ΔŴΔŴᵀ``: unbiased for Eq. (19)'s Ω to leading order,
+    i.e. variance weight ``β = 1 + N/|S|``. Equals ``lora_da`` for exact statistics.
+    """
+    delta = p.displacement
+    inv_s, _ = _noise_weights(p, delta)
+    return lora_da_init(p.J, p.G, p.n, r, delta_w=delta, variance_weight=1.0 + p.n * inv_s)
+
+
+def _lora_da_damped(p: InitProblem, r: int, rng: np.random.Generator) -> Factors:
+    """LoRA-DA with the bias term damped by its estimated signal fraction (issue 11).
+
+    ``Ω = (1/N) Σ_i Ĵ⁻¹_[i] − α̂ ΔŴΔŴᵀ`` with the positive-part (James–Stein / Wiener) factor
+    ``α̂ = max(0, 1 − 1/SNR̂)``, ``SNR̂ = |S|‖ΔŴ‖²/tr(Σ_i Ĵ⁻¹_[i])`` (≈ SNR/(SNR + 1)): plain
+    LoRA-DA when the calibration set determines ΔW, the "w/o bias" ablation when it does not.
+    Equals ``lora_da`` for exact statistics. ``B0 = A0ᵀΔŴ`` as Eq. (17).
+    """
+    delta = p.displacement
+    _, snr = _noise_weights(p, delta)
+    alpha = max(0.0, 1.0 - 1.0 / snr)
+    return lora_da_init(p.J, p.G, p.n, r, delta_w=delta, bias_weight=alpha)
+
+
 INITIALIZERS: dict[str, Initializer] = {
     "lora": _lora,
     "pissa": _pissa,
@@ -154,6 +197,9 @@ INITIALIZERS: dict[str, Initializer] = {
     "lora_da_no_bias": _lora_da(1.0, 0.0),
     "lora_da_no_variance": _lora_da(0.0, 1.0),
     "lora_da_no_variance_no_fisher": _lora_da(0.0, 1.0, fisher=False),
+    # Calibration-noise-aware estimators (issue 11; not in the paper; docs/regime.md).
+    "lora_da_debiased": _lora_da_debiased,
+    "lora_da_damped": _lora_da_damped,
 }
 
 

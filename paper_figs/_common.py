@@ -79,6 +79,7 @@ METHOD_LABELS = {
     "pissa": "PiSSA",
     "milora": "MiLoRA",
     "lora_da_oracle": "(ref.) LoRA-DA, oracle ΔW & exact J",
+    "lora_da_population": "(ref.) LoRA-DA, population G & exact J",
     "lora_da_official": "LoRA-DA (official preset)",
     "lora_da_paper": "LoRA-DA (paper preset)",
 }
@@ -93,6 +94,7 @@ METHOD_COLORS = {
     "pissa": "tab:purple",
     "milora": "tab:brown",
     "lora_da_oracle": "tab:pink",
+    "lora_da_population": "tab:red",
     "lora_da_official": "tab:green",
     "lora_da_paper": "tab:red",
 }

@@ -182,6 +182,13 @@ class TargetData:
     train: torch.Tensor  # (N, SEQ_LEN), in training order
     held_out: torch.Tensor  # (eval_size, SEQ_LEN)
 
+    @property
+    def validation(self) -> torch.Tensor:
+        """(eval_size, SEQ_LEN) target sequences disjoint in stream from train and held-out: the
+        split on which ``fig2_lr`` selects each method's learning rate."""
+        n = self.held_out.shape[0]
+        return sample_sequences(languages()[1], n, np.random.default_rng([LANGUAGE_SEED, 4]))
+
     def calibration(self, n: int) -> list[dict[str, torch.Tensor]]:
         """The first ``n`` training sequences at batch size 1 (official code)."""
         return [batch_of(self.train[i : i + 1]) for i in range(n)]
@@ -301,6 +308,32 @@ INITS: dict[str, tuple[Prepare, Write]] = {
 METHODS = tuple(INITS)
 
 
+# ---- scale-swap controls (fig2_lr): subspace and scale of the factors separated ----------------
+def controls_prepare(base: nn.Module, calib, n: int, r: int):
+    """Both LoRA-One's subspaces and LoRA-DA's official-preset factors of every layer."""
+    return lora_one_prepare(base, calib, r), lora_da_prepare(base, calib, "official", n, r)
+
+
+def one_at_da_scale_write(peft_model, state) -> None:
+    """LoRA-One's subspace U (orthonormal, d_in × r) at LoRA-DA's scale: A = c·U with
+    c = ‖A_DA‖_F/√r per layer (the official preset's 1/√γ-type scale), B = 0."""
+    one, da = state
+    scaled = {n: U * (da[n].A.norm() / U.shape[1] ** 0.5) for n, U in one.items()}
+    lora_one_write(peft_model, scaled)
+
+
+def da_at_one_scale_write(peft_model, state) -> None:
+    """LoRA-DA's subspace at LoRA-One's scale: A = orthonormal basis of col(A_DA), B = 0."""
+    _, da = state
+    lora_one_write(peft_model, {n: torch.linalg.qr(f.A)[0] for n, f in da.items()})
+
+
+CONTROLS: dict[str, tuple[Prepare, Write]] = {
+    "lora_one_at_da_scale": (controls_prepare, one_at_da_scale_write),
+    "lora_da_at_one_scale": (controls_prepare, da_at_one_scale_write),
+}
+
+
 # ---- one fine-tuning run --------------------------------------------------------------------------
 @dataclass
 class Run:
@@ -311,29 +344,54 @@ class Run:
     eval_accuracy: list[float] = field(default_factory=list)
     init_seconds: float = 0.0
     train_seconds: float = 0.0
+    val_loss: float = float("nan")
+    val_accuracy: float = float("nan")
 
 
-def finetune(method: str, seed: int, quick: bool, rank: int = RANK) -> Run:
-    """Initialise with ``method`` and LoRA-fine-tune on the target language (module docstring)."""
+def prepare_state(method: str, seed: int, quick: bool, rank: int = RANK) -> Any:
+    """The initialiser's state of ``method`` (e.g. LoRA-DA's factors) for ``seed``'s calibration
+    set, to reuse across learning rates (``finetune(..., state=...)``)."""
+    sc, data = scale_of(quick), target_data(seed, quick)
+    prepare, _ = {**INITS, **CONTROLS}[method]
+    return prepare(base_model(quick), data.calibration(sc.n_calib), len(data.train), rank)
+
+
+def finetune(
+    method: str,
+    seed: int,
+    quick: bool,
+    rank: int = RANK,
+    *,
+    lr: float = FT_LR,
+    state: Any = None,
+) -> Run:
+    """Initialise with ``method`` and LoRA-fine-tune on the target language (module docstring).
+
+    ``method`` is one of :data:`INITS` or :data:`CONTROLS`; ``state`` = a precomputed
+    :func:`prepare_state` (then ``init_seconds`` is 0). ``run.val_loss``/``val_accuracy`` are the
+    final metrics on the validation split (learning-rate selection).
+    """
     sc, data = scale_of(quick), target_data(seed, quick)
     base = base_model(quick)
     calib = data.calibration(sc.n_calib)
-    prepare, write = INITS[method]
+    prepare, write = {**INITS, **CONTROLS}[method]
     run = Run()
     t0 = time.perf_counter()
-    state = prepare(base, calib, len(data.train), rank)
+    if state is None:
+        state = prepare(base, calib, len(data.train), rank)
     run.init_seconds = time.perf_counter() - t0  # statistics + solve; the write is O(r·d) copies
     peft_model = lora_model(base, seed, rank)
     write(peft_model, state)
     t0 = time.perf_counter()
-    _train(peft_model, data, sc, seed, run)
+    _train(peft_model, data, sc, seed, run, lr)
     run.train_seconds = time.perf_counter() - t0
+    run.val_loss, run.val_accuracy = evaluate(peft_model, data.validation)
     return run
 
 
-def _train(model, data: TargetData, sc: Scale, seed: int, run: Run) -> None:
+def _train(model, data: TargetData, sc: Scale, seed: int, run: Run, lr: float = FT_LR) -> None:
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=FT_LR, weight_decay=0.0)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     sched = cosine_with_warmup(opt, sc.ft_steps)
     order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(seed))
     model.train()
