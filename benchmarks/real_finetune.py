@@ -91,11 +91,11 @@ class Sizes:
 FULL = Sizes(
     prompt_tokens=32,
     completion_tokens=48,
-    steps=20,
+    steps=10,
     batch=2,
     eval_every=5,
     n_calib=16,
-    lr_grid=(3e-4, 1e-3, 3e-3, 1e-2),
+    lr_grid=(5e-4, 2e-3, 8e-3),
     seeds=2,
 )
 QUICK = Sizes(
