@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -147,3 +148,20 @@ def test_quick_table7_constrained_mle_distances_are_the_committed_ones(quick_run
     assert quick and set(quick) <= set(committed), sorted(set(quick) - set(committed))
     for key, value in quick.items():
         assert value == pytest.approx(committed[key], rel=COMMITTED_RTOL, abs=0), key
+
+
+DOCS_FIGURES = Path(__file__).resolve().parents[1] / "docs" / "figures.md"
+
+
+def test_docs_table7_is_the_committed_csv():
+    """The "mean ± s.d." cells of docs/figures.md's Table 7 table are the committed table7.csv's
+    converged-distance rows, rounded as printed (pasted numbers must not drift from the data)."""
+    text = DOCS_FIGURES.read_text(encoding="utf-8")
+    section = text.split("## Table 7", 1)[1].split("\n## ", 1)[0]
+    cells = re.findall(r"^\|[^|]+\| (\d+\.\d+) ± (\d+\.\d+) \|$", section, flags=re.M)
+    assert len(cells) >= 7, cells
+    rows = [r for r in _rows(RESULTS / "table7.csv") if r["panel"] == "converged_distance"]
+    for mean, sd in cells:
+        digits = len(mean.split(".")[1])
+        printed = {(f"{float(r['y']):.{digits}f}", f"{float(r['sd']):.{digits}f}") for r in rows}
+        assert (mean, sd) in printed, f"docs/figures.md Table 7: {mean} ± {sd} not in table7.csv"
