@@ -26,7 +26,9 @@ Definitions and normalisation:
   attention-mask position. ``G`` sums over **all** positions (``Σ_t x_t (∂L_b/∂o_t)ᵀ`` over every
   position is exactly ``∇_W L_b``, prompt tokens included), so ``G`` equals ``weight.grad.T`` of
   ``Σ_b w_b L_b / Σ_b w_b`` (tested).
-* Accumulation is in ``config.dtype`` (float32 or float64) whatever the model dtype.
+* Each batch's products (``x xᵀ``, ``s sᵀ``, ``x gᵀ``) are computed in ``config.dtype`` (float32
+  or float64) whatever the model dtype, and added into float64 running sums
+  (:data:`RUNNING_SUM_DTYPE`): the statistics are float64.
 
 The pass first accumulates **sums and counts** (:class:`KFACSums`), then :func:`finalize` divides.
 A distributed run all-reduces (sums) every tensor and count of :class:`KFACSums` between the two.
@@ -67,6 +69,9 @@ __all__ = [
 ]
 
 IGNORE_INDEX = -100  # HF's label value for "no loss at this position"
+# Sums across batches (and ranks) are float64 whatever the statistics dtype: no cross-batch
+# rounding, and a sharded run adds the same per-batch products as a single process.
+RUNNING_SUM_DTYPE = torch.float64
 Batch = dict[str, Any]
 LossFn = Callable[[nn.Module, Batch], Tensor]
 
@@ -541,15 +546,14 @@ _OUTPUT_FACTORS = {"full": _full_output_factor, "diagonal": _diagonal_output_fac
 
 
 def _addmm(store: dict[str, Tensor], key: str, a: Tensor, b: Tensor, alpha: float) -> None:
-    """``store[key] += alpha · a @ b`` (one fused BLAS call; allocated on first use)."""
-    if key not in store:
-        store[key] = torch.zeros(a.shape[0], b.shape[1], dtype=a.dtype, device=a.device)
-    store[key].addmm_(a, b, alpha=alpha)
+    """``store[key] += alpha · a @ b``: the batch's product in the statistics dtype (one BLAS
+    call), added into a :data:`RUNNING_SUM_DTYPE` running sum (allocated on first use)."""
+    _add(store, key, a @ b, alpha)
 
 
 def _add(store: dict[str, Tensor], key: str, value: Tensor, alpha: float = 1.0) -> None:
     if key not in store:
-        store[key] = torch.zeros_like(value)
+        store[key] = torch.zeros(value.shape, dtype=RUNNING_SUM_DTYPE, device=value.device)
     store[key].add_(value, alpha=alpha)
 
 

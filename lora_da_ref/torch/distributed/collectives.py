@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from lora_da_ref.torch.config import LoraDAConfig, LoraFactors
-from lora_da_ref.torch.statistics import KFACSums
+from lora_da_ref.torch.statistics import RUNNING_SUM_DTYPE, KFACSums
 
 __all__ = ["BUCKET_NUMEL", "all_reduce_int", "all_reduce_sums", "broadcast_factors", "comm_device"]
 
@@ -27,7 +27,8 @@ BUCKET_NUMEL = 1 << 24  # elements per flat all-reduce buffer (128 MiB in float6
 def all_reduce_sums(
     sums: KFACSums, targets: dict[str, nn.Linear], config: LoraDAConfig, group: dist.ProcessGroup
 ) -> KFACSums:
-    """SUM over ``group`` of every tensor and count of ``sums``, in place, in ``config.dtype``.
+    """SUM over ``group`` of every tensor and count of ``sums``, in place, in float64 (the running
+    sums' dtype, :data:`~lora_da_ref.torch.statistics.RUNNING_SUM_DTYPE`).
 
     ``Z[g] = Σ_r Σ_{t∈P_r} x xᵀ`` (d_in, d_in), ``Y[m]`` (d_out, d_out) or (d_out,),
     ``G[m] = Σ_r Σ_{b∈S_r} T_b ∇_W L_b`` (d_in, d_out), and ``tokens`` = Σ_r |P_r| etc. A rank
@@ -78,7 +79,7 @@ def _agree_on_groups(
 def _fill_missing(sums: KFACSums, targets: dict[str, nn.Linear], config: LoraDAConfig) -> None:
     """Zeros for the statistics a rank never accumulated (its shard had no usable batch)."""
     device = next(iter(targets.values())).weight.device
-    zeros = partial(torch.zeros, dtype=config.dtype, device=device)
+    zeros = partial(torch.zeros, dtype=RUNNING_SUM_DTYPE, device=device)
     for name, m in targets.items():
         d_in, d_out = m.in_features, m.out_features
         if sums.group_of[name] == name and name not in sums.Z:
