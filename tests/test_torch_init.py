@@ -259,9 +259,10 @@ def test_loss_fn_exception_leaves_model_untouched():
 U_F32 = 2.0**-24  # float32 unit round-off
 
 
-def _exact_official_omegas(model, batches, config):
+def _exact_official_omegas(model, batches, config, damping):
     """Ω (official preset) of every target, from float64 sums of the model's own activations
-    (x, ∂L_b/∂o captured by hooks of the test) and the NumPy reference; and cond(Z + λI)."""
+    (x, ∂L_b/∂o captured by hooks of the test) and the NumPy reference, with the damping
+    ``damping[name] = {"Z": λ_Z, "Y": λ_Y}`` the production applied; and cond(Z + λ_Z I)."""
     from lora_da_ref.fisher import KroneckerFisher
     from lora_da_ref.guidance import fisher_gradient, guidance_matrix
     from tests.test_torch_statistics import model_activations, reference_positions
@@ -280,9 +281,9 @@ def _exact_official_omegas(model, batches, config):
         count, weights = count + int(P.sum()), weights + w
     out = {}
     for n in targets:
-        lam = config.damping
-        Zd = Z[n].numpy() / count + lam * np.eye(Z[n].shape[0])
-        J = KroneckerFisher(y[n].numpy() / count + lam, Zd)
+        lam = damping[n]
+        Zd = Z[n].numpy() / count + lam["Z"] * np.eye(Z[n].shape[0])
+        J = KroneckerFisher(y[n].numpy() / count + lam["Y"], Zd)
         delta = fisher_gradient(J, G[n].numpy() / weights)
         sigma = np.linalg.norm(delta, 2)  # normalize_delta: Ω / σ², same eigenvectors
         beta = config.variance_weight / sigma**2
@@ -305,7 +306,12 @@ def test_bf16_model_factors_match_float32_within_derived_tolerances():
     batches = llama_batches()
     models = {"bf16": tiny_llama(dtype=torch.bfloat16), "f32": tiny_llama(dtype=torch.float32)}
     factors = {k: init_lora_da(m, batches, config, progress=False) for k, m in models.items()}
-    exact = {k: _exact_official_omegas(m, batches, config) for k, m in models.items()}
+    exact = {
+        k: _exact_official_omegas(
+            m, batches, config, {n: f.diagnostics["damping"] for n, f in factors[k].items()}
+        )
+        for k, m in models.items()
+    }
     r, tight, compared = config.rank, 0, 0
     for name, f in factors["bf16"].items():
         assert f.A.dtype == torch.float32 and bool(torch.isfinite(f.A).all()), name
