@@ -39,6 +39,7 @@ import torch
 from torch import Tensor
 
 from lora_da_ref.torch.config import LoraDAConfig, LoraFactors
+from lora_da_ref.torch.diagnostics import calibration_diagnostics
 from lora_da_ref.torch.fisher import (
     CholeskyFactor,
     FisherMatrix,
@@ -168,6 +169,8 @@ def solve_layer(
     A, B = eig.vectors, eig.vectors.mT @ guide.delta_w  # (d1, r), (r, d2)
     scale = 1.0 if config.scale_gamma is None else math.sqrt(config.scale_gamma)
     diagnostics = _diagnostics(stats, name, config, J, guide.sigma, eig.diagnostics)
+    if config.calibration_diagnostics:  # SNR and split-half stability (issue 11, item 4)
+        diagnostics |= calibration_diagnostics(stats, name, config, J)
     solution = LayerSolution(J, guide, eig, A / scale, B / scale, diagnostics)
     if probe:
         diagnostics["precision_probe"] = precision_probe(stats, name, config, solution)

@@ -30,6 +30,7 @@ from typing import Protocol
 from torch import nn
 
 from lora_da_ref.torch.config import LoraDAConfig, LoraFactors
+from lora_da_ref.torch.diagnostics import report_calibration
 from lora_da_ref.torch.factors import TRUST_RAD, layer_factors, untrusted_layers
 from lora_da_ref.torch.fisher import CholeskyFactor
 from lora_da_ref.torch.statistics import (
@@ -145,6 +146,8 @@ def run_pipeline(
         del stats
         factors |= strategy.gather(solved, owners, chunk, config)
     warn_untrusted(factors)
+    if progress and strategy.rank == 0:
+        report_calibration(factors)  # "k of n layers have SNR < 1: ..." (diagnostics.py)
     return factors
 
 

@@ -1,0 +1,185 @@
+"""Per-layer calibration diagnostics: is LoRA-DA's subspace determined by this calibration set?
+
+Issue 11 ("the calibration-noise regime"). ``ΔŴ = −Ĵ⁻¹Ĝ`` is estimated from a finite calibration
+set, so ``E[ΔŴΔŴᵀ] ≈ ΔWΔWᵀ + Σ_i J⁻¹_[i]/|S|``: when the noise term is as large as the signal,
+Ω's bias term is mostly noise and A0 is not a property of the task. Both diagnostics below come
+from the statistics of the one pass (``config.calibration_diagnostics``: the pass keeps the
+gradient sums of the even- and odd-numbered sequences apart; Z and Y are not split).
+
+**Plug-in calibration SNR** ``= (‖ΔŴ‖²_F − noise) / noise`` with
+``noise = tr(Σ_i Ĵ⁻¹_[i]) / |S| = tr((Y+λ)⁻¹) · tr((Z+λ)⁻¹) / |S|`` (K-FAC, damped as in the
+solve; ΔŴ before any σ-normalisation). SNR < 1: the noise is more than half of ‖ΔŴ‖².
+
+*Which |S|.* The noise of ``ΔŴ`` is ``Cov(vec ΔŴ) = Ĵ⁻¹ Cov(vec Ĝ) Ĵ⁻¹``, and the formula needs
+``Cov(vec Ĝ) = Ĵ/|S|``: |S| is the number of independent units whose average is ``Ĝ`` **and**
+whose second moment is ``Ĵ``. In this pass ``Ĝ = (1/W) Σ_t a_t`` sums per-position terms
+``a_t = x_t s̃_tᵀ`` (``W`` = ``gradient_weight``: the loss tokens for ``gradient_weight="token"``,
+the sequences for ``"sequence"``), and the K-FAC factors average the same terms' second moments
+over the ``|P|`` statistics positions, ``Ĵ ≈ (1/|P|) Σ_t vec(a_t) vec(a_t)ᵀ``. If the per-position
+terms are uncorrelated, ``Cov(vec Ĝ) = (1/W²) Σ_t vec(a_t)vec(a_t)ᵀ = (|P|/W²) Ĵ``, hence
+
+    |S| = W² / |P|     (``sample_size``).
+
+With the paper/default settings (token-mean loss, P = loss tokens) this is the **number of loss
+tokens**; with the official settings (per-sequence mean losses, P = all attention positions) it
+is ``sequences² / positions`` ≈ sequences / mean length (the per-sequence ``Ĵ`` is ~``1/T²``
+smaller). It is *not* the number of sequences in the paper setting: ``Ĵ`` there is a per-token
+Fisher. Tokens of one sequence are correlated, so the plug-in noise is a lower bound in spirit;
+the split-half estimate below needs no independence assumption and is reported beside it.
+
+**Split-half noise** ``= ‖ΔŴ₁ − ΔŴ₂‖²_F · w₁w₂/W²`` (``ΔŴ_h = −Ĵ⁻¹Ĝ_h``, ``w_h`` the halves'
+gradient weights): ``Cov(Ĝ_h) ∝ 1/w_h`` for independent halves gives
+``E‖ΔŴ₁ − ΔŴ₂‖² = (1/w₁ + 1/w₂)·c`` and ``E‖ΔŴ − ΔW‖² = c/W``. ``split_snr`` uses it.
+
+**Split-half stability of A0**: A0 of each half (Ω from ``Ĝ_h`` with the shared ``Ĵ``, the
+configured β, α, N, σ-normalisation and solver): the largest and smallest principal angles
+between the two r-dimensional subspaces (radians; π/2 = orthogonal), and the regret of half 1's
+A under half 2's Ω, ``tr(A₁ᵀΩ₂A₁) − tr(A₂ᵀΩ₂A₂)`` (Eq. 8; ≥ 0 up to the solver's accuracy),
+also relative to ``r·‖Ω₂‖₂``.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics as pystats
+import sys
+from typing import Any, TextIO
+
+import torch
+from torch import Tensor
+
+from lora_da_ref.torch.config import LoraDAConfig, LoraFactors
+from lora_da_ref.torch.fisher import FisherMatrix
+from lora_da_ref.torch.guidance import fisher_gradient
+from lora_da_ref.torch.solvers import smallest_eigenpairs
+from lora_da_ref.torch.statistics import KFACStatistics
+
+__all__ = [
+    "calibration_diagnostics",
+    "calibration_summary",
+    "plug_in_sample_size",
+    "principal_angles",
+    "report_calibration",
+]
+
+
+def plug_in_sample_size(stats: KFACStatistics) -> float:
+    """``|S| = W²/|P|`` (module docstring): loss tokens in the paper/default settings."""
+    if stats.tokens <= 0 or stats.gradient_weight <= 0:
+        return math.nan
+    return stats.gradient_weight**2 / stats.tokens
+
+
+def principal_angles(A1: Tensor, A2: Tensor) -> Tensor:
+    """Principal angles (ascending, radians) between the column spaces of A1 and A2 (d, r)."""
+    Q1 = torch.linalg.qr(A1.to(torch.float64))[0]
+    Q2 = torch.linalg.qr(A2.to(torch.float64))[0]
+    cos = torch.linalg.svdvals(Q1.mT @ Q2).clamp(-1.0, 1.0)  # descending
+    return torch.arccos(cos)
+
+
+def calibration_diagnostics(
+    stats: KFACStatistics, name: str, config: LoraDAConfig, J: FisherMatrix
+) -> dict[str, Any]:
+    """SNR and split-half stability of layer ``name`` (module docstring), from the pass's
+    statistics and the layer's (damped) K-FAC Fisher ``J``. Keys: ``calibration_snr``,
+    ``calibration_noise``, ``delta_sq``, ``sample_size``, and when both halves have data
+    ``split_noise``, ``split_snr``, ``split_angle_max``, ``split_angle_min``, ``split_regret``,
+    ``split_rel_regret``."""
+    dtype = torch.float64
+    G = stats.G[name].to(dtype)
+    delta = fisher_gradient(J, G)  # (d_in, d_out), unnormalised ΔŴ
+    delta_sq = float((delta * delta).sum())
+    block_sum_trace = float(J.inverse_block_sum().diagonal().sum())  # tr(Σ_i J⁻¹_[i])
+    size = plug_in_sample_size(stats)
+    noise = block_sum_trace / size
+    out: dict[str, Any] = {
+        "delta_sq": delta_sq,
+        "sample_size": size,
+        "calibration_noise": noise,
+        "calibration_snr": _snr(delta_sq, noise),
+    }
+    halves = stats.halves(name)
+    if halves is None:
+        return out
+    from lora_da_ref.torch.factors import layer_guidance  # (factors imports this module)
+
+    w1, w2 = stats.split_weights
+    guides = [layer_guidance(J, g.to(dtype), config, name) for g in halves]
+    diff = guides[0].delta_w * guides[0].sigma - guides[1].delta_w * guides[1].sigma
+    split_noise = float((diff * diff).sum()) * w1 * w2 / (w1 + w2) ** 2
+    out |= {"split_noise": split_noise, "split_snr": _snr(delta_sq, split_noise)}
+    out |= _stability([g.omega for g in guides], name, config)
+    return out
+
+
+def _snr(signal: float, noise: float) -> float:
+    if not noise > 0:
+        return math.inf
+    return (signal - noise) / noise
+
+
+def _stability(omegas: list[Tensor], name: str, config: LoraDAConfig) -> dict[str, float]:
+    from lora_da_ref.torch.factors import layer_seed
+
+    options = {"seed": layer_seed(config.seed, name), **config.solver_options}
+    A = []
+    for omega in omegas:
+        eig = smallest_eigenpairs(omega, config.rank, solver=config.solver, **options)
+        A.append(eig.vectors.to(torch.float64))
+    angles = principal_angles(A[0], A[1])
+    omega2 = omegas[1].to(torch.float64)
+    regret = float(torch.trace(A[0].mT @ omega2 @ A[0]) - torch.trace(A[1].mT @ omega2 @ A[1]))
+    scale = config.rank * _spectral_norm(omega2)
+    return {
+        "split_angle_max": float(angles.max()),
+        "split_angle_min": float(angles.min()),
+        "split_regret": regret,
+        "split_rel_regret": regret / scale if scale > 0 else math.nan,
+    }
+
+
+def _spectral_norm(M: Tensor, iterations: int = 30) -> float:
+    """max |λ| of a symmetric M by power iteration (a scale for the regret, not a result)."""
+    gen = torch.Generator(device=M.device).manual_seed(0)
+    v = torch.randn(M.shape[0], dtype=M.dtype, device=M.device, generator=gen)
+    v = v / v.norm()
+    value = 0.0
+    for _ in range(iterations):
+        w = M @ v
+        value = float(w.norm())
+        if value == 0.0:
+            return 0.0
+        v = w / value
+    return value
+
+
+def calibration_summary(factors: dict[str, LoraFactors]) -> str | None:
+    """One line: how many layers have plug-in SNR < 1, with the medians; ``None`` without data."""
+    snr = {n: f.diagnostics.get("calibration_snr") for n, f in factors.items()}
+    snr = {n: s for n, s in snr.items() if s is not None}
+    if not snr:
+        return None
+    low = [n for n, s in snr.items() if s < 1]
+    angles = [
+        f.diagnostics["split_angle_max"]
+        for f in factors.values()
+        if "split_angle_max" in f.diagnostics
+    ]
+    parts = [f"median SNR {pystats.median(snr.values()):.3g}"]
+    if angles:
+        parts.append(f"median split-half angle {pystats.median(angles):.2f} rad")
+    line = f"LoRA-DA calibration: {len(low)} of {len(snr)} layers have SNR < 1 ({', '.join(parts)})"
+    if low:
+        line += (
+            ": LoRA-DA's subspace is not determined by this calibration set in those layers; "
+            "use more calibration samples (the noise falls as 1/|S|)"
+        )
+    return line
+
+
+def report_calibration(factors: dict[str, LoraFactors], file: TextIO | None = None) -> None:
+    """Print :func:`calibration_summary` (to stderr by default)."""
+    line = calibration_summary(factors)
+    if line is not None:
+        print(line, file=sys.stderr if file is None else file)
