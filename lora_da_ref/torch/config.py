@@ -50,6 +50,9 @@ class LoraDAConfig:
         solver_options: options of the solver, e.g. ``{"niter": 10, "tol": 1e-6}``.
         seed: seed of the solver's random start.
         dtype: dtype of the statistics (float32 default; float64 allowed).
+        max_statistics_bytes: a budget for the statistics of one pass: ``layers_per_pass`` is
+            lowered (before any pass, from the layer shapes) to the largest number of layers that
+            fits (:mod:`lora_da_ref.torch.memory`). ``None`` = no budget.
         layers_per_pass: ``None`` = all target layers in one pass; ``k`` = re-run the model once
             per group of ``k`` transformer layers' targets, bounding memory.
         token_mask: which positions the K-FAC factors Z and Y average over: ``"labels"`` = the
@@ -87,6 +90,7 @@ class LoraDAConfig:
     seed: int = 0
     dtype: torch.dtype = torch.float32
     layers_per_pass: int | None = None
+    max_statistics_bytes: int | None = None
     token_mask: Literal["labels", "attention"] = "labels"
     label_shift: int = 1
     score_scale: Literal["token", "batch"] = "token"
@@ -116,6 +120,7 @@ class LoraDAConfig:
             token_mask="attention",
             score_scale="batch",
             gradient_weight="sequence",
+            layers_per_pass=8,  # the official code's Fisher pass covers 8 layers at a time
         )
         return cls(**{**base, **overrides})
 
@@ -154,6 +159,8 @@ def _validate(c: LoraDAConfig) -> None:
     _positive_int("n_train", c.n_train)
     if c.layers_per_pass is not None:
         _positive_int("layers_per_pass", c.layers_per_pass)
+    if c.max_statistics_bytes is not None:
+        _positive_int("max_statistics_bytes", c.max_statistics_bytes)
     if isinstance(c.label_shift, bool) or not isinstance(c.label_shift, int) or c.label_shift < 0:
         raise ValueError(f"label_shift must be a non-negative integer, got {c.label_shift!r}")
     if isinstance(c.target_modules, str):

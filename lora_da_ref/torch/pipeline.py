@@ -33,6 +33,7 @@ from lora_da_ref.torch.config import LoraDAConfig, LoraFactors
 from lora_da_ref.torch.diagnostics import report_calibration
 from lora_da_ref.torch.factors import TRUST_RAD, layer_factors, untrusted_layers
 from lora_da_ref.torch.fisher import CholeskyFactor
+from lora_da_ref.torch.memory import resolve_layers_per_pass
 from lora_da_ref.torch.statistics import (
     Batch,
     KFACStatistics,
@@ -179,5 +180,5 @@ def solve_layers(
 
 
 def _layer_groups(targets: Targets, config: LoraDAConfig) -> Iterator[Targets]:
-    for names in layer_passes(list(targets), config.layers_per_pass):
+    for names in layer_passes(list(targets), resolve_layers_per_pass(targets, config)):
         yield {name: targets[name] for name in names}

@@ -146,23 +146,32 @@ class KFACStatistics:
 
 
 def finalize(sums: KFACSums) -> KFACStatistics:
-    """Divide the sums by their counts: Z, Y by |P|; G by Σ_b w_b. Checks counts and finiteness."""
+    """Divide the sums by their counts: Z, Y by |P|; G by Σ_b w_b. Checks counts and finiteness.
+
+    **Consumes** ``sums``: the division is in place (the statistics reuse the sums' memory, so a
+    pass never holds two copies; :mod:`lora_da_ref.torch.memory`); finalizing twice raises.
+    """
+    if getattr(sums, "_finalized", False):
+        raise RuntimeError("these KFACSums were already finalized (finalize divides in place)")
     if sums.tokens == 0 or sums.loss_tokens == 0:
         raise ValueError("the calibration batches contain no unmasked tokens")
-    Z = {k: v / sums.tokens for k, v in sums.Z.items()}
-    Y = {k: v / sums.tokens for k, v in sums.Y.items()}
+    sums._finalized = True  # type: ignore[attr-defined]
+    Z = {k: v.div_(sums.tokens) for k, v in sums.Z.items()}
+    Y = {k: v.div_(sums.tokens) for k, v in sums.Y.items()}
     halves = {k: v for k, v in sums.G.items() if v.ndim == 3}  # (2, d_in, d_out), see KFACSums
-    G = {k: (v[0] + v[1] if v.ndim == 3 else v) / sums.gradient_weight for k, v in sums.G.items()}
+    w_odd = sums.split_weight
+    G = {}
+    for k, v in sums.G.items():  # stacked halves: G = (even + odd)/W written into the even half
+        G[k] = (v[0].add_(v[1]) if v.ndim == 3 else v).div_(sums.gradient_weight)
     for kind, stats in (("Z", Z), ("Y", Y), ("G", G)):
         for name, value in stats.items():
             if not bool(torch.isfinite(value).all()):
                 raise ValueError(f"non-finite statistic {kind} for {name!r} (nan or inf)")
     counts = (sums.tokens, sums.loss_tokens, sums.sequences, sums.batches)
-    w_odd = sums.split_weight
     w_even = sums.gradient_weight - w_odd
     split: dict[str, Tensor] = {}
     if w_odd > 0 and w_even > 0:  # both halves carry a gradient
-        split = {k: v[1] / w_odd for k, v in halves.items()}
+        split = {k: v[1].div_(w_odd) for k, v in halves.items()}  # in place, a view
     weights = (w_even, w_odd) if split else (0.0, 0.0)
     return KFACStatistics(
         Z, Y, G, dict(sums.group_of), *counts, split, weights, sums.gradient_weight
@@ -195,8 +204,10 @@ def accumulate_statistics(
 ) -> KFACSums:
     """Sums and counts for ``targets`` (name → module), one pass per group of ``layers_per_pass``
     transformer layers (one pass in total by default). The model is restored on exit."""
+    from lora_da_ref.torch.memory import resolve_layers_per_pass  # (memory imports this module)
+
     batches = materialise_batches(batches)
-    passes = layer_passes(list(targets), config.layers_per_pass)
+    passes = layer_passes(list(targets), resolve_layers_per_pass(targets, config))
     loss_fn = default_loss_fn if loss_fn is None else loss_fn
     parts = []
     with model_guard(model):

@@ -1,0 +1,111 @@
+"""Memory plan (issue 12, "Memory at scale"): bytes from shapes == what the pass holds;
+layers_per_pass picked from LoraDAConfig(max_statistics_bytes=...) before any pass."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lora_da_ref.torch import LoraDAConfig, collect_statistics, init_lora_da
+from lora_da_ref.torch.memory import (
+    input_groups,
+    plan_layers_per_pass,
+    resolve_layers_per_pass,
+    statistics_bytes,
+)
+from lora_da_ref.torch.statistics import accumulate_statistics, finalize
+from lora_da_ref.torch.targets import find_target_modules
+from tests.torch_cases import LLAMA_TARGETS, llama_batches, single_thread, tiny_llama  # noqa: F401
+
+
+def _held_bytes(sums) -> dict[str, int]:
+    """Bytes of the running sums a pass returns, per kind."""
+    return {
+        kind: sum(t.numel() * t.element_size() for t in getattr(sums, kind).values())
+        for kind in ("Z", "Y", "G")
+    }
+
+
+@pytest.mark.parametrize("output_factor", ["full", "diagonal"])
+@pytest.mark.parametrize("diagnostics", [True, False])
+def test_bytes_from_shapes_equal_what_the_pass_holds(output_factor, diagnostics):
+    model = tiny_llama()
+    cfg = LoraDAConfig(rank=2, output_factor=output_factor, calibration_diagnostics=diagnostics)
+    targets = find_target_modules(model, LLAMA_TARGETS)
+    sums = accumulate_statistics(model, llama_batches(), targets, cfg, progress=False)
+    assert input_groups({n: (m.in_features, m.out_features) for n, m in targets.items()}) == (
+        sums.group_of
+    )  # the shape-based estimate of shared inputs is what the pass detects (LLaMA)
+    plan = statistics_bytes(targets, cfg)
+    held = _held_bytes(sums)
+    for kind in ("Z", "Y", "G"):
+        assert sum(getattr(b, kind) for b in plan.values()) == held[kind], kind
+
+
+def test_finalize_reuses_the_sums_memory_and_refuses_twice():
+    model = tiny_llama()
+    cfg = LoraDAConfig(rank=2)
+    targets = find_target_modules(model, LLAMA_TARGETS)
+    sums = accumulate_statistics(model, llama_batches(), targets, cfg, progress=False)
+    pointers = {t.data_ptr() for kind in ("Z", "Y", "G") for t in getattr(sums, kind).values()}
+    stats = finalize(sums)
+    for kind in ("Z", "Y", "G"):
+        assert all(t.data_ptr() in pointers for t in getattr(stats, kind).values()), kind
+    with pytest.raises(RuntimeError, match="already finalized"):
+        finalize(sums)
+
+
+def _two_layer_shapes(layers: int = 4) -> dict[str, tuple[int, int]]:
+    shapes = {}
+    for i in range(layers):
+        for leaf, shape in (("self_attn.q_proj", (8, 8)), ("mlp.down_proj", (16, 8))):
+            shapes[f"model.layers.{i}.{leaf}"] = shape
+    return shapes
+
+
+def test_plan_picks_the_largest_fitting_number_of_layers():
+    shapes = _two_layer_shapes(4)
+    cfg = LoraDAConfig(calibration_diagnostics=False)  # per layer: Z 64+256, Y 64+64, G 64+128
+    per_layer = (64 + 256 + 64 + 64 + 64 + 128) * 8  # float64 running sums
+    assert plan_layers_per_pass(shapes, cfg, 4 * per_layer) == 4
+    assert plan_layers_per_pass(shapes, cfg, 3 * per_layer) == 3  # passes of 3 + 1 layers
+    assert plan_layers_per_pass(shapes, cfg, 3 * per_layer - 1) == 2
+    assert plan_layers_per_pass(shapes, cfg, per_layer) == 1
+    with pytest.raises(ValueError, match=r"model\.layers\.0.*needs 5,120 bytes"):
+        plan_layers_per_pass(shapes, cfg, per_layer - 1)
+
+
+def test_official_preset_uses_eight_layers_per_pass():
+    assert LoraDAConfig.official().layers_per_pass == 8
+    assert LoraDAConfig.official(layers_per_pass=None).layers_per_pass is None
+    assert LoraDAConfig().layers_per_pass is None
+    shapes = _two_layer_shapes(16)
+    budget = LoraDAConfig.official(max_statistics_bytes=10**12)
+    assert resolve_layers_per_pass(shapes, budget) == 8  # the smaller of 8 and the plan
+    with pytest.raises(ValueError, match="max_statistics_bytes must be positive"):
+        LoraDAConfig(max_statistics_bytes=0)
+
+
+def test_budget_splits_the_pass_and_leaves_the_result_unchanged():
+    """A budget of one layer's statistics: one pass per layer (the model runs twice as often),
+    and the same statistics and factors as one pass."""
+    model = tiny_llama(dtype=torch.float64)
+    targets = find_target_modules(model, LLAMA_TARGETS)
+    cfg = LoraDAConfig.paper(rank=2, dtype=torch.float64, n_train=100)
+    one_layer = max(
+        sum(b.total for n, b in statistics_bytes(targets, cfg).items() if f".{i}." in n)
+        for i in range(2)
+    )
+    budget = cfg.replace(max_statistics_bytes=one_layer)
+    calls = []
+    hook = model.model.embed_tokens.register_forward_hook(lambda *a: calls.append(1))
+    stats = collect_statistics(model, llama_batches(), targets, budget, progress=False)
+    hook.remove()
+    assert len(calls) == 2 * len(llama_batches())  # two passes over the 3 batches
+    ref = collect_statistics(model, llama_batches(), targets, cfg, progress=False)
+    for kind in ("Z", "Y", "G"):
+        for k, v in getattr(ref, kind).items():
+            assert torch.equal(getattr(stats, kind)[k], v), (kind, k)
+    a = init_lora_da(model, llama_batches(), budget, progress=False)
+    b = init_lora_da(model, llama_batches(), cfg, progress=False)
+    assert all(torch.equal(a[n].A, b[n].A) for n in a)
