@@ -126,10 +126,11 @@ def llama_rows(hidden: int, max_iter: int) -> list[dict[str, Any]]:
     """Ω of every linear layer of a random 2-layer LLaMA, official preset statistics (float64
     here, so the float32/float64 solver columns isolate the solver), exact space by eigh."""
     from lora_da_ref.data import tiny_llama
+    from lora_da_ref.torch.factors import layer_guidance  # the production Ω of a layer
     from lora_da_ref.torch.fisher import KroneckerFisher
     from lora_da_ref.torch.init import find_target_modules
     from lora_da_ref.torch.statistics import collect_statistics
-    from lora_da_ref.validate import METHODS, production_guidance  # the production Ω of a layer
+    from lora_da_ref.validate import METHODS
 
     model = tiny_llama(0, hidden=hidden, vocab=128)
     gen = torch.Generator().manual_seed(1)
@@ -141,7 +142,7 @@ def llama_rows(hidden: int, max_iter: int) -> list[dict[str, Any]]:
     rows = []
     for name in targets:
         J = KroneckerFisher(stats.Y[name], stats.Z[stats.group_of[name]], damping=config.damping)
-        omega = production_guidance(J, stats.G[name], config).omega  # (d_in, d_in) float64
+        omega = layer_guidance(J, stats.G[name], config).omega  # (d_in, d_in) float64
         values, vectors = torch.linalg.eigh(omega)
         scale = float(values.abs().max())
         gap = float(values[RANK] - values[RANK - 1]) / scale
