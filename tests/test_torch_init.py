@@ -270,15 +270,19 @@ def _exact_official_omegas(model, batches, config, damping):
     targets = find_target_modules(model, config.target_modules)
     Z, y, G, count, weights = {}, {}, {}, 0, 0
     for batch in batches:
-        xs, gs = model_activations(model, batch, targets)
+        xs, gs = model_activations(model, batch, targets)  # g = ∂L_b/∂o, L_b the batch mean
         P, _ = reference_positions(batch, config)  # token_mask="attention": every position
-        w = batch["input_ids"].shape[0]  # gradient_weight="sequence"
+        loss_tokens, T_b = reference_positions(batch, config.replace(token_mask="labels"))
+        # score_scale="batch": s_t = ∂L_i/∂o_t with L_i the mean loss of t's own sequence i,
+        # = (T_b / T_i) g_t since L_b = Σ_i T_i L_i / T_b
+        per_seq = (T_b / loss_tokens.sum(1).double())[:, None, None]  # (B, 1, 1)
         for n in targets:
-            x, g = xs[n].double(), gs[n].double()  # score_scale="batch": s = ∂L_b/∂o
+            x, s = xs[n].double(), per_seq * gs[n].double()
             Z[n] = Z.get(n, 0) + x[P].T @ x[P]
-            y[n] = y.get(n, 0) + (g[P] ** 2).sum(0)  # output_factor="diagonal"
-            G[n] = G.get(n, 0) + w * x.flatten(0, 1).T @ g.flatten(0, 1)
-        count, weights = count + int(P.sum()), weights + w
+            y[n] = y.get(n, 0) + (s[P] ** 2).sum(0)  # output_factor="diagonal"
+            # gradient_weight="sequence": G = mean over sequences of ∇L_i = Σ_t x_t s_tᵀ
+            G[n] = G.get(n, 0) + x.flatten(0, 1).T @ s.flatten(0, 1)
+        count, weights = count + int(P.sum()), weights + batch["input_ids"].shape[0]
     out = {}
     for n in targets:
         lam = damping[n]

@@ -67,8 +67,8 @@ def _mlp_reference(model, batches, output_factor: str, score_scale: str):
     count = 0
     for batch in batches:
         mask = batch["labels"] != -100
-        T_b = int(mask.sum())
         for b, t in mask.nonzero().tolist():
+            T_i = int(mask[b].sum())  # loss tokens of the position's own sequence (row b)
             xs, outs = {}, {}
             hooks = [m.register_forward_hook(_capture(n, xs, outs)) for n, m in linears.items()]
             logits = model(batch["inputs"][b, t].double())
@@ -79,7 +79,7 @@ def _mlp_reference(model, batches, output_factor: str, score_scale: str):
             scores = torch.autograd.grad(loss_t, [outs[n] for n in names], retain_graph=True)
             wgrads = torch.autograd.grad(loss_t, [linears[n].weight for n in names])
             for n, s, gw in zip(names, scores, wgrads):
-                s_y = s if score_scale == "token" else s / T_b  # "batch": ∂L_b/∂o_t
+                s_y = s if score_scale == "token" else s / T_i  # "batch": ∂L_i/∂o_t
                 Z[n] = Z[n] + torch.outer(xs[n], xs[n])
                 Y[n] = Y[n] + (torch.outer(s_y, s_y) if output_factor == "full" else s_y**2)
                 G[n] = G[n] + gw.T
@@ -255,20 +255,32 @@ def test_G_is_weight_grad_of_token_weighted_mean_loss_llama(per_batch):
 
 
 def test_G_sequence_weighting_is_the_official_estimate():
-    """gradient_weight="sequence": G = Σ_b B_b ∇L_b / Σ_b B_b (official estimate_gradient)."""
+    """gradient_weight="sequence": G = the mean over sequences of each sequence's mean-loss
+    gradient (the official estimate_gradient at batch size 1), whatever the batching: the
+    reference runs every sequence on its own."""
     model = tiny_llama(LLAMA_CASES[0], torch.float64)
     batches = llama_batches(n_batches=3)
     batches[1] = {k: v[:1] for k, v in batches[1].items()}  # batch sizes 2, 1, 2
     cfg = _cfg(target_modules=LLAMA_TARGETS, gradient_weight="sequence")
     targets = find_target_modules(model, cfg.target_modules)
     stats = collect_statistics(model, batches, targets, cfg, progress=False)
-    sizes = [b["input_ids"].shape[0] for b in batches]
-    grads = _token_weighted_grads(model, batches, targets, cfg, per_batch=True, weights=sizes)
+    singles = [
+        {k: v[i : i + 1] for k, v in b.items()} for b in batches for i in range(len(b["labels"]))
+    ]
+    twin = copy.deepcopy(model)
+    grads = {n: 0 for n in targets}
+    for single in singles:  # batch size 1: HF's loss is the sequence's own mean loss L_i
+        twin.zero_grad()
+        twin(**single).loss.backward()
+        for n in targets:
+            grads[n] = grads[n] + twin.get_submodule(n).weight.grad.T / len(singles)
     token = collect_statistics(
         model, batches, targets, _cfg(target_modules=LLAMA_TARGETS), progress=False
     )
     for n in targets:
-        allclose_report(stats.G[n], grads[n], rtol=F64_RTOL, atol=F64_ATOL, name=f"G {n}")
+        # batch of 1 vs batched rows: HF's float32 softmax rounds differently (F32_SOFTMAX_RTOL)
+        err = float((stats.G[n] - grads[n]).norm() / grads[n].norm())
+        assert err < F32_SOFTMAX_RTOL, f"G {n}: relative error {err:.3g}"
         assert not torch.allclose(stats.G[n], token.G[n]), "weightings must differ on this data"
 
 
