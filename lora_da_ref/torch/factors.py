@@ -32,8 +32,9 @@ from __future__ import annotations
 
 import math
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
@@ -62,11 +63,14 @@ __all__ = [
     "layer_seed",
     "lora_da_init",
     "precision_probe",
+    "requested_damping",
+    "rounding_floor",
     "solve_layer",
     "top_singular_value",
     "untrusted_layers",
 ]
 
+T = TypeVar("T")
 SOLVE_DTYPE = torch.float64  # every solve, whatever the statistics dtype
 TRUST_RAD = 1e-3  # a layer whose precision_probe exceeds this is reported as not trustworthy
 
@@ -119,24 +123,55 @@ def kfac_fisher(
     z_factors: dict[str, CholeskyFactor] | None = None,
 ) -> KroneckerFisher:
     """``J ≈ (Y + λ_Y I) ⊗ (Z + λ_Z I)`` of layer ``name`` in float64; ``z_factors`` caches the
-    factors of a shared Z. Raises ``ValueError`` naming the layer when a damped factor is not PD."""
+    factors of a shared Z. Raises ``ValueError`` naming the layer when a damped factor is not PD
+    (after the one documented step of :func:`damping_of`)."""
     group = stats.group_of[name]
     z_factors = {} if z_factors is None else z_factors
     try:
         if group not in z_factors:
             Z = stats.Z[group].to(SOLVE_DTYPE)  # (d1, d1)
-            z_factors[group] = damped_cholesky(Z, damping_of(Z, config), name=f"Z of {group!r}")
+            z_factors[group] = damping_of(
+                Z, config, lambda lam: damped_cholesky(Z, lam, name=f"Z of {group!r}")
+            )
         Y = stats.Y[name].to(SOLVE_DTYPE)  # (d2, d2) or (d2,)
-        return KroneckerFisher(Y, z_factors[group], y_damping=damping_of(Y, config))
+        return damping_of(
+            Y, config, lambda lam: KroneckerFisher(Y, z_factors[group], y_damping=lam)
+        )
     except ValueError as err:
-        raise ValueError(f"layer {name!r}: {err}") from None
+        raise ValueError(
+            f"layer {name!r}: {err} (LoraDAConfig damping={config.damping:g}, "
+            f"damping_scale={config.damping_scale!r})"
+        ) from None
 
 
-def damping_of(M: Tensor, config: LoraDAConfig) -> float:
-    """The damping added to factor ``M``: ``δ·tr(M)/d`` (relative) or ``δ`` (absolute)."""
+def damping_of(M: Tensor, config: LoraDAConfig, factorise: Callable[[float], T]) -> T:
+    """``factorise(λ)`` with the requested damping (:func:`requested_damping`); when ``M + λI``
+    is not positive definite and ``λ`` is below :func:`rounding_floor`, once more at the floor
+    (recorded in ``diagnostics["damping_raised"]``, warned about by the pipeline). Otherwise the
+    ``ValueError`` stands: no tenfold loop, no silent re-damping."""
+    requested = requested_damping(M, config)
+    try:
+        return factorise(requested)
+    except ValueError:
+        floor = rounding_floor(M, config.dtype)
+        if not requested < floor:
+            raise
+        return factorise(floor)
+
+
+def requested_damping(M: Tensor, config: LoraDAConfig) -> float:
+    """``δ·tr(M)/d`` (``damping_scale="relative"``) or ``δ`` (``"absolute"``)."""
     if config.damping_scale == "relative":
         return relative_damping(M, config.damping)
     return float(config.damping)
+
+
+def rounding_floor(M: Tensor, dtype: torch.dtype) -> float:
+    """``u·tr(M)`` (``u`` the unit roundoff of ``dtype``): the size of the rounding error of a sum
+    of PSD products ``x xᵀ`` computed in ``dtype`` (‖δM‖₂ ≲ u·Σ‖x‖² = u·tr M). A damping below it
+    is below the noise of the statistics, where ``M + λI`` need not be positive definite."""
+    trace = float(M.sum()) if M.ndim == 1 else float(M.diagonal().sum())
+    return torch.finfo(dtype).eps / 2 * max(trace, 0.0)
 
 
 def layer_guidance(J: FisherMatrix, G: Tensor, config: LoraDAConfig, name: str = "W") -> Guidance:
@@ -306,6 +341,7 @@ def _diagnostics(
     return {
         "group": stats.group_of[name],
         "damping": J.damping,
+        "damping_raised": _raised(stats, name, config, J),
         "cond": J.conditioning(),
         "statistics_dtype": str(config.dtype).removeprefix("torch."),
         "delta_sigma": sigma,
@@ -314,6 +350,17 @@ def _diagnostics(
         "sequences": stats.sequences,
         **solver,
     }
+
+
+def _raised(
+    stats: KFACStatistics, name: str, config: LoraDAConfig, J: KroneckerFisher
+) -> dict[str, float]:
+    """The factors whose damping the rounding floor raised: ``{factor: requested λ}``."""
+    requested = {
+        "Z": requested_damping(stats.Z[stats.group_of[name]], config),
+        "Y": requested_damping(stats.Y[name], config),
+    }
+    return {k: v for k, v in requested.items() if J.damping[k] > v}
 
 
 def _out(t: Tensor) -> Tensor:

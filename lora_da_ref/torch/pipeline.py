@@ -155,6 +155,15 @@ def run_pipeline(
 def warn_untrusted(factors: dict[str, LoraFactors]) -> None:
     """One ``RuntimeWarning`` naming the layers whose A0 the statistics dtype may have rotated
     by more than :data:`~lora_da_ref.torch.factors.TRUST_RAD` (their ``precision_probe``)."""
+    raised = [n for n, f in factors.items() if f.diagnostics.get("damping_raised")]
+    if raised:
+        warnings.warn(
+            f"LoRA-DA: the requested damping is below the rounding of the statistics on "
+            f"{len(raised)} layer(s) ({', '.join(raised[:10])}{' ...' if len(raised) > 10 else ''}); "
+            "it was raised to u·tr(M) (diagnostics['damping'], ['damping_raised']).",
+            RuntimeWarning,
+            stacklevel=3,
+        )
     bad = untrusted_layers(factors)
     if not bad:
         return
