@@ -5,7 +5,7 @@ LoRA-DA's official preset starts from factors scaled by ~1/√γ and LoRA-One fr
 the ranking may be the learning rate's and the scale's, not the subspace's (issue 11). Here, in the
 setting of ``_tiny_llama`` (same model, data, recipe):
 
-* every method is trained at each learning rate of :data:`LRS`; the learning rate is **selected per
+* every method (LoRA, LoRA-One, LoRA-DA's official preset) is trained at each learning rate of :data:`LRS`; the learning rate is **selected per
   method on a validation split** (target sequences disjoint from training and held-out data; the
   mean final validation loss over seeds), and the held-out metrics are reported at that rate;
 * two **scale-swap controls** separate subspace from scale (both with B0 = 0):
@@ -37,8 +37,10 @@ from paper_figs._common import (
 SEED0 = 400  # fig2's seeds
 LRS = (1e-3, 3e-3, 1e-2)
 QUICK_LRS = (1e-3, 1e-2)
-SEEDS, QUICK_SEEDS = 2, 1
-METHODS = (*tl.METHODS, *tl.CONTROLS)
+SEEDS, QUICK_SEEDS = 1, 1  # one full-scale run is minutes on 2 shared cores: raise with --seeds
+# The paper preset (β = α = 1, unscaled B0) diverges at every learning rate here (held-out accuracy
+# ≈ 0.01 in fig2 and in a quick run of this item at 1e-3 and 1e-2), so it is left out.
+METHODS = (*(m for m in tl.METHODS if m != "lora_da_paper"), *tl.CONTROLS)
 LABELS = {
     "lora": "LoRA",
     "lora_one": "LoRA-One",
