@@ -637,6 +637,39 @@ def _plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def merge(paths: Sequence[str], out: Path, stem: str) -> dict[str, Any]:
+    """One result from several runs' JSON files (e.g. methods run in separate processes).
+
+    The runs must share every size except ``n_calib`` — which only LoRA-One and LoRA-DA read, so
+    a method that ignores it may come from a run with another value; each method keeps the
+    command that produced it.
+    """
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    first = runs[0]
+    methods: list[dict[str, Any]] = []
+    for path, run in zip(paths, runs):
+        for key in ("quick", "rank", "targets", "base_heldout_loss", "data"):
+            if run[key] != first[key]:
+                raise ValueError(f"{path}: {key} differs from {paths[0]}")
+        for m in run["methods"]:
+            skip = {"n_calib"} if m["method"] in ("lora", "pissa") else set()  # no calibration
+            mine = {k: v for k, v in run["sizes"].items() if k not in skip}
+            if mine != {k: v for k, v in first["sizes"].items() if k not in skip}:
+                raise ValueError(f"{path}: {m['method']} ran with other sizes than {paths[0]}")
+            if any(m["method"] == k["method"] for k in methods):
+                raise ValueError(f"{m['method']} appears in more than one run")
+            methods.append({**m, "command": run["command"], "n_calib": run["sizes"]["n_calib"]})
+    result = {
+        **{k: v for k, v in first.items() if k not in ("methods", "files", "command")},
+        "complete": set(METHODS) <= {m["method"] for m in methods},
+        "merged_from": [{"command": r["command"], "complete": r["complete"],
+                         "methods": [m["method"] for m in r["methods"]]} for r in runs],
+        "methods": methods,
+    }  # fmt: skip
+    result["files"] = write_outputs(result, out, stem)
+    return result
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="CI-sized run (not a result)")
@@ -649,7 +682,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p.add_argument("--stem", default=None, help="output file stem (default real_finetune[_quick])")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--cache-dir", default=None, help="SmolLM2 cache (default: load_smollm2's)")
+    p.add_argument("--merge", nargs="+", default=None, help="combine these runs' JSON files")
     args = p.parse_args(argv)
+    if args.merge:
+        stem = args.stem or "real_finetune"
+        merged = merge(args.merge, Path(args.out), stem)
+        print(json.dumps({k: v for k, v in merged.items() if k != "methods"}, indent=1))
+        return merged
     sizes = QUICK if args.quick else FULL
     changes = {
         k: v

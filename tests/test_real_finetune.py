@@ -197,3 +197,39 @@ def test_quick_run_on_smollm2(tmp_path, capsys):
         assert len(m["heldout_final_by_seed"]) == rf.QUICK.seeds
     for path in result["files"].values():
         assert Path(path).stat().st_size > 0
+
+
+def _fake_run(methods, n_calib, tmp_path, name):
+    sizes = {**rf.asdict(rf.FULL), "n_calib": n_calib}
+    ms = [
+        {
+            "method": m, "selected_lr": 2e-3, "at_grid_edge": False,
+            "val_loss_by_lr": {"0.0005": 1.3, "0.002": 1.2, "0.008": 1.5},
+            "heldout_final_mean": 1.25, "heldout_final_sd": 0.01,
+            "heldout_final_by_seed": [1.24, 1.26], "heldout_step0_mean": 1.6, "steps": [0, 5, 10],
+            "heldout_curve_mean": [1.6, 1.3, 1.25], "heldout_curve_sd": [0.0, 0.01, 0.01],
+            "heldout_curves": [[1.6, 1.3, 1.24], [1.6, 1.31, 1.26]], "init_seconds": 1.0,
+            "lora_alpha": 16.0, "use_rslora": False,
+        }
+        for m in methods
+    ]  # fmt: skip
+    run = {"quick": False, "complete": False, "command": f"cmd {name}", "rank": 8,
+           "targets": list(rf.TARGETS), "base_heldout_loss": 1.6, "data": {"fit": 99},
+           "sizes": sizes, "methods": ms}  # fmt: skip
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps(run))
+    return str(path)
+
+
+def test_merge_combines_runs_and_refuses_other_sizes(tmp_path):
+    a = _fake_run(["lora_da_official", "lora_one"], 64, tmp_path, "a")
+    b = _fake_run(["lora"], 16, tmp_path, "b")  # LoRA reads no calibration: n_calib may differ
+    merged = rf.merge([a, b], tmp_path, "merged")
+    assert [m["method"] for m in merged["methods"]] == ["lora_da_official", "lora_one", "lora"]
+    assert merged["methods"][2]["command"] == "cmd b" and not merged["complete"]
+    assert (tmp_path / "merged.csv").read_text().count("\n") == 4
+    c = _fake_run(["lora_da_paper"], 16, tmp_path, "c")  # uses calibration: must match
+    with pytest.raises(ValueError, match="other sizes"):
+        rf.merge([a, c], tmp_path, "bad")
+    with pytest.raises(ValueError, match="more than one run"):
+        rf.merge([a, a], tmp_path, "bad")
