@@ -351,6 +351,7 @@ def _solver_truth(
 
 
 def _cond(M: Tensor) -> float:
+    """λ_max/λ_min of the undamped factor (inf when it is singular: fewer tokens than d)."""
     ev = np.linalg.eigvalsh(_np(M))
     return float(ev[-1] / ev[0]) if ev[0] > 0 else math.inf
 
@@ -626,7 +627,7 @@ def _stats(values: list[float]) -> dict[str, float]:
     v = np.asarray(values, dtype=float)
     if v.size == 0:
         return {}
-    return {"median": float(np.median(v)), "p90": float(np.quantile(v, 0.9)),
+    return {"median": float(np.median(v)), "p90": float(np.quantile(v, 0.9, method="nearest")),
             "max": float(v.max()), "n": int(v.size)}  # fmt: skip
 
 
