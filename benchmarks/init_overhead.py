@@ -9,12 +9,14 @@ rank 8 on all seven projections. Measured, each once, in one process:
 - ``plain_pass_s``: one forward+backward over all batches with every parameter requiring grad
   (as training would), gradients zeroed between batches;
 - ``statistics_pass_s``: ``collect_statistics`` (Algorithm 1, step 1: G, Z, Y in one pass);
-- ``solves_s``: ``layer_factors`` over all layers (Cholesky, Fisher–gradient, Ω, eigen-solve);
+- ``solves_s``: ``layer_factors`` over all layers (Cholesky, Fisher–gradient, Ω, eigen-solve,
+  in float64, with the precision probe's second solve for float32 statistics);
 - ``init_total_s``: ``init_lora_da`` end to end;
 - ``multipass_total_s``: ``init_lora_da`` with ``layers_per_pass=2`` (the model re-run once per
   2 layers), and ``+ plain_pass_s`` for the official design's separate gradient pass.
 
-Goals (issue 4): ``statistics_over_plain <= 1.35``; ``speedup_vs_multipass >= 2``.
+Goals (issue 4): ``statistics_over_plain <= 1.35``; ``speedup_vs_multipass >= 2``. Issue 12:
+``init_over_plain`` (whole init / plain pass) no larger than before its float64 solves.
 Peak memory: CUDA allocator peak on GPU; on CPU the peak resident-set growth over the phase,
 sampled every 2 ms from /proc/self/statm (torch's CPU allocations are invisible to tracemalloc).
 """
@@ -237,6 +239,7 @@ def add_ratios(row: dict) -> dict:
     return {
         **row,
         "statistics_over_plain": stats_ratio,
+        "init_over_plain": row["init_total_s"] / row["plain_pass_s"],  # issue 12: must not grow
         "speedup_vs_multipass": speedup,
         "multipass_plus_gradient_pass_s": official_design,
         "speedup_vs_official_design": official_design / row["init_total_s"],

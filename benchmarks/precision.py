@@ -128,7 +128,7 @@ def run(args: argparse.Namespace) -> dict:
     model, tok = load_model()
     batches = make_batches(tok, humaneval_texts(args.texts), args.batch_size, args.max_len)
     c32, c64 = config_of(args.preset, torch.float32), config_of(args.preset, torch.float64)
-    variants = {"config": (c32, c64), "legacy": (c32, c64)}
+    variants = {"config": (c32, c64)} | ({} if args.no_legacy else {"legacy": (c32, c64)})
     for delta in args.deltas or []:  # the same statistics solved with other relative dampings
         extra = {"damping": delta, "damping_scale": "relative"}
         variants[f"delta={delta:g}"] = (c32.replace(**extra), c64.replace(**extra))
@@ -137,6 +137,7 @@ def run(args: argparse.Namespace) -> dict:
         keep = {f".layers.{i}." for i in args.layers}
         targets = {n: m for n, m in targets.items() if any(k in n + "." for k in keep)}
     layers: dict[str, dict[str, dict]] = {key: {} for key in variants}
+    print(f"{len(targets)} target layers, {len(batches)} batches", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     for names in layer_passes(list(targets), args.layers_per_pass):
         chunk = {n: targets[n] for n in names}
@@ -179,6 +180,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--layers-per-pass", type=int, default=10)
     p.add_argument("--per-layer", action="store_true", help="include every layer in the JSON")
     p.add_argument("--layers", type=int, nargs="*", help="only these decoder layers")
+    p.add_argument("--no-legacy", action="store_true", help="skip the pre-issue-12 policy")
     p.add_argument("--deltas", type=float, nargs="*", help="also solve with these relative δ")
     p.add_argument("--out", default=None, help="also write the JSON here")
     return p.parse_args(argv)
