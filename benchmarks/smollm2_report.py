@@ -25,6 +25,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-length", type=int, default=512, help="truncate sequences (tokens)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--preset", choices=("official", "paper"), default="official", help="preset")
+    p.add_argument(
+        "--target-modules", nargs="+", default=["all-linear"], help="LoraConfig target_modules"
+    )
     args = p.parse_args(argv)
 
     import torch
@@ -42,10 +45,13 @@ def main(argv: list[str] | None = None) -> int:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     examples = tokenize_humaneval(records, tokenizer, max_length=args.max_length)
     batches = [collate([e], pad) for e in examples]
+    targets = (
+        args.target_modules[0] if args.target_modules == ["all-linear"] else args.target_modules
+    )
     preset = PRESETS[args.preset]  # the LoraConfig scaling the preset is meant to start at
     alpha = float(args.rank) if preset.lora_alpha is None else preset.lora_alpha
     lora = LoraConfig(
-        r=args.rank, lora_alpha=alpha, use_rslora=preset.use_rslora, target_modules="all-linear",
+        r=args.rank, lora_alpha=alpha, use_rslora=preset.use_rslora, target_modules=targets,
         lora_dropout=0.0, task_type="CAUSAL_LM",
     )  # fmt: skip
     peft_model = get_peft_model(model, lora)
