@@ -30,6 +30,10 @@ over ``R`` calibration draws, z-scores ``(mean − prediction)/s.e.`` over the d
   14e/14f Ĵ's noise is second order: the relative excess ``ρ(|S|) = tr(E[ΔŴΔŴᵀ] − ΔWΔWᵀ) /
       tr(Σ_i J⁻¹_[i]/|S|) − 1`` at ΔW ≈ 0 obeys ``|S|·ρ(|S|)`` = const between |S| = 256 and 1024
       (|z| of the difference); ``c`` is reported.
+Known gap (``--full``, 10 000 draws): 14d fails (max |z| 8.5; the leading form 10.7). At that
+resolution (s.e. ≈ 1 % of an entry) the logistic model's next-order terms are visible: Ĵ's noise
+inflation c/|S| ≈ 1.5 % at |S| = 4096, and the cross terms of the O(‖ΔW‖) empirical-Fisher bias.
+The quick mode (1000 draws, s.e. ≈ 4.5 %) resolves the lemma at J̄, not these terms.
 Broken inputs: ``"sign"`` — the noise term with the wrong sign (``+1/|S|`` in E[Ω̂], ``−`` in
 E[ΔŴΔŴᵀ]); ``"fisher"`` — ``J`` in place of ``J⁻¹`` in the noise term. ``broken=True`` = "sign".
 """
