@@ -18,7 +18,7 @@ import torch
 __all__ = ["LoraDAConfig", "LoraFactors"]
 
 # δ of the relative damping λ = δ·tr(M)/d (docs/numerics.md, "Precision and damping").
-DEFAULT_RELATIVE_DAMPING = 1e-4
+DEFAULT_RELATIVE_DAMPING = 1e-2  # GPTQ's percdamp; measured: docs/numerics.md
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
