@@ -493,6 +493,9 @@ def test_report_tables_figure_and_exit_status(workspace, tmp_path, capsys):
         ({"snr": 0.4}, True),
         ({"snr": 3.0, "stability": 0.9}, False),
         ({"stability": 0.2}, True),
+        ({"precision_probe": 0.007}, True),
+        ({"precision_probe": 2e-4, "calibration_snr": 5.0}, False),
+        ({"calibration_snr": 0.3}, True),
     ],
 )
 def test_flag_rules(diag, flagged):
