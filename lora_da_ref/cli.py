@@ -7,12 +7,23 @@ one entry there. ``main(argv)`` returns the exit status (0 ok, 2 bad input).
 
     lora-da init --model DIR --data calib.jsonl --rank 8 --out ADAPTER_DIR
 
-The JSONL file holds one JSON object per line with the text under ``"text"`` (``--text-field``).
-Output in ``ADAPTER_DIR``: PEFT's ``adapter_config.json`` + ``adapter_model.safetensors`` (load
-with ``PeftModel.from_pretrained(base, ADAPTER_DIR)``) and ``lora_da.json`` (settings and per-layer
-diagnostics). With ``--offset subtract`` the base weights become ``W0 − s·A0B0``, so the adapter
-must be loaded on *those* weights, which are saved to ``ADAPTER_DIR/base_model`` (model and
-tokenizer); ``adapter_config.json``'s ``base_model_name_or_path`` points there.
+The JSONL file holds one JSON object per line with the text under ``"text"`` (``--text-field``),
+or a prompt and a completion (``--prompt-field``/``--completion-field``: the prompt gets labels
+-100). It goes through the same PEFT-native path as Python
+(:func:`lora_da_ref.torch.peft_init.get_lora_da_state_dict`, then
+:func:`~lora_da_ref.torch.peft_init.initialize_lora_da_weights`), so both write the same adapter
+and the same provenance. Output in ``ADAPTER_DIR``: PEFT's ``adapter_config.json`` (task
+``CAUSAL_LM``, absolute ``base_model_name_or_path``) + ``adapter_model.safetensors``,
+``lora_da.json`` (provenance and per-layer diagnostics) and ``lora_da_factors.safetensors``
+(``load_lora_da_state(ADAPTER_DIR)``). With ``--offset subtract`` the base weights become
+``W0 − s·A0B0``, so the adapter must be loaded on *those* weights, which are saved to
+``ADAPTER_DIR/base_model`` (model and tokenizer); ``base_model_name_or_path`` points there.
+
+``lora-da report ADAPTER_DIR`` prints the per-layer diagnostics by module type, writes a PNG and
+exits 1 when a layer is flagged (rules in :mod:`lora_da_ref.adapter_report`).
+
+Heavy imports (torch, transformers, peft) happen inside the subcommands, after parsing, so
+``lora-da --help`` answers at once; only the chosen subcommand's arguments are declared.
 """
 
 from __future__ import annotations
