@@ -298,7 +298,9 @@ def precision_probe(
         {name: G + u * _scale_of(G) * _noise(G.shape, gen, G)}, {name: group},
         stats.tokens, stats.loss_tokens, stats.sequences, stats.batches,
     )  # fmt: skip
-    other = solve_layer(perturbed, name, config, probe=False)
+    # The perturbed solve needs only A0: no calibration diagnostics (they cost a block sum).
+    quiet = config.replace(calibration_diagnostics=False)
+    other = solve_layer(perturbed, name, quiet, probe=False)
     return _largest_angle(solution.eig.vectors, other.eig.vectors)
 
 
