@@ -25,7 +25,6 @@ from tests.torch_cases import (  # noqa: F401
     tiny_llama,
 )
 
-
 # HF's attention runs softmax in float32 even in a float64 model, so regrouping sequences into
 # batches changes G at float32 round-off (measured 9e-8 relative); a wrong split is O(1).
 BATCHING_RTOL = 1e-6

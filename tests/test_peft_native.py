@@ -285,3 +285,16 @@ def test_state_is_exported_and_typed(batches):
         "model.layers.1.self_attn.q_proj",
     ]
     assert state.provenance["config"]["target_modules"] == list(state.layers)
+
+
+@pytest.mark.parametrize("targets", [SEVEN, "all-linear"])
+def test_init_lora_da_refuses_a_peft_model_and_leaves_it_unchanged(batches, targets):
+    """Before this guard, suffix targets raised 'not nn.Linear' and "all-linear" silently skipped
+    the wrapped layers (their statistics would also have seen the adapter)."""
+    pm = get_peft_model(make_tiny_llama(), _lora())
+    before = _state(pm)
+    with pytest.raises(TypeError, match="initialize_lora_da_weights"):
+        init_lora_da(pm, batches, LoraDAConfig(rank=RANK, target_modules=targets), progress=False)
+    after = _state(pm)
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)

@@ -61,6 +61,7 @@ def init_lora_da(
     """
     if not isinstance(config, LoraDAConfig):
         raise TypeError(f"config must be a LoraDAConfig, got {type(config).__name__}")
+    _refuse_lora_layers(model)
     targets = find_target_modules(model, config.target_modules)
     _check_rank(config.rank, targets)
     group = resolve_process_group(process_group)
@@ -68,6 +69,23 @@ def init_lora_da(
     return run_pipeline(
         model, batches, targets, config, strategy, loss_fn=loss_fn, progress=progress
     )
+
+
+def _refuse_lora_layers(model: nn.Module) -> None:
+    """A model that already holds LoRA layers (a PEFT model) would be matched wrongly: suffix
+    targets hit the wrapper (not nn.Linear) and "all-linear" silently skips the wrapped layers,
+    and the statistics would include the adapter. Its entry point is the PEFT-native call."""
+    if not isinstance(model, nn.Module):
+        return  # find_target_modules names the type
+    wrapped = [
+        n for n, m in model.named_modules() if hasattr(m, "lora_A") and hasattr(m, "get_base_layer")
+    ]
+    if wrapped:
+        raise TypeError(
+            f"model already holds LoRA layers ({len(wrapped)}, e.g. {wrapped[0]!r}): "
+            "init_lora_da takes the base model; for a PEFT model use "
+            "lora_da_ref.torch.initialize_lora_da_weights(peft_model, dataloader, config)"
+        )
 
 
 def _check_rank(rank: int, targets: dict[str, nn.Linear]) -> None:
