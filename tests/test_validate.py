@@ -260,3 +260,39 @@ def test_cuda_statistics_match_cpu():
         b = gpu["layers"][name]["methods"]["kfac-full"]["J_err"]
         # bf16 forward (8-bit mantissa, ~4e-3) dominates: the K-FAC gap moves by ≲ 5e-2
         assert abs(a - b) <= 5e-2, (name, a, b)
+
+
+def test_format_report_ends_with_pass_fail_summary_and_singular_warning():
+    """The closing summary follows the per-layer numbers: PASS when every solver is within 1e-3
+    rad of eigh, or found an equally optimal subspace of a degenerate cluster (eigenvalues and
+    residual within 1e-6); FAIL naming the layer and run otherwise; a warning when cond(J) is
+    numerically infinite."""
+    import copy
+
+    from lora_da_ref.torch.validation.report import format_report, summary_lines
+
+    report = validate(kfac_exact_case(n_inputs=24, n_residuals=16), rank=2)
+    assert format_report(report).splitlines()[0 - len(summary_lines(report))].startswith("summary:")
+    runs = [s for rs in report["layers"]["0"]["solvers"].values() for s in rs.values()]
+    for s in runs:
+        s.update(angle=1e-5, eig_err=1e-3, residual=1e-3)
+    assert summary_lines(report)[0].startswith("summary: PASS: 1 of 1 layers")
+    converged_elsewhere = copy.deepcopy(report)  # a degenerate cluster: another optimal basis
+    for s in (
+        rs := [
+            s for r in converged_elsewhere["layers"]["0"]["solvers"].values() for s in r.values()
+        ]
+    ):
+        s.update(angle=1.4, eig_err=1e-9, residual=1e-9)
+    assert summary_lines(converged_elsewhere)[0].startswith("summary: PASS"), rs
+    broken = copy.deepcopy(report)
+    runs = next(iter(broken["layers"]["0"]["solvers"].values()))
+    key = next(iter(runs))
+    runs[key].update(angle=0.3)  # eigenvalue error 1e-3: not an optimal subspace
+    lines = summary_lines(broken)
+    assert lines[0].startswith("summary: FAIL: 0 of 1 layers")
+    assert any(line.startswith("  FAIL 0:") and key in line for line in lines)
+    assert not any("WARNING" in line for line in lines)
+    for ex in broken["layers"]["0"]["exact"].values():
+        ex["cond_J"] = float("inf")
+    assert "numerically infinite" in summary_lines(broken)[-1]
