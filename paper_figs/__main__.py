@@ -12,7 +12,9 @@ import importlib
 import time
 from pathlib import Path
 
-from paper_figs._common import ItemResult
+from paper_figs.output import (
+    ItemResult,
+)
 
 ITEMS = ("fig3", "fig2", "fig4", "table7", "fisher_samples", "init_time")
 # Items not in ``all`` (minutes even with --quick; tested in their own test module).

@@ -1,6 +1,6 @@
 """Fig. 2 — training loss, gradient norm and held-out accuracy against step.
 
-Row 1, synthetic: the softmax task of ``_common`` (``W`` 16×4, N = 2000, |S| = 256, rank 2); LoRA,
+Row 1, synthetic: the softmax task of ``paper_figs.task`` (``W`` 16×4, N = 2000, |S| = 256, rank 2); LoRA,
 LoRA-One and LoRA-DA with A and B trained by the shared full-batch Adam (lr 0.02). Gradient norm =
 ‖∇_(A,B) L‖ of the trainable parameters; accuracy = exact expected held-out accuracy against labels
 drawn from the target, ``E_x p_tgt(argmax_k p_W(k|x) | x)``.
@@ -21,21 +21,23 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from paper_figs import _tiny_llama as tl
-from paper_figs._common import (
+from paper_figs.output import (
     METHOD_COLORS,
     METHOD_LABELS,
-    RANK,
     ItemResult,
     Series,
+    plot_series,
+    save_figure,
+    write_series_csv,
+)
+from paper_figs.task import (
+    RANK,
     init_factors,
     make_task,
     mean_sd,
     n_seeds,
     n_steps,
-    plot_series,
-    save_figure,
     train,
-    write_series_csv,
 )
 
 SEED0 = 400

@@ -25,13 +25,15 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from paper_figs import _tiny_llama as tl
-from paper_figs._common import (
+from paper_figs.output import (
     ItemResult,
     Series,
-    mean_sd,
     plot_points,
     save_figure,
     write_series_csv,
+)
+from paper_figs.task import (
+    mean_sd,
 )
 
 SEED0 = 400  # fig2's seeds

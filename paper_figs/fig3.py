@@ -1,7 +1,7 @@
 """Fig. 3 — descent trajectories on the synthetic softmax and logistic tasks.
 
 Every method trains from ``W0`` with the same full-batch Adam (lr 0.02) for the same number of
-steps (``_common``): full fine-tuning, vanilla LoRA (Haar-random orthonormal ``A``, ``B = 0``),
+steps (``paper_figs.task``): full fine-tuning, vanilla LoRA (Haar-random orthonormal ``A``, ``B = 0``),
 LoRA-One (``A`` = top-r left singular vectors of ``−G``, ``B = 0``) and LoRA-DA (``A0`` from
 Eq. (19), ``B0 = A0ᵀΔW``, Eq. 17), each with ``A`` frozen (LoRA-FA, the analysis) and with ``A``
 trainable. Rank 2 (softmax, ``W`` 16×4) and 1 (logistic, ``W`` 16×1).
@@ -22,22 +22,24 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 
-from paper_figs._common import (
+from paper_figs.output import (
     METHOD_COLORS,
     METHOD_LABELS,
-    RANK,
     ItemResult,
     Series,
+    plot_series,
+    save_figure,
+    write_series_csv,
+)
+from paper_figs.task import (
+    RANK,
     Task,
     init_factors,
     make_task,
     mean_sd,
     n_seeds,
     n_steps,
-    plot_series,
-    save_figure,
     train,
-    write_series_csv,
 )
 
 SEED0 = 0

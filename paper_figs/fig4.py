@@ -1,8 +1,8 @@
 """Fig. 4 — final metric against the LoRA rank r ∈ {1, 2, 4, 8, 16} for LoRA, LoRA-One, LoRA-DA.
 
-Softmax task of ``_common`` (``W`` 16×4, N = 2000, calibration |S| = 256), several seeds (each
+Softmax task of ``paper_figs.task`` (``W`` 16×4, N = 2000, calibration |S| = 256), several seeds (each
 draws a new ``W0``, ``W_tgt`` and training set; all ranks and methods share them). Metrics as in
-Table 7 (``_common.METRICS``), mean ± s.d. over seeds. At r = 16 = d1 every ``A`` spans the whole
+Table 7 (``paper_figs.task.METRICS``), mean ± s.d. over seeds. At r = 16 = d1 every ``A`` spans the whole
 input space, so the A-frozen metrics of all methods must coincide there (a built-in sanity check).
 """
 
@@ -13,19 +13,21 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 
-from paper_figs._common import (
+from paper_figs.output import (
     METHOD_LABELS,
-    METRICS,
     ItemResult,
+    plot_sweep,
+    save_figure,
+    write_series_csv,
+)
+from paper_figs.task import (
+    METRICS,
     evaluate,
     init_factors,
     make_task,
     mean_sd,
     n_seeds,
     n_steps,
-    plot_sweep,
-    save_figure,
-    write_series_csv,
 )
 
 SEED0 = 200

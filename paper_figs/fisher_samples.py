@@ -1,8 +1,8 @@
 """Appendix J — LoRA-DA against the calibration-set size |S| ∈ {16, 64, 256, 1024}.
 
-Softmax task of ``_common`` (``W`` 16×4, so the Fisher has p = 64 parameters; N = 2000, rank 2),
+Softmax task of ``paper_figs.task`` (``W`` 16×4, so the Fisher has p = 64 parameters; N = 2000, rank 2),
 several seeds. For each |S| the statistics ``G`` and the damped empirical Fisher are computed on
-the first |S| training pairs. Panels: the three metrics of Table 7 (``_common.METRICS``), and the
+the first |S| training pairs. Panels: the three metrics of Table 7 (``paper_figs.task.METRICS``), and the
 largest principal angle between ``A0(S)`` and the *large-sample* ``A0``, computed the same way from
 2^15 fresh pairs of the target distribution. LoRA-One (top-r singular vectors of −G from the same
 S) is shown for reference. Mean ± s.d. over seeds.
@@ -16,19 +16,21 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from lora_da_ref.linalg import principal_angles
-from paper_figs._common import (
+from paper_figs.output import (
+    ItemResult,
+    plot_sweep,
+    save_figure,
+    write_series_csv,
+)
+from paper_figs.task import (
     METRICS,
     RANK,
-    ItemResult,
     evaluate,
     init_factors,
     make_task,
     mean_sd,
     n_seeds,
     n_steps,
-    plot_sweep,
-    save_figure,
-    write_series_csv,
 )
 
 SEED0 = 300

@@ -17,16 +17,18 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from paper_figs import _tiny_llama as tl
-from paper_figs._common import (
+from paper_figs.output import (
     METHOD_COLORS,
     METHOD_LABELS,
     ItemResult,
     Series,
-    mean_sd,
-    n_seeds,
     plot_points,
     save_figure,
     write_series_csv,
+)
+from paper_figs.task import (
+    mean_sd,
+    n_seeds,
 )
 
 SEED0 = 500

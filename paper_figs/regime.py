@@ -9,10 +9,10 @@ ranking over a grid of
 * calibration size ``|S|`` (:data:`CALIB_SIZES`, plus population statistics, ``|S| = ∞``),
 
 at fixed ``N`` = :data:`N`, on three synthetic models (softmax, logistic, linear-Gaussian; the
-softmax and logistic settings are ``_common``'s task with the shift size varied). Each seed draws
+softmax and logistic settings are ``paper_figs.task``'s task with the shift size varied). Each seed draws
 ``W0``, the shift direction (the same for every shift size: cells are paired across the grid) and
 one calibration sample of :data:`S_MAX` pairs from ``p(·; W_tgt)``, independent of the training
-data; the ``|S|`` columns use its first ``|S|`` pairs (nested). Statistics as in ``_common``:
+data; the ``|S|`` columns use its first ``|S|`` pairs (nested). Statistics as in ``paper_figs.task``:
 mean gradient and damped empirical Fisher (true labels) at ``W0``.
 
 Metric: ``E‖Ŵ − W_tgt‖²_F`` on fresh training data of size N at the constrained MLE with ``A``
@@ -45,7 +45,12 @@ from lora_da_ref.synthetic import (
     SoftmaxRegression,
     SyntheticModel,
 )
-from paper_figs._common import (
+from paper_figs.output import (
+    ItemResult,
+    round_sig,
+    save_figure,
+)
+from paper_figs.task import (
     D1,
     FISHER_DAMPING,
     N_CLASSES,
@@ -53,11 +58,8 @@ from paper_figs._common import (
     POOL_SEED,
     SHIFT_DECAY,
     W0_SCALE,
-    ItemResult,
-    round_sig,
-    save_figure,
 )
-from proofs_check._models import _MEAN_MAP, population_gradient
+from proofs_check.models import MEAN_MAP, population_gradient
 
 N = N_TRAIN
 SHIFTS = (0.03, 0.1, 0.3, 1.0, 2.0)  # logit RMS of ΔW on the pool (× √N ≈ 1.3 … 89)
@@ -144,7 +146,7 @@ class Draw:
 
 
 def make_draw(model: SyntheticModel, kind: str, seed: int, shift: float) -> Draw:
-    """``W0`` (logit scale 2) and ΔW = U diag(0.5^k) Vᵀ scaled to logit RMS ``shift`` (``_common``)."""
+    """``W0`` (logit scale 2) and ΔW = U diag(0.5^k) Vᵀ scaled to logit RMS ``shift`` (``paper_figs.task``)."""
     rng = np.random.default_rng([seed, MODELS.index(kind), 11])
     W0 = model.random_weight(rng, scale=W0_SCALE)
     d1, d2 = model.shape
@@ -184,7 +186,7 @@ def snr(draw: Draw, n_calib: int) -> float:
 
 
 # ---- the error of a frozen A: asymptotic sandwich ------------------------------------------------
-# Log-partition ψ(f) of each canonical-link model (∇ψ = the mean map of proofs_check._models), so
+# Log-partition ψ(f) of each canonical-link model (∇ψ = the mean map of proofs_check.models), so
 # the population target NLL is E_x[ψ(F) − ⟨E_tgt[T(y)|x], F⟩] + const.
 _LOG_PARTITION = {
     LogisticRegression: lambda m, F: np.logaddexp(0.0, F[:, 0]),
@@ -211,7 +213,7 @@ def sandwich_error(draw: Draw, A: np.ndarray, n: int = N) -> Sandwich:
     orthonormal ``A``: ``E‖Ŵ − W_tgt‖² ≈ ‖W0 + AB* − W_tgt‖² + tr(H⁻¹CH⁻¹)/n``.
     """
     m = draw.model
-    mean_map = _MEAN_MAP[type(m)]
+    mean_map = MEAN_MAP[type(m)]
     X = m.pool
     U = X @ A  # (M, r)
     F0, m_tgt = X @ draw.W0, mean_map(m, X @ draw.W_tgt)

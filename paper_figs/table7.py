@@ -1,6 +1,6 @@
 """Table 7 — ablation of LoRA-DA's guidance matrix, with PiSSA and MiLoRA, on the synthetic task.
 
-Softmax task of ``_common`` (``W`` 16×4, N = 2000, calibration |S| = 256, rank 2), several seeds
+Softmax task of ``paper_figs.task`` (``W`` 16×4, N = 2000, calibration |S| = 256, rank 2), several seeds
 (each seed draws a new ``W0``, ``W_tgt`` and training set). Initialisers (``lora_da_ref``'s
 registry, all from the same calibration statistics):
 
@@ -31,13 +31,18 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from lora_da_ref.initializers import InitProblem
-from paper_figs._common import (
+from paper_figs.output import (
     METHOD_COLORS,
     METHOD_LABELS,
-    METRICS,
-    RANK,
     ItemResult,
     Series,
+    plot_points,
+    save_figure,
+    write_series_csv,
+)
+from paper_figs.task import (
+    METRICS,
+    RANK,
     Task,
     evaluate,
     init_factors,
@@ -45,12 +50,9 @@ from paper_figs._common import (
     mean_sd,
     n_seeds,
     n_steps,
-    plot_points,
-    save_figure,
     train,
-    write_series_csv,
 )
-from proofs_check._models import population_gradient
+from proofs_check.models import population_gradient
 
 SEED0 = 100  # seeds 100, 101, … (disjoint from the figures' seeds 0, 1, …)
 METHODS = (

@@ -16,7 +16,9 @@ import numpy as np
 import pytest
 
 from paper_figs.__main__ import ITEMS, main, run_all
-from paper_figs._common import read_series_csv
+from paper_figs.output import (
+    read_series_csv,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
 

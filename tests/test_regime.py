@@ -21,7 +21,7 @@ from lora_da_ref.monte_carlo import monte_carlo_error
 from paper_figs import regime as rg
 
 RESULTS = Path(__file__).resolve().parents[1] / "paper_figs" / "results"
-# The CSVs keep 7 significant digits (paper_figs._common.round_sig); a value that sits on a
+# The CSVs keep 7 significant digits (paper_figs.output.round_sig); a value that sits on a
 # rounding boundary may differ by one unit in the 7th digit across BLAS builds.
 RTOL = 2e-6
 Z_MC = 4.0  # |z| of the sandwich against monte_carlo_error: 4 s.e. (a handful of seeded cases)
