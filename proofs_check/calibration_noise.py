@@ -22,7 +22,7 @@ and ``Cov(vec Ĝ) = C/|S|`` with ``C = Cov_tgt(s(W0))`` (for these canonical-lin
   ``c`` is large (≈ 50–90 here, ~10·d1: Laplace inputs are heavy-tailed): +20–30 % at |S| = 256.
   (``(1/N) Σ Ĵ⁻¹_[i]`` has a bias of relative order ``1/|S|``, i.e. ``O(1/(N|S|))``: negligible.)
 
-Checks (models of ``_models``: linear-Gaussian, J exact and constant; logistic, d2 = 1), Monte-Carlo
+Checks (models of ``proofs_check.models``: linear-Gaussian, J exact and constant; logistic, d2 = 1), Monte-Carlo
 over ``R`` calibration draws, z-scores ``(mean − prediction)/s.e.`` over the d1(d1+1)/2 entries:
   14a/14b exact identity above (exact J), linear-Gaussian / logistic: max |z|;
   14c/14d ``E[Ω̂]`` with Ĵ estimated, at |S| = 4096, N = 4|S|, SNR ≈ 0.3, against the lemma at J̄:
@@ -47,8 +47,8 @@ import numpy as np
 from lora_da_ref.guidance import inverse_fisher_block_sum
 from lora_da_ref.linalg import kron_average, unvec, vec
 from lora_da_ref.synthetic import SyntheticModel
-from proofs_check._models import _MEAN_MAP, direction, make_model, population_gradient
 from proofs_check._record import ClaimResult, Mode, check_mode
+from proofs_check.models import MEAN_MAP, direction, make_model, population_gradient
 
 REF = "Eq. (19), (21) + |S|"
 SETTINGS = {"quick": {"draws": 1000}, "full": {"draws": 10000}}
@@ -110,7 +110,7 @@ def _score_covariance(s: Setup) -> np.ndarray:
     """``C = Cov_tgt(score at W0)`` (p, p), exact over the design pool."""
     m, X = s.model, s.model.pool
     F0, Ft = X @ s.W0, X @ s.W_tgt
-    delta = _MEAN_MAP[type(m)](m, Ft) - _MEAN_MAP[type(m)](m, F0)  # E_tgt[e|x] (M, d2)
+    delta = MEAN_MAP[type(m)](m, Ft) - MEAN_MAP[type(m)](m, F0)  # E_tgt[e|x] (M, d2)
     second = m._output_fisher(Ft) + delta[:, :, None] * delta[:, None, :]  # E_tgt[e eᵀ | x]
     g = vec(population_gradient(m, s.W0, s.W_tgt))  # −E[score]
     return kron_average(second, X) - np.outer(g, g)

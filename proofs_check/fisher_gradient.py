@@ -19,9 +19,9 @@ from __future__ import annotations
 import numpy as np
 
 from lora_da_ref.guidance import fisher_gradient
-from proofs_check._models import direction, loglog_slope, make_model, population_gradient
 from proofs_check._problems import EPS
 from proofs_check._record import ClaimResult, Mode, check_mode
+from proofs_check.models import direction, loglog_slope, make_model, population_gradient
 
 SETTINGS = {"quick": {"points": 7}, "full": {"points": 25}}
 T_RANGE = (1e-3, 3e-2)  # ‖ΔW‖_F sweep (logits of W0 have s.d. ≈ 1)

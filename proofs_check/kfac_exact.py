@@ -24,14 +24,14 @@ from lora_da_ref.fisher import KroneckerFisher
 from lora_da_ref.initializers import lora_da_init
 from lora_da_ref.linalg import principal_angles
 from lora_da_ref.objective import expected_error_bound
-from proofs_check._models import (
+from proofs_check._problems import EPS
+from proofs_check._record import ClaimResult, Mode, check_mode
+from proofs_check.models import (
     direction,
     input_second_moment,
     make_model,
     output_fisher_mean,
 )
-from proofs_check._problems import EPS
-from proofs_check._record import ClaimResult, Mode, check_mode
 
 REF = "Alg. 1, J ≈ Y⊗Z"
 N, R = 400, 2

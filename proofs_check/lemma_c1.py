@@ -29,8 +29,8 @@ from lora_da_ref.guidance import inverse_fisher_block_sum
 from lora_da_ref.linalg import random_orthonormal
 from lora_da_ref.monte_carlo import monte_carlo_error
 from lora_da_ref.objective import unrelaxed_variance
-from proofs_check._models import direction, input_second_moment, make_model
 from proofs_check._record import ClaimResult, Mode, check_mode
+from proofs_check.models import direction, input_second_moment, make_model
 
 REF = "Lemma C.1, (25), (48)"
 R = 2

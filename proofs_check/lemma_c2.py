@@ -23,8 +23,8 @@ import numpy as np
 
 from lora_da_ref.linalg import random_orthonormal
 from lora_da_ref.synthetic import ConvergenceError
-from proofs_check._models import make_model
 from proofs_check._record import ClaimResult, Mode, check_mode
+from proofs_check.models import make_model
 
 REF = "Aux. Lemma C.2, (26)"
 R = 2

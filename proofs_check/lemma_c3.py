@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from proofs_check._models import direction, loglog_slope, make_model
 from proofs_check._record import ClaimResult, Mode, check_mode
+from proofs_check.models import direction, loglog_slope, make_model
 
 REF = "Lemma C.3, (35)-(41)"
 SETTINGS = {"quick": {"points": 7}, "full": {"points": 25}}

@@ -26,9 +26,9 @@ import numpy as np
 from lora_da_ref.linalg import random_orthonormal
 from lora_da_ref.monte_carlo import monte_carlo_error
 from lora_da_ref.objective import projected_fisher
-from proofs_check._models import MODEL_NAMES, SHORT
 from proofs_check._record import ClaimResult, Mode, check_mode
 from proofs_check._stiefel import descend, riemannian_gradient
+from proofs_check.models import MODEL_NAMES, SHORT
 from proofs_check.theorems import A0_NAME, Setting, make_setting, method_subspaces
 from proofs_check.theorems import SETTINGS as THM_SETTINGS
 

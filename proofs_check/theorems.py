@@ -35,9 +35,9 @@ from lora_da_ref.linalg import random_orthonormal
 from lora_da_ref.monte_carlo import monte_carlo_error
 from lora_da_ref.objective import expected_error_bound, unrelaxed_variance
 from lora_da_ref.synthetic import SyntheticModel
-from proofs_check._models import MODEL_NAMES, SHORT, direction, make_model, population_gradient
 from proofs_check._problems import EPS
 from proofs_check._record import ClaimResult, Mode, check_mode
+from proofs_check.models import MODEL_NAMES, SHORT, direction, make_model, population_gradient
 
 REF_A = "Thm 4.1/4.2, (13), (19)"
 REF_B = "Thm 4.1/4.2, (11)"

@@ -58,7 +58,7 @@ def _mean_gaussian(model: SyntheticModel, F: np.ndarray) -> np.ndarray:
 
 
 # E[e | x; W_tgt] − E[e | x; W0] = m(F_tgt) − m(F0) with m the map below (canonical links).
-_MEAN_MAP: dict[type, Callable[[SyntheticModel, np.ndarray], np.ndarray]] = {
+MEAN_MAP: dict[type, Callable[[SyntheticModel, np.ndarray], np.ndarray]] = {
     LogisticRegression: _mean_logistic,
     SoftmaxRegression: _mean_softmax,
     LinearGaussian: _mean_gaussian,
@@ -67,7 +67,7 @@ _MEAN_MAP: dict[type, Callable[[SyntheticModel, np.ndarray], np.ndarray]] = {
 
 def population_gradient(model: SyntheticModel, W0: np.ndarray, W_tgt: np.ndarray) -> np.ndarray:
     """Exact ``G = ∇_W E_{p(·;W_tgt)}[−log p(y|x; W)]`` at ``W0`` (Eq. (14)), shape (d1, d2)."""
-    m = _MEAN_MAP[type(model)]
+    m = MEAN_MAP[type(model)]
     X = model.pool  # (M, d1)
     diff = m(model, X @ W_tgt) - m(model, X @ W0)  # (M, d2)
     return -X.T @ diff / X.shape[0]
