@@ -11,7 +11,12 @@ rank 8 on all seven projections. Measured, each once, in one process:
 - ``statistics_pass_s``: ``collect_statistics`` (Algorithm 1, step 1: G, Z, Y in one pass);
 - ``solves_s``: ``layer_factors`` over all layers (Cholesky, Fisher–gradient, Ω, eigen-solve,
   in float64, with the precision probe's second solve for float32 statistics);
-- ``init_total_s``: ``init_lora_da`` end to end;
+- ``statistics_core_pass_s``: the statistics pass without the calibration diagnostics' split-half
+  gradient sums (``diagnostics_pass_overhead`` = their relative cost; issue 11's budget: 5 %);
+- ``solves_core_s``: the same without the calibration diagnostics and the precision probe
+  (``calibration_diagnostics=False, precision_probe=False``): Algorithm 1's own solves;
+- ``init_total_s``: ``init_lora_da`` end to end; ``init_core_total_s``: the same with the
+  diagnostics and the probe off (the pass then keeps no split-half gradient sums);
 - ``multipass_total_s``: ``init_lora_da`` with ``layers_per_pass=2`` (the model re-run once per
   2 layers), and ``+ plain_pass_s`` for the official design's separate gradient pass.
 
@@ -193,20 +198,32 @@ def run_preset(name: str, model: torch.nn.Module, batches: list[dict], args: Any
     config = getattr(LoraDAConfig, name)(rank=RANK)
     targets = find_target_modules(model, config.target_modules)
     init_lora_da(model, batches[:1], config, progress=False)  # warm-up, as for the plain pass
+    core = config.replace(calibration_diagnostics=False, precision_probe=False)
     collect = partial(collect_statistics, model, batches, targets, config, progress=False)
+    collect_core = partial(collect_statistics, model, batches, targets, core, progress=False)
     passes = measure(
-        {"plain": partial(plain_pass, model, batches), "stats": collect}, device, repeats
+        {"plain": partial(plain_pass, model, batches), "stats": collect, "core": collect_core},
+        device,
+        repeats,
     )
     (plain_s, plain_mb, _), (stats_s, stats_mb, stats) = passes["plain"], passes.pop("stats")
-    solve_s, solve_mb, _ = measure(
-        {"solves": partial(solves, model, stats, config)}, device, repeats
-    )["solves"]
+    stats_core_s = passes.pop("core")[0]
+    solve_runs = measure(
+        {
+            "solves": partial(solves, model, stats, config),
+            "core": partial(solves, model, stats, core),
+        },
+        device,
+        repeats,
+    )
+    (solve_s, solve_mb, _), core_s = solve_runs["solves"], solve_runs["core"][0]
     stats_size = statistics_bytes(stats)
     del stats  # free the statistics before the next measurements
     multi = config.replace(layers_per_pass=2)
     inits = measure(
         {
             "whole": partial(init_lora_da, model, batches, config, progress=False),
+            "whole_core": partial(init_lora_da, model, batches, core, progress=False),
             "multi": partial(init_lora_da, model, batches, multi, progress=False),
         },
         device,
@@ -215,8 +232,11 @@ def run_preset(name: str, model: torch.nn.Module, batches: list[dict], args: Any
     return {
         "plain_pass_s": plain_s,
         "statistics_pass_s": stats_s,
+        "statistics_core_pass_s": stats_core_s,
         "solves_s": solve_s,
+        "solves_core_s": core_s,
         "init_total_s": inits["whole"][0],
+        "init_core_total_s": inits["whole_core"][0],
         "multipass_layers_per_pass": 2,
         "multipass_passes": len(layer_passes(list(targets), 2)),
         "multipass_total_s": inits["multi"][0],
@@ -240,6 +260,9 @@ def add_ratios(row: dict) -> dict:
         **row,
         "statistics_over_plain": stats_ratio,
         "init_over_plain": row["init_total_s"] / row["plain_pass_s"],  # issue 12: must not grow
+        "init_core_over_plain": row["init_core_total_s"] / row["plain_pass_s"],
+        # issue 11: the split-half gradient sums must cost <= 5 % of the statistics pass
+        "diagnostics_pass_overhead": row["statistics_pass_s"] / row["statistics_core_pass_s"] - 1,
         "speedup_vs_multipass": speedup,
         "multipass_plus_gradient_pass_s": official_design,
         "speedup_vs_official_design": official_design / row["init_total_s"],

@@ -33,6 +33,7 @@ import torch
 
 import lora_da_ref.torch.factors as F
 from lora_da_ref.torch.config import LoraDAConfig
+from lora_da_ref.torch.diagnostics import principal_angles
 from lora_da_ref.torch.init import find_target_modules
 from lora_da_ref.torch.statistics import collect_statistics, layer_passes
 
@@ -68,13 +69,12 @@ def make_batches(tok: Any, texts: list[str], batch_size: int, max_len: int) -> l
 
 def config_of(preset: str, dtype: torch.dtype) -> LoraDAConfig:
     make = {"default": LoraDAConfig, "paper": LoraDAConfig.paper, "official": LoraDAConfig.official}
-    return make[preset](dtype=dtype)
+    # the calibration diagnostics do not touch A0 or B0: off, to save their solves
+    return make[preset](dtype=dtype, calibration_diagnostics=False)
 
 
 def _angle(A: torch.Tensor, B: torch.Tensor) -> float:
-    Qa, Qb = torch.linalg.qr(A.double())[0], torch.linalg.qr(B.double())[0]
-    s = torch.linalg.svdvals(Qa.mT @ Qb).clamp(max=1.0)
-    return float(torch.arccos(s.min()))
+    return float(principal_angles(A, B).max())
 
 
 def _cond(M: torch.Tensor) -> float:

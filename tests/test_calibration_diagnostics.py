@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -17,6 +18,7 @@ from lora_da_ref.torch.diagnostics import (
     principal_angles,
 )
 from lora_da_ref.torch.factors import kfac_fisher
+from lora_da_ref.torch.statistics import KFACStatistics
 from lora_da_ref.torch.targets import find_target_modules
 from tests.torch_cases import (  # noqa: F401
     LLAMA_TARGETS,
@@ -209,3 +211,54 @@ def test_init_reports_diagnostics_per_layer_and_a_summary(capsys):
         assert torch.equal(factors[n].A, off[n].A) or torch.allclose(
             factors[n].A, off[n].A, atol=1e-6
         )
+
+
+# ----------------------------------------------------------------------------- estimator variants
+
+
+@pytest.mark.parametrize("estimator", ["debiased", "damped"])
+def test_torch_estimators_match_the_numpy_registry(estimator):
+    """``LoraDAConfig(estimator=...)`` against ``lora_da_debiased`` / ``lora_da_damped`` of the
+    NumPy reference on a K-FAC-exact layer (dense J = Y ⊗ Z, no damping, |S| = W²/|P| = 300):
+    the same Ω up to rounding, so the same A0 and A0ᵀΔW. The case sits at SNR̂ ≈ 2, where the
+    variants' A0 differ from the plug-in's by > 0.02 rad (checked; 0.057 rad for "damped"), so
+    N/|S| inverted, a missing 1/|S| or a wrong trace moves A0 by far more than 1e-8."""
+    from lora_da_ref.initializers import InitProblem, initialize
+    from lora_da_ref.torch.factors import solve_layer
+
+    rng = np.random.default_rng(3)
+    d1, d2, size, n, r = 10, 4, 300, 1000, 2
+    Z = _spd(rng, d1)
+    Y = _spd(rng, d2)
+    # G = −Z ΔW Y with ‖ΔW‖² ≈ 2·tr(Σ_i J⁻¹_[i])/|S| (SNR̂ ≈ 2)
+    noise = np.trace(np.linalg.inv(Y)) * np.trace(np.linalg.inv(Z)) / size
+    delta = rng.standard_normal((d1, d2)) * np.sqrt(2 * noise / (d1 * d2))
+    G = -Z @ delta @ Y
+    t = lambda a: torch.tensor(a, dtype=torch.float64)  # noqa: E731
+    stats = KFACStatistics({"g": t(Z)}, {"m": t(Y)}, {"m": t(G)}, {"m": "g"}, size, size, 1, 1,
+                           gradient_weight=float(size))  # fmt: skip
+    base = dict(rank=r, n_train=n, dtype=torch.float64, damping=0.0, damping_scale="absolute",
+                calibration_diagnostics=False)  # fmt: skip
+    ours = solve_layer(stats, "m", LoraDAConfig(**base, estimator=estimator))
+    plugin = solve_layer(stats, "m", LoraDAConfig(**base))
+    problem = InitProblem(W0=np.zeros((d1, d2)), G=G, J=np.kron(Y, Z), n=n, n_calib=size)
+    A_ref, B_ref = initialize(f"lora_da_{estimator}", problem, r)
+    assert float(principal_angles(ours.A, t(A_ref)).max()) < 1e-8
+    np.testing.assert_allclose((ours.A @ ours.B).numpy(), A_ref @ B_ref, rtol=0, atol=1e-10)
+    assert float(principal_angles(ours.A, plugin.A).max()) > 0.02  # the variant matters here
+
+
+def _spd(rng, d):
+    X = rng.standard_normal((d, 3 * d))
+    return X @ X.T / (3 * d) + 0.1 * np.eye(d)
+
+
+def test_estimators_need_a_sample_size():
+    from lora_da_ref.torch.factors import estimator_weights, kfac_fisher
+
+    stats = KFACStatistics({"g": torch.eye(3)}, {"m": torch.eye(2)}, {"m": torch.ones(3, 2)},
+                           {"m": "g"}, 5, 5, 1, 1, gradient_weight=0.0)  # fmt: skip
+    config = LoraDAConfig(rank=1, estimator="debiased", dtype=torch.float64)
+    J = kfac_fisher(stats, "m", config)
+    with pytest.raises(ValueError, match="needs the calibration sample size"):
+        estimator_weights(J, torch.ones(3, 2, dtype=torch.float64), config, None)

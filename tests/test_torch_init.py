@@ -359,6 +359,8 @@ def test_bf16_model_factors_match_float32_within_derived_tolerances():
         ("layers_per_pass", 0, "layers_per_pass must be positive"),
         ("label_shift", -1, "label_shift must be"),
         ("target_modules", (), "target_modules must be non-empty"),
+        ("precision_probe", "yes", "precision_probe must be True or False"),
+        ("calibration_diagnostics", 1, "calibration_diagnostics must be True or False"),
     ],
 )
 def test_config_rejects_bad_fields(field, value, match):

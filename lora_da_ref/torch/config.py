@@ -71,7 +71,21 @@ class LoraDAConfig:
             (``"sequence"``: the official ``estimate_gradient`` at batch size 1, for any batch size).
         calibration_diagnostics: keep the gradient sums of the even and odd sequences apart in the
             same pass (one extra (d_in, d_out) matrix per layer) for the per-layer calibration SNR
-            and split-half stability of :mod:`lora_da_ref.torch.diagnostics`.
+            and split-half stability of :mod:`lora_da_ref.torch.diagnostics` (at solve time: one
+            Fisher solve, two Ω and two eigen-solves per layer).
+        estimator: how Ω is estimated from the calibration statistics (issue 11,
+            docs/regime.md; both presets: ``"plugin"``). ``"plugin"``: Eq. (19) with ``ΔŴ``
+            and ``Ĵ`` in place of ΔW and J. ``"debiased"``: variance weight ``β(1 + N/|S|)``,
+            which removes the calibration noise ``Σ_i Ĵ⁻¹_[i]/|S|`` that ``ΔŴΔŴᵀ`` carries
+            (claim 14); ``"damped"``: bias weight ``α·max(0, 1 − noise/‖ΔŴ‖²)``, the bias term
+            scaled by its estimated signal fraction (0, i.e. "w/o bias", when the calibration
+            SNR < 0). ``|S| = W²/|P|`` and ``noise = tr(Σ_i Ĵ⁻¹_[i])/|S|`` are those of the
+            calibration diagnostics (:mod:`lora_da_ref.torch.diagnostics`). The twins of
+            ``lora_da_debiased`` / ``lora_da_damped`` in :data:`lora_da_ref.initializers.INITIALIZERS`.
+        precision_probe: with statistics in a dtype coarser than float64, estimate per layer how
+            far rounding them to that dtype moves A0 (``diagnostics["precision_probe"]``, one
+            more solve per layer; :func:`lora_da_ref.torch.factors.precision_probe`). Off: no
+            warning names the layers where float32 statistics are not trustworthy.
         See :mod:`lora_da_ref.torch.statistics` for the exact normalisation.
     """
 
@@ -96,6 +110,8 @@ class LoraDAConfig:
     score_scale: Literal["token", "batch"] = "token"
     gradient_weight: Literal["token", "sequence"] = "token"
     calibration_diagnostics: bool = True
+    estimator: Literal["plugin", "debiased", "damped"] = "plugin"
+    precision_probe: bool = True
 
     def __post_init__(self) -> None:
         # A str is PEFT's regex (or "all-linear") and stays a str; a list is stored as a tuple.
@@ -150,6 +166,7 @@ _CHOICES = {
     "token_mask": ("labels", "attention"),
     "score_scale": ("token", "batch"),
     "gradient_weight": ("token", "sequence"),
+    "estimator": ("plugin", "debiased", "damped"),
 }
 
 
@@ -163,6 +180,9 @@ def _validate(c: LoraDAConfig) -> None:
         _positive_int("max_statistics_bytes", c.max_statistics_bytes)
     if isinstance(c.label_shift, bool) or not isinstance(c.label_shift, int) or c.label_shift < 0:
         raise ValueError(f"label_shift must be a non-negative integer, got {c.label_shift!r}")
+    for flag in ("calibration_diagnostics", "precision_probe", "normalize_delta"):
+        if not isinstance(getattr(c, flag), bool):
+            raise TypeError(f"{flag} must be True or False, got {getattr(c, flag)!r}")
     if isinstance(c.target_modules, str):
         _regex_or_all_linear(c.target_modules)
     elif not c.target_modules or not all(isinstance(t, str) and t for t in c.target_modules):

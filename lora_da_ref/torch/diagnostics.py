@@ -71,24 +71,43 @@ def plug_in_sample_size(stats: KFACStatistics) -> float:
 
 
 def principal_angles(A1: Tensor, A2: Tensor) -> Tensor:
-    """Principal angles (ascending, radians) between the column spaces of A1 and A2 (d, r)."""
+    """Principal angles (ascending, radians) between the column spaces of A1 and A2 (d, r), in
+    float64, accurate for small angles too.
+
+    ``arccos`` of the cosines (singular values of ``Q1ᵀQ2``) cannot resolve angles below
+    ``√(2·eps) ≈ 2.1e-8`` (a cosine one ulp below 1); there the sines (singular values of
+    ``Q2 − Q1Q1ᵀQ2``) are used instead, as ``scipy.linalg.subspace_angles`` does (Knyazev and
+    Argentati, SIAM J. Sci. Comput. 23, 2002)."""
     Q1 = torch.linalg.qr(A1.to(torch.float64))[0]
     Q2 = torch.linalg.qr(A2.to(torch.float64))[0]
-    cos = torch.linalg.svdvals(Q1.mT @ Q2).clamp(-1.0, 1.0)  # descending
-    return torch.arccos(cos)
+    M = Q1.mT @ Q2  # (r1, r2)
+    cos = torch.linalg.svdvals(M).clamp(-1.0, 1.0)  # descending: angles ascending
+    sin = torch.linalg.svdvals(Q2 - Q1 @ M).clamp(-1.0, 1.0).flip(0)  # ascending
+    k = min(cos.shape[0], sin.shape[0])
+    cos, sin = cos[:k], sin[:k]
+    return torch.where(cos * cos < 0.5, torch.arccos(cos), torch.arcsin(sin))
 
 
 def calibration_diagnostics(
-    stats: KFACStatistics, name: str, config: LoraDAConfig, J: FisherMatrix
+    stats: KFACStatistics,
+    name: str,
+    config: LoraDAConfig,
+    J: FisherMatrix,
+    delta: Tensor | None = None,
 ) -> dict[str, Any]:
     """SNR and split-half stability of layer ``name`` (module docstring), from the pass's
-    statistics and the layer's (damped) K-FAC Fisher ``J``. Keys: ``calibration_snr``,
-    ``calibration_noise``, ``delta_sq``, ``sample_size``, and when both halves have data
-    ``split_noise``, ``split_snr``, ``split_angle_max``, ``split_angle_min``, ``split_regret``,
-    ``split_rel_regret``."""
+    statistics and the layer's (damped) K-FAC Fisher ``J``; ``delta``: the unnormalised
+    ``ΔŴ = −Ĵ⁻¹Ĝ`` when the caller has it (the solve does), else it is solved here. Keys:
+    ``calibration_snr``, ``calibration_noise``, ``delta_sq``, ``sample_size``, and when both
+    halves have data ``split_noise``, ``split_snr``, ``split_angle_max``, ``split_angle_min``,
+    ``split_regret``, ``split_rel_regret``.
+
+    Cost: one Fisher solve for the odd half (ΔŴ is linear in Ĝ, so the even half's is
+    ``(W·ΔŴ − w_odd·ΔŴ_odd)/w_even``), two Ω and two eigen-solves."""
     dtype = torch.float64
-    G = stats.G[name].to(dtype)
-    delta = fisher_gradient(J, G)  # (d_in, d_out), unnormalised ΔŴ
+    if delta is None:
+        delta = fisher_gradient(J, stats.G[name].to(dtype))  # (d_in, d_out), unnormalised ΔŴ
+    delta = delta.to(dtype)
     delta_sq = float((delta * delta).sum())
     block_sum_trace = float(J.inverse_block_sum().diagonal().sum())  # tr(Σ_i J⁻¹_[i])
     size = plug_in_sample_size(stats)
@@ -99,16 +118,21 @@ def calibration_diagnostics(
         "calibration_noise": noise,
         "calibration_snr": _snr(delta_sq, noise),
     }
-    halves = stats.halves(name)
-    if halves is None:
+    if name not in stats.G_split:
         return out
-    from lora_da_ref.torch.factors import layer_guidance  # (factors imports this module)
+    from lora_da_ref.torch.factors import guidance_from_delta  # (factors imports this module)
 
-    w1, w2 = stats.split_weights
-    guides = [layer_guidance(J, g.to(dtype), config, name) for g in halves]
-    diff = guides[0].delta_w * guides[0].sigma - guides[1].delta_w * guides[1].sigma
+    w1, w2 = stats.split_weights  # (even, odd)
+    odd = fisher_gradient(J, stats.G_split[name].to(dtype))  # ΔŴ of the odd half
+    even = (delta * (w1 + w2) - odd * w2) / w1  # ΔŴ is linear in Ĝ (= ΔŴ of the even half)
+    diff = even - odd
     split_noise = float((diff * diff).sum()) * w1 * w2 / (w1 + w2) ** 2
     out |= {"split_noise": split_noise, "split_snr": _snr(delta_sq, split_noise)}
+    # each half's Ω with the configured estimator; a half's |S| scales with its gradient weight
+    guides = [
+        guidance_from_delta(J, d, config, name, size * w / (w1 + w2))
+        for d, w in ((even, w1), (odd, w2))
+    ]
     out |= _stability([g.omega for g in guides], name, config)
     return out
 

@@ -40,7 +40,11 @@ import torch
 from torch import Tensor
 
 from lora_da_ref.torch.config import LoraDAConfig, LoraFactors
-from lora_da_ref.torch.diagnostics import calibration_diagnostics
+from lora_da_ref.torch.diagnostics import (
+    calibration_diagnostics,
+    plug_in_sample_size,
+    principal_angles,
+)
 from lora_da_ref.torch.fisher import (
     CholeskyFactor,
     FisherMatrix,
@@ -57,6 +61,8 @@ __all__ = [
     "TRUST_RAD",
     "Guidance",
     "LayerSolution",
+    "estimator_weights",
+    "guidance_from_delta",
     "kfac_fisher",
     "layer_factors",
     "layer_guidance",
@@ -174,17 +180,56 @@ def rounding_floor(M: Tensor, dtype: torch.dtype) -> float:
     return torch.finfo(dtype).eps / 2 * max(trace, 0.0)
 
 
-def layer_guidance(J: FisherMatrix, G: Tensor, config: LoraDAConfig, name: str = "W") -> Guidance:
-    """Eqs. (21) and (19) with the config's β, α, N and σ-normalisation, for any Fisher ``J``
-    (K-FAC or dense), G (d1, d2)."""
-    delta_w = fisher_gradient(J, G)  # (d1, d2)
+def layer_guidance(
+    J: FisherMatrix,
+    G: Tensor,
+    config: LoraDAConfig,
+    name: str = "W",
+    sample_size: float | None = None,
+) -> Guidance:
+    """Eqs. (21) and (19) with the config's β, α, N, estimator and σ-normalisation, for any
+    Fisher ``J`` (K-FAC or dense), G (d1, d2); ``sample_size``: |S| (needed unless
+    ``config.estimator == "plugin"``)."""
+    return guidance_from_delta(J, fisher_gradient(J, G), config, name, sample_size)
+
+
+def guidance_from_delta(
+    J: FisherMatrix,
+    delta_w: Tensor,
+    config: LoraDAConfig,
+    name: str = "W",
+    sample_size: float | None = None,
+) -> Guidance:
+    """Eq. (19) and the σ-normalisation from a given unnormalised ``ΔW`` (d1, d2)."""
+    beta, alpha = estimator_weights(J, delta_w, config, sample_size)
     sigma = top_singular_value(delta_w, name) if config.normalize_delta else 1.0
     delta_w = delta_w / sigma
     omega = guidance_matrix(
-        J, delta_w, config.n_train,
-        variance_weight=config.variance_weight / sigma**2, bias_weight=config.bias_weight,
-    )  # fmt: skip  # (d1, d1)
+        J, delta_w, config.n_train, variance_weight=beta / sigma**2, bias_weight=alpha
+    )  # (d1, d1)
     return Guidance(delta_w, omega, sigma)
+
+
+def estimator_weights(
+    J: FisherMatrix, delta_w: Tensor, config: LoraDAConfig, sample_size: float | None
+) -> tuple[float, float]:
+    """(β, α) of Eq. (19) for ``config.estimator`` (:class:`LoraDAConfig`), from the
+    unnormalised ``ΔŴ`` (d1, d2) and |S|: ``"plugin"`` (β, α); ``"debiased"``
+    (β(1 + N/|S|), α); ``"damped"`` (β, α·max(0, 1 − tr(Σ_i Ĵ⁻¹_[i])/(|S|‖ΔŴ‖²)))."""
+    beta, alpha = config.variance_weight, config.bias_weight
+    if config.estimator == "plugin":
+        return beta, alpha
+    if sample_size is None or not sample_size > 0:
+        raise ValueError(
+            f"estimator={config.estimator!r} needs the calibration sample size |S| > 0, "
+            f"got {sample_size!r}"
+        )
+    if config.estimator == "debiased":
+        return beta * (1.0 + config.n_train / sample_size), alpha
+    noise = float(J.inverse_block_sum().diagonal().sum()) / sample_size  # tr(Σ_i Ĵ⁻¹_[i])/|S|
+    signal = float((delta_w * delta_w).sum())
+    fraction = max(0.0, 1.0 - noise / signal) if signal > 0 else 0.0
+    return beta, alpha * fraction
 
 
 def solve_layer(
@@ -195,20 +240,22 @@ def solve_layer(
     *,
     probe: bool = True,
 ) -> LayerSolution:
-    """Steps 2–5 of Algorithm 1 for one layer, keeping every intermediate; ``probe`` adds
-    ``diagnostics["precision_probe"]`` (:func:`precision_probe`)."""
+    """Steps 2–5 of Algorithm 1 for one layer, keeping every intermediate; ``probe`` (and
+    ``config.precision_probe``) adds ``diagnostics["precision_probe"]`` (:func:`precision_probe`)."""
     J = kfac_fisher(stats, name, config, z_factors)
-    guide = layer_guidance(J, stats.G[name].to(SOLVE_DTYPE), config, name)
+    size = plug_in_sample_size(stats) if config.estimator != "plugin" else None
+    guide = layer_guidance(J, stats.G[name].to(SOLVE_DTYPE), config, name, size)
     options = {"seed": layer_seed(config.seed, name), **config.solver_options}
     eig = smallest_eigenpairs(guide.omega, config.rank, solver=config.solver, **options)
     A, B = eig.vectors, eig.vectors.mT @ guide.delta_w  # (d1, r), (r, d2)
     scale = 1.0 if config.scale_gamma is None else math.sqrt(config.scale_gamma)
     diagnostics = _diagnostics(stats, name, config, J, guide.sigma, eig.diagnostics)
     if config.calibration_diagnostics:  # SNR and split-half stability (issue 11, item 4)
-        diagnostics |= calibration_diagnostics(stats, name, config, J)
+        delta = guide.delta_w * guide.sigma  # unnormalised ΔŴ (σ = 1 unless normalising)
+        diagnostics |= calibration_diagnostics(stats, name, config, J, delta)
     solution = LayerSolution(J, guide, eig, A / scale, B / scale, diagnostics)
-    if probe:
-        diagnostics["precision_probe"] = precision_probe(stats, name, config, solution)
+    if probe and config.precision_probe:
+        diagnostics["precision_probe"] = precision_probe(stats, name, config, solution, z_factors)
     return solution
 
 
@@ -273,7 +320,11 @@ def layer_seed(seed: int, name: str) -> int:
 
 
 def precision_probe(
-    stats: KFACStatistics, name: str, config: LoraDAConfig, solution: LayerSolution
+    stats: KFACStatistics,
+    name: str,
+    config: LoraDAConfig,
+    solution: LayerSolution,
+    z_factors: dict[str, CholeskyFactor] | None = None,
 ) -> float | None:
     """How far rounding the statistics to their dtype can move A0 (radians; ``None`` for float64
     statistics): the largest principal angle between A0 and the A0 solved (in float64, same
@@ -285,22 +336,31 @@ def precision_probe(
     root-mean-square of G's rows and columns. One seeded draw: an estimate of the error's size,
     not a bound (it is compared with the measured float32-vs-float64 angles in
     docs/numerics.md).
+
+    Layers that share a Z (q/k/v, gate/up) share its perturbation (drawn from the group's seed)
+    and, through ``z_factors`` (the pipeline's cache), the perturbed Z's Cholesky factor.
     """
     group = stats.group_of[name]
     dtype = config.dtype  # the per-batch products were rounded to it
     if dtype == SOLVE_DTYPE:
         return None
     u = torch.finfo(dtype).eps / 2
+    z_factors = {} if z_factors is None else z_factors
+    probe_group = f"{group} (precision probe)"  # its own key in the Cholesky cache
+    Z = stats.Z[group].to(SOLVE_DTYPE)
+    if probe_group not in z_factors:
+        z_gen = torch.Generator(device="cpu").manual_seed(layer_seed(config.seed, group) ^ 0x5EED)
+        Z = _perturb_gram(Z, u, z_gen)  # else unused: the cached factor of the perturbed Z
     gen = torch.Generator(device="cpu").manual_seed(layer_seed(config.seed, name) ^ 0x5EED)
-    Z, Y, G = (t.to(SOLVE_DTYPE) for t in (stats.Z[group], stats.Y[name], stats.G[name]))
+    Y, G = stats.Y[name].to(SOLVE_DTYPE), stats.G[name].to(SOLVE_DTYPE)
     perturbed = KFACStatistics(
-        {group: _perturb_gram(Z, u, gen)}, {name: _perturb_gram(Y, u, gen)},
-        {name: G + u * _scale_of(G) * _noise(G.shape, gen, G)}, {name: group},
+        {probe_group: Z}, {name: _perturb_gram(Y, u, gen)},
+        {name: G + u * _scale_of(G) * _noise(G.shape, gen, G)}, {name: probe_group},
         stats.tokens, stats.loss_tokens, stats.sequences, stats.batches,
     )  # fmt: skip
     # The perturbed solve needs only A0: no calibration diagnostics (they cost a block sum).
     quiet = config.replace(calibration_diagnostics=False)
-    other = solve_layer(perturbed, name, quiet, probe=False)
+    other = solve_layer(perturbed, name, quiet, z_factors, probe=False)
     return _largest_angle(solution.eig.vectors, other.eig.vectors)
 
 
@@ -325,9 +385,7 @@ def _scale_of(G: Tensor) -> Tensor:
 
 
 def _largest_angle(A: Tensor, B: Tensor) -> float:
-    Qa, Qb = torch.linalg.qr(A)[0], torch.linalg.qr(B)[0]
-    cosines = torch.linalg.svdvals(Qa.mT @ Qb).clamp(max=1.0)
-    return float(torch.arccos(cosines.min()))
+    return float(principal_angles(A, B).max())
 
 
 def untrusted_layers(factors: dict[str, LoraFactors]) -> dict[str, float]:
