@@ -52,6 +52,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="K-FAC truth: texts (all their tokens carry a loss)")  # fmt: skip
     g.add_argument("--kfac-length", type=int, default=SmolLM2Options.kfac_length,
                    help="K-FAC truth: tokens per text")  # fmt: skip
+    g.add_argument("--layers-per-pass", type=int, default=SmolLM2Options.layers_per_pass,
+                   help="decoder layers per statistics pass (memory; 0 = all in one pass)")  # fmt: skip
     g.add_argument("--progress", action="store_true", help="print one line per finished layer")
 
 
@@ -94,6 +96,7 @@ def _smollm2_options(args: argparse.Namespace) -> SmolLM2Options:
         kfac_block=tuple(args.kfac_block),
         kfac_texts=args.kfac_texts,
         kfac_length=args.kfac_length,
+        layers_per_pass=args.layers_per_pass or None,
     )
 
 

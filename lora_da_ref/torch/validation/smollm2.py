@@ -94,11 +94,20 @@ class SmolLM2Options:
     kfac_block: tuple[int, int] = (32, 12)  # |I| input × |J| output coordinates
     kfac_texts: int = 16
     kfac_length: int = 64
+    layers_per_pass: int | None = 5  # decoder layers per statistics pass (memory); None = all
 
     def __post_init__(self) -> None:
         unknown = [p for p in self.parts if p not in PARTS]
         if unknown or not self.parts:
             raise ValueError(f"unknown parts {unknown}; choose from {list(PARTS)}")
+        if self.layers_per_pass is not None and (
+            isinstance(self.layers_per_pass, bool)
+            or not isinstance(self.layers_per_pass, int)
+            or self.layers_per_pass < 1
+        ):
+            raise ValueError(
+                f"layers_per_pass must be a positive integer or None, got {self.layers_per_pass!r}"
+            )
         for name in ("texts", "rank", "kfac_layers", "kfac_texts", "kfac_length"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -280,8 +289,12 @@ def _angles(A: np.ndarray, B: np.ndarray) -> np.ndarray:
     return np.sort(principal_angles(A, B))  # ascending
 
 
-def _omega(stats: KFACStatistics, name: str, config: LoraDAConfig) -> tuple[np.ndarray, Any]:
-    J = kfac_fisher(stats, name, config)
+def _omega(
+    stats: KFACStatistics, name: str, config: LoraDAConfig, cache: dict | None = None
+) -> tuple[np.ndarray, Any]:
+    """Ω (NumPy) and J of ``name``; ``cache`` keeps the Cholesky factors of shared Z (q/k/v and
+    gate/up read one input) across the layers of a pass, as the pipeline does."""
+    J = kfac_fisher(stats, name, config, cache)
     guide = layer_guidance(J, stats.G[name].to(torch.float64), config, name)  # as solve_layer
     return _np(guide.omega), J
 
@@ -296,13 +309,18 @@ def _layer_report(
     parts: Sequence[str],
     r: int,
     seed: int,
+    caches: dict | None = None,
 ) -> dict[str, Any]:
+    """Every part for one layer; ``caches`` (one dict per pass) keeps per-group work: the
+    Cholesky factors of shared Z per statistics set and preset, and cond(Z)."""
+    caches = {} if caches is None else caches
+    cache = lambda *key: caches.setdefault(key, {})  # noqa: E731
     out: dict[str, Any] = {"type": name.rsplit(".", 1)[-1]}
     omegas: dict[str, np.ndarray] = {}
     refs: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     Js: dict[str, Any] = {}
     for p, config in presets.items():
-        omegas[p], Js[p] = _omega(cal.full64[p], name, config)
+        omegas[p], Js[p] = _omega(cal.full64[p], name, config, cache("full64", p))
         refs[p] = _smallest(omegas[p], r)
     out["shape"] = list(cal.full64["paper"].G[name].shape)
     if "solver" in parts:
@@ -310,7 +328,8 @@ def _layer_report(
     if "precision" in parts:
         out["precision"] = {}
         for p, config in presets.items():
-            omega32, _ = _omega(cal.full32[p], name, config.replace(dtype=torch.float32))
+            config32 = config.replace(dtype=torch.float32)
+            omega32, _ = _omega(cal.full32[p], name, config32, cache("full32", p))
             lam, U = refs[p]
             A32 = _smallest(omega32, r)[1]
             out["precision"][p] = {
@@ -319,9 +338,9 @@ def _layer_report(
                 "omega_err": float(np.linalg.norm(omega32 - omegas[p]) / np.linalg.norm(omegas[p])),
             }
     if "conditioning" in parts:
-        out["conditioning"] = _conditioning(name, cal, Js)
+        out["conditioning"] = _conditioning(name, cal, Js, cache("cond"))
     if "stability" in parts:
-        out["stability"] = _stability(name, cal, presets, r)
+        out["stability"] = _stability(name, cal, presets, r, caches)
     return out
 
 
@@ -356,12 +375,18 @@ def _cond(M: Tensor) -> float:
     return float(ev[-1] / ev[0]) if ev[0] > 0 else math.inf
 
 
-def _conditioning(name: str, cal: CalibrationStatistics, Js: dict[str, Any]) -> dict[str, Any]:
+def _conditioning(
+    name: str, cal: CalibrationStatistics, Js: dict[str, Any], cache: dict | None = None
+) -> dict[str, Any]:
     group = cal.group_of[name]
+    cache = {} if cache is None else cache
+    for p in PRESETS:  # Z is shared by the layers of a group: once per group
+        if (p, group) not in cache:
+            cache[p, group] = _cond(cal.full64[p].Z[group])
     y = _np(cal.full64["official"].Y[name])
     return {
-        "cond_Z_official": _cond(cal.full64["official"].Z[group]),
-        "cond_Z_paper": _cond(cal.full64["paper"].Z[group]),
+        "cond_Z_official": cache["official", group],
+        "cond_Z_paper": cache["paper", group],
         "cond_Ydiag_official": float(y.max() / y.min()) if y.min() > 0 else math.inf,
         "cond_Y_paper": _cond(cal.full64["paper"].Y[name]),
         "damping_official": _plain(Js["official"].damping),
@@ -376,11 +401,19 @@ def _plain(value: Any) -> Any:
 
 
 def _stability(
-    name: str, cal: CalibrationStatistics, presets: dict[str, LoraDAConfig], r: int
+    name: str,
+    cal: CalibrationStatistics,
+    presets: dict[str, LoraDAConfig],
+    r: int,
+    caches: dict | None = None,
 ) -> dict[str, Any]:
+    caches = {} if caches is None else caches
     out: dict[str, Any] = {}
     for p, config in presets.items():
-        (o1, _), (o2, _) = (_omega(cal.halves[p][h], name, config) for h in (0, 1))
+        (o1, _), (o2, _) = (
+            _omega(cal.halves[p][h], name, config, caches.setdefault(("half", p, h), {}))
+            for h in (0, 1)
+        )
         A1 = _smallest(o1, r)[1]
         lam2, A2 = _smallest(o2, r)
         ang = _angles(A1, A2)
@@ -593,21 +626,29 @@ def run_smollm2(
     targets = dict(model.named_modules())
     main_parts = [p for p in options.parts if p != "kfac"]
     if main_parts:
-        cal = calibration_statistics(model, calib, {n: targets[n] for n in names},
-                                     float32="precision" in main_parts)  # fmt: skip
-        report["seconds"]["statistics"] = cal.seconds
-        report["tokens"] = {p: cal.full64[p].tokens for p in PRESETS}
-        report["loss_tokens"] = cal.full64["paper"].loss_tokens
-        t1 = time.perf_counter()
-        per_layer = {}
-        for i, name in enumerate(names):
-            per_layer[name] = _layer_report(
-                name, cal, presets, main_parts, options.rank, options.seed
-            )
-            if progress:
-                print(f"  [{i + 1}/{len(names)}] {name}", flush=True)
+        from lora_da_ref.torch.statistics import layer_passes
+
+        per_layer: dict[str, Any] = {}
+        report["seconds"] |= {"statistics": 0.0, "layers": 0.0}
+        groups = layer_passes(names, options.layers_per_pass)  # memory: one group's statistics
+        for chunk in groups:
+            cal = calibration_statistics(model, calib, {n: targets[n] for n in chunk},
+                                         float32="precision" in main_parts)  # fmt: skip
+            report["seconds"]["statistics"] += cal.seconds
+            report["tokens"] = {p: cal.full64[p].tokens for p in PRESETS}
+            report["loss_tokens"] = cal.full64["paper"].loss_tokens
+            t1 = time.perf_counter()
+            caches: dict = {}
+            for name in chunk:
+                per_layer[name] = _layer_report(
+                    name, cal, presets, main_parts, options.rank, options.seed, caches
+                )
+                if progress:
+                    print(f"  [{len(per_layer)}/{len(names)}] {name}", flush=True)
+            report["seconds"]["layers"] += time.perf_counter() - t1
+            del cal, caches
+        report["passes"] = len(groups)
         report["layers"] = per_layer
-        report["seconds"]["layers"] = time.perf_counter() - t1
     if "kfac" in options.parts:
         t2 = time.perf_counter()
         chosen = _kfac_layers(names, options.kfac_layers, options.seed)
