@@ -23,8 +23,9 @@ into ``--out``. Everything is fixed before any result is looked at:
   the rate with the lowest *validation* loss after ``steps`` steps is selected (the held-out split
   plays no part). Then ``seeds`` seeds at that rate (seed 0 is the selection run itself, a
   deterministic repeat) are evaluated on the held-out split every ``eval_every`` steps, from
-  snapshots of the adapter taken during training. ``at_grid_edge`` flags a selection at the end
-  of the grid.
+  snapshots of the adapter taken during training. When the winner is an end of the grid, the
+  grid is extended by one point beyond it (×/÷ ``GRID_STEP`` = 4) and the selection repeated, up
+  to ``max_extend`` (3) times; ``at_grid_edge`` flags a selection still at an end after that.
 * **methods** (initialisation only; training is identical):
   ``lora``: PEFT's default (Kaiming-uniform A, B = 0), alpha 16 (s = 2);
   ``pissa``: PEFT ``init_lora_weights="pissa"`` (top-r SVD of W0, base offset), alpha 16;
@@ -73,6 +74,7 @@ METHODS = ("lora", "pissa", "lora_one", "lora_da_official", "lora_da_paper")
 CONTROLS = ("lora_one@da_scale", "lora_da@one_scale")
 SEEDED = ("lora",)  # init redrawn per seed; the others are computed once (seed 0)
 EVAL_BATCH = 8
+GRID_STEP = 4.0  # ratio of neighbouring learning rates in the grid
 
 
 @dataclass(frozen=True)
@@ -88,17 +90,19 @@ class Sizes:
     limit_fit: int | None = None  # quick mode: use only the first tasks of each part
     limit_val: int | None = None
     limit_heldout: int | None = None
+    max_extend: int = 0  # grid points added beyond an edge winner (GRID_STEP apart)
 
 
 FULL = Sizes(
     prompt_tokens=32,
     completion_tokens=48,
-    steps=10,
+    steps=20,
     batch=2,
     eval_every=5,
     n_calib=64,
-    lr_grid=(5e-4, 2e-3, 8e-3),
-    seeds=2,
+    lr_grid=(1.25e-4, 5e-4, 2e-3, 8e-3),
+    seeds=3,
+    max_extend=3,
 )
 QUICK = Sizes(
     prompt_tokens=12,
@@ -496,16 +500,26 @@ def run_method(
             inits[seed].seconds = time.perf_counter() - t0  # prepare + PEFT wrap + write
         return copy.deepcopy(templates[seed])
 
-    # 1. learning rate on the validation part (seed 0)
+    # 1. learning rate on the validation part (seed 0); a winner at an end of the grid extends
+    #    the grid by one factor-GRID_STEP point beyond it, up to sizes.max_extend times
     selection: dict[float, Run] = {}
-    for lr in sizes.lr_grid:
+
+    def try_lr(lr: float) -> None:
         run = Run(method, lr, 0)
         model = fresh(0)
         train(model, data, sizes, lr, 0, device, run)
         selection[lr] = run
         log(f"{method} lr={lr:g} seed=0 val={run.val_loss:.4f} ({run.seconds:.0f}s)")
-        del model
+
+    for lr in sizes.lr_grid:
+        try_lr(lr)
     lr, edge = select_lr({k: r.val_loss for k, r in selection.items()})
+    for _ in range(sizes.max_extend):
+        if not edge:
+            break
+        grid = sorted(selection)
+        try_lr(lr / GRID_STEP if lr == grid[0] else lr * GRID_STEP)
+        lr, edge = select_lr({k: r.val_loss for k, r in selection.items()})
     # 2. held-out curves at that rate: the selection run's own snapshots (seed 0), other seeds
     runs = [selection[lr]]
     model = fresh(0)

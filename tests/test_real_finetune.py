@@ -165,6 +165,32 @@ def test_run_method_selects_on_validation_and_touches_heldout_only_after(monkeyp
                 assert curve[-1] != pytest.approx(base_loss, rel=1e-6)  # it trained
 
 
+def test_grid_extends_beyond_an_edge_winner(monkeypatch):
+    """A winner at an end of the grid adds points beyond it (÷4 or ×4) until the winner is
+    interior or ``max_extend`` points were added; a broken extension (wrong direction, no stop)
+    selects another rate or runs a different set of rates."""
+    base = _tiny()
+    data = {k: [_example(5, 6, s)] for s, k in enumerate(("fit", "val", "heldout"))}
+    optimum = 1e-5  # validation loss = |log(lr / optimum)|: minimum below the grid
+
+    def fake_train(model, data, sizes, lr, seed, device, run):
+        run.val_loss, run.seconds = abs(math.log(lr / optimum)), 0.0
+        run.steps, run.heldout, run.train_loss = [0], [], []
+
+    monkeypatch.setattr(rf, "train", fake_train)
+    monkeypatch.setattr(
+        rf, "heldout_curve", lambda model, run, data, device: run.heldout.append(0.0)
+    )
+    grid = (1e-3, 4e-3)
+    for extend, selected, edge in ((0, 1e-3, True), (2, 6.25e-5, True), (5, 1.5625e-5, False)):
+        sizes = rf.Sizes(prompt_tokens=5, completion_tokens=6, steps=1, batch=1, eval_every=1,
+                         n_calib=1, lr_grid=grid, seeds=1, max_extend=extend)  # fmt: skip
+        out = rf.run_method("lora", base, data, sizes, torch.device("cpu"), lambda m: None)
+        assert out["selected_lr"] == pytest.approx(selected) and out["at_grid_edge"] == edge
+        n_tried = len(out["val_loss_by_lr"])
+        assert n_tried == len(grid) + min(extend, 4)  # 1e-3 → 3.9e-6 is the 4th (interior win)
+
+
 def test_scale_swap_controls_keep_the_subspace():
     base = _tiny()
     calib = [_example(5, 6, s) for s in range(2)]
