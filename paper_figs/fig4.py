@@ -8,6 +8,7 @@ input space, so the A-frozen metrics of all methods must coincide there (a built
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -22,6 +23,7 @@ from paper_figs.output import (
 )
 from paper_figs.task import (
     METRICS,
+    N_CALIB,
     evaluate,
     init_factors,
     make_task,
@@ -32,18 +34,26 @@ from paper_figs.task import (
 
 SEED0 = 200
 RANKS = (1, 2, 4, 8, 16)
-METHODS = ("lora", "lora_one", "lora_da")
+# LoRA-DA's rank curve beside the two rows that separate calibration noise from the method
+# (issue 11): the debiased estimator (variance weight 1/N + 1/|S|, |S| = N_CALIB) and LoRA-DA
+# from population statistics (exact J(W0), population G: no calibration noise).
+METHODS = ("lora", "lora_one", "lora_da", "lora_da_debiased", "lora_da_population")
 
 
 def measure(k: int, steps: int) -> dict[str, dict[str, np.ndarray]]:
     """``{method: {metric: (k, len(RANKS)) values}}``."""
+    from paper_figs.table7 import population_problem
+
     raw = {m: {key: np.zeros((k, len(RANKS))) for key in METRICS} for m in METHODS}
     for i, seed in enumerate(range(SEED0, SEED0 + k)):
         task = make_task("softmax", seed)
-        problem = task.init_problem()
+        calib = dataclasses.replace(task.init_problem(), n_calib=N_CALIB)
+        problems = {"lora_da_population": population_problem(task)}
         for j, r in enumerate(RANKS):
             for m in METHODS:
-                scores = evaluate(task, init_factors(task, m, r, seed, problem), steps)
+                name = "lora_da" if m == "lora_da_population" else m
+                factors = init_factors(task, name, r, seed, problems.get(m, calib))
+                scores = evaluate(task, factors, steps)
                 for key, v in scores.items():
                     raw[m][key][i, j] = v
     return raw

@@ -30,6 +30,7 @@ METHOD_LABELS = {
     "milora": "MiLoRA",
     "lora_da_oracle": "(ref.) LoRA-DA, oracle ΔW & exact J",
     "lora_da_population": "(ref.) LoRA-DA, population G & exact J",
+    "lora_da_debiased": "LoRA-DA, debiased (1/N + 1/|S|)",
     "lora_da_official": "LoRA-DA (official preset)",
     "lora_da_paper": "LoRA-DA (paper preset)",
 }
@@ -45,6 +46,7 @@ METHOD_COLORS = {
     "milora": "tab:brown",
     "lora_da_oracle": "tab:pink",
     "lora_da_population": "tab:red",
+    "lora_da_debiased": "darkgreen",
     "lora_da_official": "tab:green",
     "lora_da_paper": "tab:red",
 }
