@@ -56,6 +56,7 @@ from lora_da_ref.torch.statistics import KFACStatistics
 
 __all__ = [
     "calibration_diagnostics",
+    "calibration_noise",
     "calibration_summary",
     "plug_in_sample_size",
     "principal_angles",
@@ -68,6 +69,11 @@ def plug_in_sample_size(stats: KFACStatistics) -> float:
     if stats.tokens <= 0 or stats.gradient_weight <= 0:
         return math.nan
     return stats.gradient_weight**2 / stats.tokens
+
+
+def calibration_noise(J: FisherMatrix, sample_size: float) -> float:
+    """``tr(Σ_i Ĵ⁻¹_[i]) / |S|``: the expected ``‖ΔŴ − ΔW‖²_F`` from calibration noise (claim 14)."""
+    return float(J.inverse_block_sum().diagonal().sum()) / sample_size
 
 
 def principal_angles(A1: Tensor, A2: Tensor) -> Tensor:
@@ -109,9 +115,8 @@ def calibration_diagnostics(
         delta = fisher_gradient(J, stats.G[name].to(dtype))  # (d_in, d_out), unnormalised ΔŴ
     delta = delta.to(dtype)
     delta_sq = float((delta * delta).sum())
-    block_sum_trace = float(J.inverse_block_sum().diagonal().sum())  # tr(Σ_i J⁻¹_[i])
     size = plug_in_sample_size(stats)
-    noise = block_sum_trace / size
+    noise = calibration_noise(J, size)
     out: dict[str, Any] = {
         "delta_sq": delta_sq,
         "sample_size": size,

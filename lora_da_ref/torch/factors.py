@@ -42,6 +42,7 @@ from torch import Tensor
 from lora_da_ref.torch.config import LoraDAConfig, LoraFactors
 from lora_da_ref.torch.diagnostics import (
     calibration_diagnostics,
+    calibration_noise,
     plug_in_sample_size,
     principal_angles,
 )
@@ -226,7 +227,7 @@ def estimator_weights(
         )
     if config.estimator == "debiased":
         return beta * (1.0 + config.n_train / sample_size), alpha
-    noise = float(J.inverse_block_sum().diagonal().sum()) / sample_size  # tr(Σ_i Ĵ⁻¹_[i])/|S|
+    noise = calibration_noise(J, sample_size)  # tr(Σ_i Ĵ⁻¹_[i])/|S|
     signal = float((delta_w * delta_w).sum())
     fraction = max(0.0, 1.0 - noise / signal) if signal > 0 else 0.0
     return beta, alpha * fraction
