@@ -247,7 +247,7 @@ def test_smollm2_quick_validation_is_finite(loads):
     _, (model, tok), _ = loads
     opts = SmolLM2Options(texts=2, rank=4, layers=QUICK_LAYERS, kfac_layers=1,
                           kfac_block=(8, 4), kfac_texts=1, kfac_length=24,
-                          layers_per_pass=1)  # fmt: skip
+                          layers_per_pass=1, workers=1)  # fmt: skip
     report = run_smollm2(opts, model_tokenizer=(model, tok))
     assert len(report["layers"]) == 3
     for name, entry in report["layers"].items():
@@ -265,15 +265,17 @@ def test_smollm2_quick_validation_is_finite(loads):
     assert set(report["summary"]) >= {"q_proj", "o_proj", "down_proj", "all"}
     text = format_smollm2(report)
     assert "q_proj" in text and "K-FAC truth" in text
-    # one statistics pass per decoder layer (layers_per_pass=1), and the same numbers from one
-    # pass over all three (the memory grouping changes nothing)
+    # one statistics pass per decoder layer (layers_per_pass=1, one process), and the same
+    # numbers from one pass over all three in two worker processes (the memory grouping and the
+    # workers change nothing: every layer is the same single-threaded computation)
     assert report["passes"] == 3
     one = run_smollm2(
         SmolLM2Options(texts=2, rank=4, layers=QUICK_LAYERS, parts=("precision", "stability"),
-                       layers_per_pass=None),
+                       layers_per_pass=None, workers=2),
         model_tokenizer=(model, tok),
     )  # fmt: skip
-    assert one["passes"] == 1
+    assert one["passes"] == 1 and one["workers"] == 2
+    assert list(one["layers"]) == list(report["layers"])  # every layer, in model order
     for name, entry in one["layers"].items():
         assert entry["precision"] == report["layers"][name]["precision"]
         assert entry["stability"] == report["layers"][name]["stability"]

@@ -54,6 +54,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="K-FAC truth: tokens per text")  # fmt: skip
     g.add_argument("--layers-per-pass", type=int, default=SmolLM2Options.layers_per_pass,
                    help="decoder layers per statistics pass (memory; 0 = all in one pass)")  # fmt: skip
+    g.add_argument("--workers", type=int, default=0,
+                   help="processes for the per-layer solves (0 = one per CPU core)")  # fmt: skip
     g.add_argument("--progress", action="store_true", help="print one line per finished layer")
 
 
@@ -97,6 +99,7 @@ def _smollm2_options(args: argparse.Namespace) -> SmolLM2Options:
         kfac_texts=args.kfac_texts,
         kfac_length=args.kfac_length,
         layers_per_pass=args.layers_per_pass or None,
+        workers=args.workers or None,
     )
 
 

@@ -35,8 +35,12 @@ Parts (``parts``), per layer:
 from __future__ import annotations
 
 import math
+import multiprocessing
+import os
+import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -63,6 +67,7 @@ __all__ = [
     "rel_regret",
     "run_smollm2",
     "summarize",
+    "top_left_singular",
 ]
 
 PARTS = ("solver", "precision", "conditioning", "stability", "kfac")
@@ -94,7 +99,8 @@ class SmolLM2Options:
     kfac_block: tuple[int, int] = (32, 12)  # |I| input × |J| output coordinates
     kfac_texts: int = 16
     kfac_length: int = 64
-    layers_per_pass: int | None = 5  # decoder layers per statistics pass (memory); None = all
+    layers_per_pass: int | None = 15  # decoder layers per statistics pass (memory); None = all
+    workers: int | None = None  # processes for the per-layer solves; None = one per CPU core
 
     def __post_init__(self) -> None:
         unknown = [p for p in self.parts if p not in PARTS]
@@ -108,6 +114,10 @@ class SmolLM2Options:
             raise ValueError(
                 f"layers_per_pass must be a positive integer or None, got {self.layers_per_pass!r}"
             )
+        if self.workers is not None and (
+            isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 1
+        ):
+            raise ValueError(f"workers must be a positive integer or None, got {self.workers!r}")
         for name in ("texts", "rank", "kfac_layers", "kfac_texts", "kfac_length"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -129,26 +139,44 @@ class _Sums:
     weight: float = 0.0
     sequences: int = 0
 
-    def add(self, other: _Sums) -> _Sums:
-        out = _Sums(tokens=self.tokens + other.tokens, loss_tokens=self.loss_tokens + other.loss_tokens,
-                    weight=self.weight + other.weight, sequences=self.sequences + other.sequences)  # fmt: skip
-        for kind in ("Z", "Y", "G"):
-            mine, theirs = getattr(self, kind), getattr(other, kind)
-            getattr(out, kind).update({k: mine[k] + theirs[k] for k in mine})
-        return out
-
-    def finalize(self, group_of: dict[str, str]) -> KFACStatistics:
-        """As :func:`lora_da_ref.torch.statistics.finalize`: Z, Y / |P|; G / Σ w_b."""
+    def finalize(self, group_of: dict[str, str], *others: _Sums) -> KFACStatistics:
+        """As :func:`lora_da_ref.torch.statistics.finalize` (Z, Y / |P|; G / Σ w_b) of these sums
+        merged with ``others``, lazily: each matrix is summed and divided when it is read
+        (:class:`_Finalized`), so no second copy of every layer's statistics is held."""
+        parts = [p for p in (self, *others) if p.sequences] or [self]  # an empty half adds nothing
+        tokens, weight = sum(p.tokens for p in parts), sum(p.weight for p in parts)
         return KFACStatistics(
-            Z={k: v / self.tokens for k, v in self.Z.items()},
-            Y={k: v / self.tokens for k, v in self.Y.items()},
-            G={k: v / self.weight for k, v in self.G.items()},
+            Z=_Finalized([p.Z for p in parts], tokens),
+            Y=_Finalized([p.Y for p in parts], tokens),
+            G=_Finalized([p.G for p in parts], weight),
             group_of=dict(group_of),
-            tokens=self.tokens,
-            loss_tokens=self.loss_tokens,
-            sequences=self.sequences,
-            batches=self.sequences,
+            tokens=tokens,
+            loss_tokens=sum(p.loss_tokens for p in parts),
+            sequences=sum(p.sequences for p in parts),
+            batches=sum(p.sequences for p in parts),
         )
+
+
+class _Finalized(Mapping):
+    """Read-only ``key → (Σ_parts part[key]) / scale``, computed on access (a new tensor)."""
+
+    def __init__(self, parts: list[dict[str, Tensor]], scale: float) -> None:
+        self._parts, self._scale = parts, scale
+
+    def __getitem__(self, key: str) -> Tensor:
+        total = self._parts[0][key]
+        for part in self._parts[1:]:
+            total = total + part[key]
+        return total / self._scale
+
+    def __iter__(self):
+        return iter(self._parts[0])
+
+    def shape(self, key: str) -> torch.Size:
+        return self._parts[0][key].shape
+
+    def __len__(self) -> int:
+        return len(self._parts[0])
 
 
 def _acc(store: dict[str, Tensor], key: str, value: Tensor) -> None:
@@ -212,14 +240,14 @@ def calibration_statistics(
         with model_guard(model):
             for i, batch in enumerate(batches):
                 captured.update(x={}, out={})
-                with torch.enable_grad():
-                    loss = model(**batch).loss
-                    outs = [captured["out"][n] for n in names]
-                    grads = torch.autograd.grad(loss, outs)
                 labels = batch["labels"][0]  # (T,)
                 mask = torch.zeros_like(labels, dtype=torch.bool)
                 mask[:-1] = labels[1:] != IGNORE_INDEX  # position t predicts labels[t+1]
                 T_b = int(mask.sum())
+                with torch.enable_grad():
+                    loss = model(**batch).loss
+                    outs = [captured["out"][n] for n in names]
+                    grads = torch.autograd.grad(loss, outs)
                 xs = {g: x.detach()[0] for g, x in captured["x"].items()}  # (T, d_in)
                 gs = {n: g.detach()[0] for n, g in zip(names, grads)}  # (T, d_out)
                 h = half_of[i]
@@ -229,7 +257,7 @@ def calibration_statistics(
         for handle in handles:
             handle.remove()
     halves = {p: [sums[p, h].finalize(group_of) for h in (0, 1)] for p in PRESETS}
-    full64 = {p: sums[p, 0].add(sums[p, 1]).finalize(group_of) for p in PRESETS}
+    full64 = {p: sums[p, 0].finalize(group_of, sums[p, 1]) for p in PRESETS}
     full32 = {p: sums32[p].finalize(group_of) for p in PRESETS} if float32 else {}
     return CalibrationStatistics(halves, full64, full32, group_of, time.perf_counter() - start)
 
@@ -239,30 +267,37 @@ def _partial(fn, name):
 
 
 def _accumulate(sums, sums32, h, xs, gs, group_of, mask, T_b) -> None:
+    """Both presets' sums from one text. Shared products: ``xᵀg`` feeds both G (the paper weight
+    ``T_b`` multiplies it afterwards, as ``w * (x.mT @ g)`` always did); in float64 the official Z
+    is the loss-position product plus the rest (a float64 sum of two exact-order products), in
+    float32 it stays one product over all positions, the rounding ``collect_statistics`` has."""
     T = mask.shape[0]
-    targets = [(sums[p, h], torch.float64, p) for p in PRESETS]
+    sets = [(sums["official", h], sums["paper", h], torch.float64)]
     if sums32 is not None:
-        targets += [(sums32[p], torch.float32, p) for p in PRESETS]
-    for s, dtype, preset in targets:
-        positions = T if preset == "official" else T_b
-        s.tokens += positions
-        s.loss_tokens += T_b
-        s.weight += 1.0 if preset == "official" else float(T_b)
-        s.sequences += 1
+        sets.append((sums32["official"], sums32["paper"], torch.float32))
+    for off, pap, dtype in sets:
+        off.tokens, pap.tokens = off.tokens + T, pap.tokens + T_b
+        off.loss_tokens, pap.loss_tokens = off.loss_tokens + T_b, pap.loss_tokens + T_b
+        off.weight, pap.weight = off.weight + 1.0, pap.weight + float(T_b)
+        off.sequences, pap.sequences = off.sequences + 1, pap.sequences + 1
         x_cast = {g: x.to(dtype) for g, x in xs.items()}
         for group, x in x_cast.items():
-            xP = x if preset == "official" else x[mask]  # (|P|, d_in)
-            _acc(s.Z, group, xP.mT @ xP)
+            xP = x[mask]  # (|P|, d_in)
+            zP = xP.mT @ xP
+            _acc(pap.Z, group, zP)
+            if dtype == torch.float64:
+                xR = x[~mask]  # the other positions
+                _acc(off.Z, group, zP + xR.mT @ xR)
+            else:
+                _acc(off.Z, group, x.mT @ x)
         for name, g in gs.items():
             g = g.to(dtype)  # (T, d_out)
-            x = x_cast[group_of[name]]
-            w = 1.0 if preset == "official" else float(T_b)
-            _acc(s.G, name, w * (x.mT @ g))  # w_b ∇_W L_b, (d_in, d_out)
-            if preset == "official":
-                _acc(s.Y, name, (g * g).sum(0))  # (d_out,)
-            else:
-                gP = g[mask] * T_b  # per-token scores (|P|, d_out)
-                _acc(s.Y, name, gP.mT @ gP)  # (d_out, d_out)
+            grad = x_cast[group_of[name]].mT @ g  # ∇_W L_b, (d_in, d_out)
+            _acc(off.G, name, grad)  # w_b = 1
+            _acc(pap.G, name, float(T_b) * grad)  # w_b = T_b
+            _acc(off.Y, name, (g * g).sum(0))  # (d_out,)
+            gP = g[mask] * T_b  # per-token scores (|P|, d_out)
+            _acc(pap.Y, name, gP.mT @ gP)  # (d_out, d_out)
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -283,6 +318,19 @@ def rel_regret(A: np.ndarray, omega: np.ndarray, lam: np.ndarray) -> float:
     Q = np.linalg.qr(A)[0]
     opt = float(lam.sum())
     return (float(np.trace(Q.T @ omega @ Q)) - opt) / (abs(opt) or 1.0)
+
+
+def top_left_singular(M: np.ndarray, r: int) -> np.ndarray:
+    """A basis (not orthonormal) of the top-r left singular subspace of ``M`` (d1, d2), from the
+    r largest eigenpairs of the smaller Gram matrix (LAPACK evr): ``M Mᵀ``'s eigenvectors, or
+    ``M V`` with ``V`` those of ``MᵀM``. A tenth of a full SVD's time at 1536 × 576; squaring
+    the spectrum costs accuracy only relative to the gap σ_r² − σ_{r+1}², far below the angles
+    this stability check reports."""
+    d1, d2 = M.shape
+    if d1 <= d2:
+        return scipy.linalg.eigh(M @ M.T, subset_by_index=[d1 - r, d1 - 1], driver="evr")[1]
+    V = scipy.linalg.eigh(M.T @ M, subset_by_index=[d2 - r, d2 - 1], driver="evr")[1]  # (d2, r)
+    return M @ V
 
 
 def _angles(A: np.ndarray, B: np.ndarray) -> np.ndarray:
@@ -421,9 +469,95 @@ def _stability(
     lora_one = []
     for h in (0, 1):
         G = _np(cal.halves["paper"][h].G[name])  # (d_in, d_out)
-        lora_one.append(np.linalg.svd(-G, full_matrices=False)[0][:, :r])
+        lora_one.append(top_left_singular(-G, r))
     out["lora_one"] = {"angles": _angles(*lora_one).tolist()}
     return out
+
+
+# ----------------------------------------------------------------------------- workers
+
+_SHARED: dict[str, Any] = {}  # what the forked workers read: the pass's statistics and settings
+
+
+def _workers(options: SmolLM2Options) -> int:
+    """Worker processes for the per-layer solves: ``options.workers``, or one per CPU core where
+    ``fork`` is available (Linux) and CUDA is not initialised (a forked child cannot use it)."""
+    if options.workers is not None:
+        return options.workers
+    if sys.platform != "linux" or torch.cuda.is_initialized():
+        return 1
+    return max(1, len(os.sched_getaffinity(0)))
+
+
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    """One BLAS/LAPACK thread (torch and, with ``threadpoolctl``, NumPy/SciPy) inside the block.
+    The solves are d ≤ 1536 dense factorisations and eigen-solves that two threads barely speed
+    up (a decoder layer of SmolLM2: 16.5 s with 2 threads, 15.7 s with 1), so one process per
+    core is ~1.6–1.9× faster; and one thread everywhere makes the results independent of the
+    number of workers (threaded BLAS rounds differently)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # NumPy/SciPy's BLAS keeps its threads (correct, a little slower)
+        limits = nullcontext()
+    else:
+        limits = threadpool_limits(1)
+    try:
+        with limits:
+            yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _single_threaded() -> None:
+    """Worker initialiser (the process ends with its pool: nothing to restore)."""
+    _SHARED["one thread"] = _one_thread()
+    _SHARED["one thread"].__enter__()
+
+
+def _group_reports(names: list[str]) -> list[tuple[str, dict[str, Any]]]:
+    cal, presets, parts, r, seed = _SHARED["args"]
+    caches: dict = {}  # the group's Cholesky factors and cond(Z), shared by its layers
+    return [(n, _layer_report(n, cal, presets, parts, r, seed, caches)) for n in names]
+
+
+def _layer_reports(
+    names: list[str],
+    cal: CalibrationStatistics,
+    presets: dict[str, LoraDAConfig],
+    parts: Sequence[str],
+    options: SmolLM2Options,
+):
+    """Yield ``(name, report)`` for every layer of a pass (as they finish). The layers reading
+    one input (q/k/v, gate/up) form one task (they share Z's factors); with more than one worker
+    the tasks run in forked processes, largest input first, each single-threaded. The results do
+    not depend on the number of workers (each task is the same computation)."""
+    tasks: dict[str, list[str]] = {}
+    for n in names:
+        tasks.setdefault(cal.group_of[n], []).append(n)
+    args = (cal, presets, parts, options.rank, options.seed)
+    workers = min(_workers(options), len(tasks))
+    if workers <= 1:
+        _SHARED["args"] = args
+        try:
+            with _one_thread():
+                for group in tasks.values():
+                    yield from _group_reports(group)
+        finally:
+            _SHARED.pop("args", None)
+        return
+    d_in = {g: cal.full64["paper"].Z.shape(g)[0] for g in tasks}
+    order = sorted(tasks, key=lambda g: -d_in[g])  # longest first: balanced finish
+    _SHARED["args"] = args  # inherited by the forked workers (copy-on-write, no transfer)
+    try:
+        ctx = multiprocessing.get_context("fork")
+        with ctx.Pool(workers, initializer=_single_threaded) as pool:
+            for result in pool.imap_unordered(_group_reports, [tasks[g] for g in order]):
+                yield from result
+    finally:
+        _SHARED.pop("args", None)
 
 
 # ----------------------------------------------------------------------------- K-FAC truth
@@ -638,17 +772,15 @@ def run_smollm2(
             report["tokens"] = {p: cal.full64[p].tokens for p in PRESETS}
             report["loss_tokens"] = cal.full64["paper"].loss_tokens
             t1 = time.perf_counter()
-            caches: dict = {}
-            for name in chunk:
-                per_layer[name] = _layer_report(
-                    name, cal, presets, main_parts, options.rank, options.seed, caches
-                )
+            for name, entry in _layer_reports(chunk, cal, presets, main_parts, options):
+                per_layer[name] = entry
                 if progress:
                     print(f"  [{len(per_layer)}/{len(names)}] {name}", flush=True)
             report["seconds"]["layers"] += time.perf_counter() - t1
-            del cal, caches
+            del cal
         report["passes"] = len(groups)
-        report["layers"] = per_layer
+        report["workers"] = _workers(options)
+        report["layers"] = {n: per_layer[n] for n in names}
     if "kfac" in options.parts:
         t2 = time.perf_counter()
         chosen = _kfac_layers(names, options.kfac_layers, options.seed)
