@@ -30,6 +30,11 @@ Parts (``parts``), per layer:
   empirical Fisher of a seeded coordinate sub-block ``W[I, J]`` of a few layers of every module
   type (it is exactly the principal sub-matrix of the layer's Fisher) against the K-FAC block
   ``Y[J,J] ⊗ Z[I,I]``; LoRA-DA computed with the NumPy reference on that sub-block from each.
+
+Cost (docs/real_model.md): the statistics of ``layers_per_pass`` decoder layers are held at once
+(≈ 390 MB per SmolLM2 decoder layer: both presets' float64 halves and float32 sums); the
+per-layer solves of a pass run in ``workers`` forked processes, one BLAS thread each, so the
+results do not depend on the number of workers.
 """
 
 from __future__ import annotations
