@@ -279,3 +279,21 @@ def test_smollm2_quick_validation_is_finite(loads):
     for name, entry in one["layers"].items():
         assert entry["precision"] == report["layers"][name]["precision"]
         assert entry["stability"] == report["layers"][name]["stability"]
+
+
+@pytest.mark.parametrize("shape", [(300, 120), (120, 300)])
+def test_lora_one_subspace_from_the_gram_matrix_equals_the_svd(shape):
+    """The stability check's LoRA-One subspace (top-r left singular vectors from the smaller
+    Gram matrix) equals the SVD's, for tall and wide G. Caught: the r smallest Gram eigenpairs
+    (1.57 rad), and for tall G the right singular vectors V instead of G·V (a shape error)."""
+    from lora_da_ref.linalg import principal_angles
+    from lora_da_ref.torch.validation.smollm2 import top_left_singular
+
+    rng = np.random.default_rng(0)
+    U = np.linalg.qr(rng.standard_normal((shape[0], shape[0])))[0]
+    V = np.linalg.qr(rng.standard_normal((shape[1], shape[1])))[0]
+    k = min(shape)
+    G = (U[:, :k] * np.logspace(0, -4, k)) @ V[:, :k].T
+    A = top_left_singular(G, 8)
+    assert A.shape == (shape[0], 8)
+    assert principal_angles(A, np.linalg.svd(G)[0][:, :8]).max() <= 1e-8
