@@ -55,7 +55,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--layers-per-pass", type=int, default=SmolLM2Options.layers_per_pass,
                    help="decoder layers per statistics pass (memory; 0 = all in one pass)")  # fmt: skip
     g.add_argument("--workers", type=int, default=0,
-                   help="processes for the per-layer solves (0 = one per CPU core)")  # fmt: skip
+                   help="processes for the per-layer solves (0 = one per CPU core, at most 8)")  # fmt: skip
     g.add_argument("--progress", action="store_true", help="print one line per finished layer")
 
 

@@ -105,7 +105,7 @@ class SmolLM2Options:
     kfac_texts: int = 16
     kfac_length: int = 64
     layers_per_pass: int | None = 15  # decoder layers per statistics pass (memory); None = all
-    workers: int | None = None  # processes for the per-layer solves; None = one per CPU core
+    workers: int | None = None  # processes for the per-layer solves; None = one per core (≤ 8)
 
     def __post_init__(self) -> None:
         unknown = [p for p in self.parts if p not in PARTS]
@@ -484,14 +484,18 @@ def _stability(
 _SHARED: dict[str, Any] = {}  # what the forked workers read: the pass's statistics and settings
 
 
+MAX_AUTO_WORKERS = 8  # each worker holds a few d×d float64 temporaries (≈ 0.2 GB at d = 1536)
+
+
 def _workers(options: SmolLM2Options) -> int:
-    """Worker processes for the per-layer solves: ``options.workers``, or one per CPU core where
-    ``fork`` is available (Linux) and CUDA is not initialised (a forked child cannot use it)."""
+    """Worker processes for the per-layer solves: ``options.workers``, or one per CPU core (at
+    most :data:`MAX_AUTO_WORKERS`) where ``fork`` is available (Linux) and CUDA is not
+    initialised (a forked child cannot use it)."""
     if options.workers is not None:
         return options.workers
     if sys.platform != "linux" or torch.cuda.is_initialized():
         return 1
-    return max(1, len(os.sched_getaffinity(0)))
+    return max(1, min(len(os.sched_getaffinity(0)), MAX_AUTO_WORKERS))
 
 
 @contextmanager
