@@ -521,7 +521,9 @@ def _one_thread() -> Iterator[None]:
 
 
 def _single_threaded() -> None:
-    """Worker initialiser (the process ends with its pool: nothing to restore)."""
+    """Worker initialiser (the process ends with its pool: nothing to restore). It must run
+    before any torch op: GNU OpenMP is not fork-safe, and a forked worker left at the parent's
+    two threads hung in its first parallel region (seen with this initialiser removed)."""
     _SHARED["one thread"] = _one_thread()
     _SHARED["one thread"].__enter__()
 
