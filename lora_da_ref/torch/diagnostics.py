@@ -35,7 +35,9 @@ gradient weights): ``Cov(Ĝ_h) ∝ 1/w_h`` for independent halves gives
 configured β, α, N, σ-normalisation and solver): the largest and smallest principal angles
 between the two r-dimensional subspaces (radians; π/2 = orthogonal), and the regret of half 1's
 A under half 2's Ω, ``tr(A₁ᵀΩ₂A₁) − tr(A₂ᵀΩ₂A₂)`` (Eq. 8; ≥ 0 up to the solver's accuracy),
-also relative to ``r·‖Ω₂‖₂``.
+also relative to ``r·‖Ω₂‖₂``. The halves' Ω omit the official σ-normalisation (``Ω/σ_h²``,
+``normalize_delta``), which changes neither A nor the relative regret: ``split_regret`` is in
+the units of the unnormalised Ω.
 """
 
 from __future__ import annotations
@@ -133,9 +135,12 @@ def calibration_diagnostics(
     diff = even - odd
     split_noise = float((diff * diff).sum()) * w1 * w2 / (w1 + w2) ** 2
     out |= {"split_noise": split_noise, "split_snr": _snr(delta_sq, split_noise)}
-    # each half's Ω with the configured estimator; a half's |S| scales with its gradient weight
+    # each half's Ω with the configured estimator; a half's |S| scales with its gradient weight.
+    # Without the σ-normalisation: it divides Ω by σ_h², which moves neither A nor the relative
+    # regret, and σ_h (a Gram eigen-solve) would cost as much as the half's Ω.
+    plain = config.replace(normalize_delta=False)
     guides = [
-        guidance_from_delta(J, d, config, name, size * w / (w1 + w2))
+        guidance_from_delta(J, d, plain, name, size * w / (w1 + w2))
         for d, w in ((even, w1), (odd, w2))
     ]
     out |= _stability([g.omega for g in guides], name, config)

@@ -359,8 +359,9 @@ def precision_probe(
         {name: G + u * _scale_of(G) * _noise(G.shape, gen, G)}, {name: probe_group},
         stats.tokens, stats.loss_tokens, stats.sequences, stats.batches,
     )  # fmt: skip
-    # The perturbed solve needs only A0: no calibration diagnostics (they cost a block sum).
-    quiet = config.replace(calibration_diagnostics=False)
+    # The perturbed solve needs only A0: no calibration diagnostics (they cost a block sum) and
+    # no σ-normalisation (Ω/σ² has the same eigenvectors; σ costs a Gram eigen-solve).
+    quiet = config.replace(calibration_diagnostics=False, normalize_delta=False)
     other = solve_layer(perturbed, name, quiet, z_factors, probe=False)
     return _largest_angle(solution.eig.vectors, other.eig.vectors)
 
