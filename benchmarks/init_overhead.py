@@ -9,8 +9,10 @@ rank 8 on all seven projections. Measured, each once, in one process:
 - ``plain_pass_s``: one forward+backward over all batches with every parameter requiring grad
   (as training would), gradients zeroed between batches;
 - ``statistics_pass_s``: ``collect_statistics`` (Algorithm 1, step 1: G, Z, Y in one pass);
-- ``solves_s``: ``layer_factors`` over all layers (Cholesky, Fisher–gradient, Ω, eigen-solve,
-  in float64, with the precision probe's second solve for float32 statistics);
+- ``solves_s``: the init's solve stage over all layers (``pipeline.solve_layers``: Cholesky,
+  Fisher–gradient, Ω, eigen-solve, in float64, with the precision probe's second solve for
+  float32 statistics), ``solve_workers`` layer groups side by side on one BLAS thread each;
+  ``solves_one_worker_s``: the same one group at a time on torch's threads (``solve_workers=1``);
 - ``statistics_core_pass_s``: the statistics pass without the calibration diagnostics' split-half
   gradient sums (``diagnostics_pass_overhead`` = their relative cost; issue 11's budget: 5 %);
 - ``solves_core_s``: the same without the calibration diagnostics and the precision probe
@@ -43,8 +45,8 @@ import torch
 
 from lora_da_ref.data import tiny_llama
 from lora_da_ref.torch.config import LoraDAConfig
-from lora_da_ref.torch.factors import layer_factors
 from lora_da_ref.torch.init import find_target_modules, init_lora_da
+from lora_da_ref.torch.pipeline import solve_layers, solve_workers
 from lora_da_ref.torch.statistics import collect_statistics, layer_passes
 
 FULL = dict(layers=8, hidden=512, intermediate=1376, heads=8, vocab=1000, sequences=32, length=128)
@@ -180,9 +182,8 @@ def plain_pass(model: torch.nn.Module, batches: list[dict]) -> None:
 
 
 def solves(model: torch.nn.Module, stats: Any, config: LoraDAConfig) -> dict:
-    cache: dict = {}
-    names = find_target_modules(model, config.target_modules)
-    return {name: layer_factors(stats, name, config, cache) for name in names}
+    """The init's solve stage (layer groups side by side, ``config.solve_workers``)."""
+    return solve_layers(stats, find_target_modules(model, config.target_modules), config)
 
 
 def statistics_bytes(stats: Any) -> int:
@@ -212,11 +213,16 @@ def run_preset(name: str, model: torch.nn.Module, batches: list[dict], args: Any
         {
             "solves": partial(solves, model, stats, config),
             "core": partial(solves, model, stats, core),
+            "serial": partial(solves, model, stats, config.replace(solve_workers=1)),
         },
         device,
         repeats,
     )
     (solve_s, solve_mb, _), core_s = solve_runs["solves"], solve_runs["core"][0]
+    groups: dict[str, list[str]] = {}
+    for n in targets:
+        groups.setdefault(stats.group_of[n], []).append(n)
+    workers = min(solve_workers(stats, groups, config), len(groups))
     stats_size = statistics_bytes(stats)
     del stats  # free the statistics before the next measurements
     multi = config.replace(layers_per_pass=2)
@@ -235,6 +241,8 @@ def run_preset(name: str, model: torch.nn.Module, batches: list[dict], args: Any
         "statistics_core_pass_s": stats_core_s,
         "solves_s": solve_s,
         "solves_core_s": core_s,
+        "solve_workers": workers,
+        "solves_one_worker_s": solve_runs["serial"][0],
         "init_total_s": inits["whole"][0],
         "init_core_total_s": inits["whole_core"][0],
         "multipass_layers_per_pass": 2,

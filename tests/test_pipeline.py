@@ -15,9 +15,10 @@ import lora_da_ref.fisher as np_fisher
 import lora_da_ref.initializers as np_init
 from lora_da_ref.linalg import principal_angles
 from lora_da_ref.torch import KroneckerFisher, LoraDAConfig, find_target_modules, lora_da_init
-from lora_da_ref.torch.pipeline import SingleProcess, run_pipeline
+from lora_da_ref.torch.pipeline import SingleProcess, run_pipeline, solve_layers, solve_workers
 from lora_da_ref.torch.solvers import smallest_eigenpairs
-from lora_da_ref.torch.statistics import KFACSums, accumulate_statistics
+from lora_da_ref.torch.statistics import KFACStatistics, KFACSums, accumulate_statistics
+from lora_da_ref.torch.threads import one_blas_thread
 from tests.torch_cases import (
     LLAMA_TARGETS,
     TokenMLP,
@@ -129,3 +130,77 @@ def test_no_import_cycle_between_init_pipeline_and_distributed():
     for path in lower:
         assert "lora_da_ref.torch.init" not in _imports(path), path.name
     assert not any(m.startswith("lora_da_ref.torch.distributed") for m in _imports(lower[0]))
+
+
+# ----------------------------------------------------------------------------- solve workers
+
+
+def _group_statistics(widths=(160, 160, 96), layers_per_group=2, d_out=48, seed=0):
+    """Synthetic float32 statistics: one Z per group, layers sharing it (as q/k/v, gate/up)."""
+    gen = torch.Generator().manual_seed(seed)
+    Z, Y, G, group_of = {}, {}, {}, {}
+    for g, d in enumerate(widths):
+        X = torch.randn(4 * d, d, generator=gen, dtype=torch.float64)
+        Z[f"g{g}"] = (X.mT @ X / X.shape[0]).float()
+        for k in range(layers_per_group):
+            name = f"g{g}.m{k}"
+            S = torch.randn(4 * d_out, d_out, generator=gen, dtype=torch.float64)
+            Y[name] = (S.mT @ S / S.shape[0]).float()
+            G[name] = torch.randn(d, d_out, generator=gen).div(d)
+            group_of[name] = f"g{g}"
+    return KFACStatistics(Z, Y, G, group_of, 1000, 1000, 10, 10, gradient_weight=1000.0)
+
+
+@pytest.mark.parametrize("preset", ["official", "paper"])
+def test_solve_workers_give_bit_identical_factors_in_the_names_order(preset):
+    """Layer groups solved side by side in threads, one BLAS thread each, give bit-identical
+    factors and diagnostics for any number of workers, equal to the one-thread serial solve, in
+    the order of ``names``; the one-worker default (torch's threads) differs by round-off only.
+    Catches a cache shared across threads, a task that mixes groups, results in completion
+    order, and a worker left on the multi-threaded BLAS (rounds differently)."""
+    stats = _group_statistics()
+    config = getattr(LoraDAConfig, preset)(rank=3, n_train=100)
+    names = sorted(stats.G, reverse=True)  # not the groups' order
+    with one_blas_thread():
+        serial = solve_layers(stats, names, config.replace(solve_workers=1))
+    threads = torch.get_num_threads()
+    for workers in (2, 3):
+        got = solve_layers(stats, names, config.replace(solve_workers=workers))
+        assert list(got) == names
+        assert torch.get_num_threads() == threads  # restored
+        for n in names:
+            assert torch.equal(got[n].A, serial[n].A) and torch.equal(got[n].B, serial[n].B), n
+            assert got[n].diagnostics == serial[n].diagnostics, n
+    default = solve_layers(stats, names, config.replace(solve_workers=1))
+    for n in names:
+        ab, ref = default[n].A @ default[n].B, serial[n].A @ serial[n].B
+        assert float((ab - ref).norm() / ref.norm()) < SHARDS_RTOL, n
+
+
+def test_a_failing_layer_in_a_worker_raises_naming_it():
+    """A non-PD Z in one group fails the solve with the layer's name, from a worker thread; the
+    other tasks do not hide it, and torch's thread count is restored."""
+    stats = _group_statistics()
+    stats.Z["g1"] = -stats.Z["g1"]  # negative definite: no damping makes it PD
+    threads = torch.get_num_threads()
+    config = LoraDAConfig.paper(rank=3, n_train=100, solve_workers=2)
+    with pytest.raises(ValueError, match=r"layer 'g1\.m0'.*Z of 'g1'"):
+        solve_layers(stats, list(stats.G), config)
+    assert torch.get_num_threads() == threads
+
+
+def test_automatic_solve_workers():
+    """torch's threads (≤ 8) for CPU statistics of inputs ≤ 4096 wide; 1 above, or when told."""
+    stats = _group_statistics(widths=(8, 8), d_out=4)
+    tasks = {"g0": ["g0.m0"], "g1": ["g1.m0"]}
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)
+        assert solve_workers(stats, tasks, LoraDAConfig()) == 3
+        assert solve_workers(stats, tasks, LoraDAConfig(solve_workers=1)) == 1
+        stats.Z["g1"] = torch.zeros(0).new_empty((4097, 4097))  # only its shape is read
+        assert solve_workers(stats, tasks, LoraDAConfig()) == 1
+    finally:
+        torch.set_num_threads(threads)
+    with pytest.raises(ValueError, match="solve_workers"):
+        LoraDAConfig(solve_workers=0)

@@ -86,6 +86,13 @@ class LoraDAConfig:
             far rounding them to that dtype moves A0 (``diagnostics["precision_probe"]``, one
             more solve per layer; :func:`lora_da_ref.torch.factors.precision_probe`). Off: no
             warning names the layers where float32 statistics are not trustworthy.
+        solve_workers: how many layer groups (the layers reading one input share Z's factor)
+            are solved side by side, in threads, each on one BLAS thread
+            (:mod:`lora_da_ref.torch.threads`). ``None``: torch's thread count
+            (``torch.get_num_threads()``), at most 8, for statistics on the CPU with no input
+            wider than 4096 (each worker holds its group's d × d float64 temporaries); else 1.
+            With 1 the solves run one after another on torch's threads. Every value ≥ 2 gives
+            bit-identical factors; they differ from 1's by round-off only.
         See :mod:`lora_da_ref.torch.statistics` for the exact normalisation.
     """
 
@@ -112,6 +119,7 @@ class LoraDAConfig:
     calibration_diagnostics: bool = True
     estimator: Literal["plugin", "debiased", "damped"] = "plugin"
     precision_probe: bool = True
+    solve_workers: int | None = None
 
     def __post_init__(self) -> None:
         # A str is PEFT's regex (or "all-linear") and stays a str; a list is stored as a tuple.
@@ -178,6 +186,8 @@ def _validate(c: LoraDAConfig) -> None:
         _positive_int("layers_per_pass", c.layers_per_pass)
     if c.max_statistics_bytes is not None:
         _positive_int("max_statistics_bytes", c.max_statistics_bytes)
+    if c.solve_workers is not None:
+        _positive_int("solve_workers", c.solve_workers)
     if isinstance(c.label_shift, bool) or not isinstance(c.label_shift, int) or c.label_shift < 0:
         raise ValueError(f"label_shift must be a non-negative integer, got {c.label_shift!r}")
     for flag in ("calibration_diagnostics", "precision_probe", "normalize_delta"):

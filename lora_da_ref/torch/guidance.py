@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+import torch
 from torch import Tensor
 
 from lora_da_ref.torch.fisher import FisherMatrix, as_fisher
@@ -74,10 +75,15 @@ def guidance_matrix(
         if not math.isfinite(value):
             raise ValueError(f"{name} must be finite, got {value}")
     d1, d2 = delta_w.shape
-    omega = -bias_weight * (delta_w @ delta_w.mT)  # (d1, d1)
-    if variance_weight != 0.0:
-        omega = omega + (variance_weight / n) * inverse_fisher_block_sum(J, d1, d2)
-    return 0.5 * (omega + omega.mT)
+    if variance_weight != 0.0:  # β/N · Σ J⁻¹_[i] − α ΔWΔWᵀ in one gemm (C ← αAB + βC)
+        block_sum = inverse_fisher_block_sum(J, d1, d2)  # (d1, d1)
+        omega = torch.addmm(
+            block_sum, delta_w, delta_w.mT, beta=variance_weight / n, alpha=-bias_weight
+        )
+    else:
+        omega = -bias_weight * (delta_w @ delta_w.mT)  # (d1, d1)
+    symmetric = omega + omega.mT
+    return symmetric.mul_(0.5)
 
 
 def _check_matrix(name: str, M: object) -> None:

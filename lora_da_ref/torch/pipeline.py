@@ -24,9 +24,11 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
 from typing import Protocol
 
+import torch
 from torch import nn
 
 from lora_da_ref.torch.config import LoraDAConfig, LoraFactors
@@ -43,8 +45,16 @@ from lora_da_ref.torch.statistics import (
     finalize,
     layer_passes,
 )
+from lora_da_ref.torch.threads import one_blas_thread
 
-__all__ = ["SingleProcess", "Strategy", "run_pipeline", "solve_layers", "warn_untrusted"]
+__all__ = [
+    "SingleProcess",
+    "Strategy",
+    "run_pipeline",
+    "solve_layers",
+    "solve_workers",
+    "warn_untrusted",
+]
 
 Targets = dict[str, nn.Linear]
 
@@ -180,11 +190,66 @@ def warn_untrusted(factors: dict[str, LoraFactors]) -> None:
     )
 
 
+MAX_AUTO_SOLVE_WORKERS = 8
+MAX_AUTO_PARALLEL_WIDTH = 4096  # a wider input solves on all threads, one group at a time
+
+
 def solve_layers(
     stats: KFACStatistics, names: Iterable[str], config: LoraDAConfig
 ) -> dict[str, LoraFactors]:
-    """Steps 2–5 of Algorithm 1 for ``names``; layers sharing an input share one factor of Z."""
-    z_factors: dict[str, CholeskyFactor] = {}
+    """Steps 2–5 of Algorithm 1 for ``names``, in ``names``' order.
+
+    The layers reading one input (q/k/v, gate/up) form one task and share Z's Cholesky factor.
+    With :func:`solve_workers` > 1 the tasks run in that many threads, widest input first, each
+    on one BLAS thread (:func:`~lora_da_ref.torch.threads.one_blas_thread`): every task is the
+    same single-threaded computation whichever thread runs it, so the factors do not depend on
+    the number of workers."""
+    names = list(names)
+    tasks: dict[str, list[str]] = {}
+    for name in names:
+        tasks.setdefault(stats.group_of[name], []).append(name)
+    workers = min(solve_workers(stats, tasks, config), len(tasks))
+    if workers <= 1:
+        solved = _solve_task(stats, names, config)
+        return {n: solved[n] for n in names}
+    order = sorted(tasks.values(), key=lambda t: -_width(stats, t[0]))  # balanced finish
+    solved: dict[str, LoraFactors] = {}
+    with one_blas_thread(), ThreadPoolExecutor(workers) as pool:
+        futures = [pool.submit(_solve_task, stats, task, config) for task in order]
+        try:
+            for future in futures:
+                solved |= future.result()
+        except BaseException:
+            for future in futures:
+                future.cancel()  # the first failure is raised; queued tasks do not start
+            raise
+    return {n: solved[n] for n in names}
+
+
+def solve_workers(stats: KFACStatistics, tasks: dict[str, list[str]], config: LoraDAConfig) -> int:
+    """``config.solve_workers``, or automatically: torch's thread count (at most
+    :data:`MAX_AUTO_SOLVE_WORKERS`) for CPU statistics whose inputs are at most
+    :data:`MAX_AUTO_PARALLEL_WIDTH` wide, else 1."""
+    if config.solve_workers is not None:
+        return config.solve_workers
+    if not tasks:
+        return 1
+    first = next(iter(tasks.values()))[0]
+    if stats.Z[stats.group_of[first]].device.type != "cpu":
+        return 1
+    if max(_width(stats, t[0]) for t in tasks.values()) > MAX_AUTO_PARALLEL_WIDTH:
+        return 1
+    return max(1, min(torch.get_num_threads(), MAX_AUTO_SOLVE_WORKERS))
+
+
+def _width(stats: KFACStatistics, name: str) -> int:
+    return int(stats.Z[stats.group_of[name]].shape[0])
+
+
+def _solve_task(
+    stats: KFACStatistics, names: list[str], config: LoraDAConfig
+) -> dict[str, LoraFactors]:
+    z_factors: dict[str, CholeskyFactor] = {}  # this task's (shared) factors of Z
     return {name: layer_factors(stats, name, config, z_factors) for name in names}
 
 

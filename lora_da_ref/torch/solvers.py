@@ -21,6 +21,7 @@ eigenvalues ascending, columns with a deterministic sign (largest-|entry| positi
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -178,14 +179,22 @@ def lobpcg_solver(
     return EigenResult(values, vectors, diag)
 
 
+# torch.lobpcg switches its tracker on by assigning the class attribute LOBPCG.call_tracker and
+# switches it off when it returns: a call finishing in another thread silences this one's tracker
+# (seen: "iterations" 9 instead of 10 with layers solved side by side). One call at a time; its
+# Python-heavy loop holds the GIL most of the time anyway.
+_LOBPCG_LOCK = threading.Lock()
+
+
 def _run_lobpcg(
     omega: Tensor, c: float, X0: Tensor, niter: int, tol: float, steps: list[int]
 ) -> tuple[Tensor, Tensor]:
     A = omega + c * torch.eye(omega.shape[0], dtype=omega.dtype, device=omega.device)
-    values, vectors = torch.lobpcg(
-        A, k=X0.shape[1], X=X0, niter=niter, tol=tol, largest=False,
-        tracker=lambda worker: steps.append(worker.ivars["istep"]),
-    )  # fmt: skip
+    with _LOBPCG_LOCK:
+        values, vectors = torch.lobpcg(
+            A, k=X0.shape[1], X=X0, niter=niter, tol=tol, largest=False,
+            tracker=lambda worker: steps.append(worker.ivars["istep"]),
+        )  # fmt: skip
     return values - c, vectors
 
 

@@ -44,8 +44,7 @@ import multiprocessing
 import os
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager, nullcontext
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -59,6 +58,7 @@ from lora_da_ref.torch.config import DEFAULT_TARGETS, LoraDAConfig
 from lora_da_ref.torch.factors import kfac_fisher, layer_guidance, layer_seed
 from lora_da_ref.torch.solvers import smallest_eigenpairs
 from lora_da_ref.torch.statistics import IGNORE_INDEX, KFACStatistics, model_guard
+from lora_da_ref.torch.threads import one_blas_thread
 
 __all__ = [
     "MODULE_TYPES",
@@ -498,33 +498,11 @@ def _workers(options: SmolLM2Options) -> int:
     return max(1, min(len(os.sched_getaffinity(0)), MAX_AUTO_WORKERS))
 
 
-@contextmanager
-def _one_thread() -> Iterator[None]:
-    """One BLAS/LAPACK thread (torch and, with ``threadpoolctl``, NumPy/SciPy) inside the block.
-    The solves are d ≤ 1536 dense factorisations and eigen-solves that two threads barely speed
-    up (a decoder layer of SmolLM2: 16.5 s with 2 threads, 15.7 s with 1), so one process per
-    core is ~1.6–1.9× faster; and one thread everywhere makes the results independent of the
-    number of workers (threaded BLAS rounds differently)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # NumPy/SciPy's BLAS keeps its threads (correct, a little slower)
-        limits = nullcontext()
-    else:
-        limits = threadpool_limits(1)
-    try:
-        with limits:
-            yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 def _single_threaded() -> None:
     """Worker initialiser (the process ends with its pool: nothing to restore). It must run
     before any torch op: GNU OpenMP is not fork-safe, and a forked worker left at the parent's
     two threads hung in its first parallel region (seen with this initialiser removed)."""
-    _SHARED["one thread"] = _one_thread()
+    _SHARED["one thread"] = one_blas_thread()
     _SHARED["one thread"].__enter__()
 
 
@@ -553,7 +531,7 @@ def _layer_reports(
     if workers <= 1:
         _SHARED["args"] = args
         try:
-            with _one_thread():
+            with one_blas_thread():
                 for group in tasks.values():
                     yield from _group_reports(group)
         finally:
