@@ -8,7 +8,14 @@ import pytest
 import torch
 
 from lora_da_ref.torch import LoraDAConfig, collect_statistics, find_target_modules
-from lora_da_ref.torch.statistics import accumulate_statistics, finalize, layer_passes, token_masks
+from lora_da_ref.torch.statistics import (
+    ADD_CHUNK,
+    accumulate_statistics,
+    add_into,
+    finalize,
+    layer_passes,
+    token_masks,
+)
 from tests.report import allclose_report
 from tests.torch_cases import (
     LLAMA_CASES,
@@ -574,3 +581,19 @@ def test_statistics_pass_does_not_leak_activations(fail):
     for _ in range(3):
         one_call()
     assert _live_tensors() == baseline
+
+
+@pytest.mark.parametrize("shape", [(ADD_CHUNK + 3,), (317, 613), (2, 300, 301), (8, 8)])
+def test_chunked_running_sum_add_is_the_plain_add_bit_for_bit(shape):
+    """float64 += alpha·float32 in cache-sized pieces equals one ``add_`` exactly, for sizes that
+    are not a multiple of the piece (a dropped or doubled element at a piece boundary fails)."""
+    gen = torch.Generator().manual_seed(0)
+    total = torch.randn(shape, generator=gen, dtype=torch.float64)
+    value = torch.randn(shape, generator=gen, dtype=torch.float32)
+    expected = total.clone().add_(value, alpha=0.37)
+    add_into(total, value, 0.37)
+    assert torch.equal(total, expected)
+    half = torch.zeros(2, *shape, dtype=torch.float64)  # a view into a larger sum (G's halves)
+    add_into(half[1], value, 0.37)
+    assert torch.equal(half[1], torch.zeros(shape, dtype=torch.float64).add_(value, alpha=0.37))
+    assert not half[0].any()
