@@ -164,7 +164,7 @@ class FisherMatrix(ABC):
     @property
     @abstractmethod
     def damping(self) -> dict[str, float]:
-        """The damping actually used per factor (after any tenfold raises)."""
+        """The damping actually used per factor (as factorised; never raised silently)."""
 
     def _check_G(self, G: Tensor) -> Tensor:
         if not isinstance(G, Tensor):
@@ -182,7 +182,7 @@ class DenseFisher(FisherMatrix):
     Args:
         J: (d1·d2, d1·d2) Fisher of column-stacked ``vec(W)``.
         d1, d2: the shape of ``W``.
-        damping: ``λ`` added to the diagonal of ``J`` (raised tenfold if Cholesky fails).
+        damping: ``λ`` added to the diagonal of ``J`` (``J + λI`` not positive definite raises).
     """
 
     def __init__(self, J: Tensor, d1: int, d2: int, damping: float = 0.0) -> None:
