@@ -367,9 +367,7 @@ def precision_probe(
 
 
 def _noise(shape: tuple[int, ...], gen: torch.Generator, like: Tensor) -> Tensor:
-    """Standard normal draws, drawn in float32 (5.7× faster than float64 draws on the CPU; a
-    model of rounding needs no more), returned in float64 on ``like``'s device."""
-    return torch.randn(shape, generator=gen, dtype=torch.float32).to(like.device, SOLVE_DTYPE)
+    return torch.randn(shape, generator=gen, dtype=SOLVE_DTYPE).to(like.device)
 
 
 def _perturb_gram(M: Tensor, u: float, gen: torch.Generator) -> Tensor:
