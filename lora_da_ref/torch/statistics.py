@@ -607,6 +607,7 @@ def add_into(total: Tensor, value: Tensor, alpha: float = 1.0) -> None:
     if (
         total.device.type != "cpu"
         or total.dtype == value.dtype
+        or total.shape != value.shape  # (broadcasting: one add_)
         or total.numel() <= ADD_CHUNK
         or not (total.is_contiguous() and value.is_contiguous())
     ):
