@@ -46,7 +46,7 @@ import torch
 from lora_da_ref.data import tiny_llama
 from lora_da_ref.torch.config import LoraDAConfig
 from lora_da_ref.torch.init import find_target_modules, init_lora_da
-from lora_da_ref.torch.pipeline import solve_layers, solve_workers
+from lora_da_ref.torch.pipeline import layer_tasks, solve_layers, solve_workers
 from lora_da_ref.torch.statistics import collect_statistics, layer_passes
 
 FULL = dict(layers=8, hidden=512, intermediate=1376, heads=8, vocab=1000, sequences=32, length=128)
@@ -219,9 +219,7 @@ def run_preset(name: str, model: torch.nn.Module, batches: list[dict], args: Any
         repeats,
     )
     (solve_s, solve_mb, _), core_s = solve_runs["solves"], solve_runs["core"][0]
-    groups: dict[str, list[str]] = {}
-    for n in targets:
-        groups.setdefault(stats.group_of[n], []).append(n)
+    groups = layer_tasks(stats, targets)
     workers = min(solve_workers(stats, groups, config), len(groups))
     stats_size = statistics_bytes(stats)
     del stats  # free the statistics before the next measurements

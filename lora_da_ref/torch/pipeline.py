@@ -50,6 +50,7 @@ from lora_da_ref.torch.threads import one_blas_thread
 __all__ = [
     "SingleProcess",
     "Strategy",
+    "layer_tasks",
     "run_pipeline",
     "solve_layers",
     "solve_workers",
@@ -205,9 +206,7 @@ def solve_layers(
     same single-threaded computation whichever thread runs it, so the factors do not depend on
     the number of workers."""
     names = list(names)
-    tasks: dict[str, list[str]] = {}
-    for name in names:
-        tasks.setdefault(stats.group_of[name], []).append(name)
+    tasks = layer_tasks(stats, names)
     workers = min(solve_workers(stats, tasks, config), len(tasks))
     if workers <= 1:
         solved = _solve_task(stats, names, config)
@@ -224,6 +223,14 @@ def solve_layers(
                 future.cancel()  # the first failure is raised; queued tasks do not start
             raise
     return {n: solved[n] for n in names}
+
+
+def layer_tasks(stats: KFACStatistics, names: Iterable[str]) -> dict[str, list[str]]:
+    """``{input group: its layers}``: the layers reading one input share Z's factor."""
+    tasks: dict[str, list[str]] = {}
+    for name in names:
+        tasks.setdefault(stats.group_of[name], []).append(name)
+    return tasks
 
 
 def solve_workers(stats: KFACStatistics, tasks: dict[str, list[str]], config: LoraDAConfig) -> int:
