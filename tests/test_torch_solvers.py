@@ -8,7 +8,7 @@ import torch
 
 from lora_da_ref.linalg import principal_angles
 from lora_da_ref.torch import SOLVERS, smallest_eigenpairs
-from lora_da_ref.torch.solvers import default_tol, fix_signs, relative_residual
+from lora_da_ref.torch.solvers import default_tol, fix_signs, relative_residual, torch_lobpcg
 from tests.torch_cases import single_thread  # noqa: F401  (autouse fixture)
 
 # Davis–Kahan sin Θ theorem: sin θ_max ≤ ‖ΩA − AΛ‖_F / δ, δ = λ_{r+1} − λ_r (exact spectrum).
@@ -121,6 +121,30 @@ def test_official_ten_iterations_fail_at_llama_size_with_a_small_gap(dtype):
     assert _relative_regret(omega, official.vectors, 8) > 1e-3
     checked = smallest_eigenpairs(omega.to(dtype), 8, solver="lobpcg", seed=0)
     assert _angle(checked.vectors, exact) <= _dk_bound(omega, checked, 8)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("niter", [3, 10, 200])
+def test_torch_lobpcg_is_torch_lobpcg_with_its_iteration_count(dtype, niter):
+    """The worker built by ``torch_lobpcg`` (no tracker, so no class attribute switched on and
+    off) is ``torch.lobpcg``'s: bit-identical values and vectors, and the iteration count that
+    ``torch.lobpcg``'s tracker sees, whether the cap (3, 10) or the tolerance (200) stops it.
+    Catches ``largest`` or ``tol`` not passed as torch passes them, and an off-by-one count
+    (the ortho tolerances and ``ortho_i_max`` do not change the result on this Ω)."""
+    omega, _ = spectrum_omega(96, 4, (-1.0, -0.5), (0.0, 1.0), seed=3)
+    A = omega.to(dtype)
+    X0 = torch.linalg.qr(torch.randn(96, 4, generator=torch.Generator().manual_seed(1)))[0]
+    X0 = X0.to(dtype)
+    tol = default_tol(dtype)
+    steps: list[int] = []
+    values, vectors = torch.lobpcg(
+        A, k=4, X=X0.clone(), niter=niter, tol=tol, largest=False,
+        tracker=lambda worker: steps.append(worker.ivars["istep"]),
+    )  # fmt: skip
+    got_values, got_vectors, iterations = torch_lobpcg(A, X0.clone(), niter, tol)
+    assert torch.equal(got_values, values) and torch.equal(got_vectors, vectors)
+    assert iterations == len(steps) == steps[-1]
+    assert (iterations == niter) == (niter < 200), iterations  # 200: stopped by the tolerance
 
 
 def test_solvers_are_deterministic_and_sign_fixed():

@@ -39,6 +39,7 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor
 
+from lora_da_ref.torch.blas import gram_lower
 from lora_da_ref.torch.config import LoraDAConfig, LoraFactors
 from lora_da_ref.torch.diagnostics import (
     calibration_diagnostics,
@@ -306,8 +307,9 @@ def lora_da_init(
 def top_singular_value(delta_w: Tensor, name: str = "W") -> float:
     """σ_max(ΔW) as √λ_max of the smaller Gram matrix: 2–6× faster than a full SVD here, and as
     accurate for the top singular value (λ_max of MᵀM has relative error O(eps))."""
-    gram = delta_w.mT @ delta_w if delta_w.shape[0] >= delta_w.shape[1] else delta_w @ delta_w.mT
-    sigma = math.sqrt(max(float(torch.linalg.eigvalsh(gram)[-1]), 0.0))
+    small = delta_w.mT if delta_w.shape[0] >= delta_w.shape[1] else delta_w  # (k, ·), k ≤ ·
+    gram = gram_lower(small)  # its lower triangle is all eigvalsh reads
+    sigma = math.sqrt(max(float(torch.linalg.eigvalsh(gram, UPLO="L")[-1]), 0.0))
     if not math.isfinite(sigma) or sigma <= 0.0:
         raise ValueError(
             f"cannot normalise ΔW of {name!r}: its top singular value is {sigma} (zero gradient?)"

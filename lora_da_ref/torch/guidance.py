@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import math
 
-import torch
 from torch import Tensor
 
+from lora_da_ref.torch.blas import symmetric_update
 from lora_da_ref.torch.fisher import FisherMatrix, as_fisher
 
 __all__ = ["fisher_gradient", "guidance_matrix", "inverse_fisher_block_sum"]
@@ -75,15 +75,10 @@ def guidance_matrix(
         if not math.isfinite(value):
             raise ValueError(f"{name} must be finite, got {value}")
     d1, d2 = delta_w.shape
-    if variance_weight != 0.0:  # β/N · Σ J⁻¹_[i] − α ΔWΔWᵀ in one gemm (C ← αAB + βC)
+    if variance_weight != 0.0:  # β/N · Σ J⁻¹_[i] − α ΔWΔWᵀ in one syrk (C ← αAAᵀ + βC)
         block_sum = inverse_fisher_block_sum(J, d1, d2)  # (d1, d1)
-        omega = torch.addmm(
-            block_sum, delta_w, delta_w.mT, beta=variance_weight / n, alpha=-bias_weight
-        )
-    else:
-        omega = -bias_weight * (delta_w @ delta_w.mT)  # (d1, d1)
-    symmetric = omega + omega.mT
-    return symmetric.mul_(0.5)
+        return symmetric_update(delta_w, -bias_weight, block_sum, variance_weight / n)
+    return symmetric_update(delta_w, -bias_weight)  # (d1, d1)
 
 
 def _check_matrix(name: str, M: object) -> None:

@@ -45,7 +45,7 @@ from lora_da_ref.torch.statistics import (
     finalize,
     layer_passes,
 )
-from lora_da_ref.torch.threads import one_blas_thread
+from lora_da_ref.torch.threads import one_blas_thread, one_scipy_blas_thread
 
 __all__ = [
     "SingleProcess",
@@ -208,8 +208,11 @@ def solve_layers(
     names = list(names)
     tasks = layer_tasks(stats, names)
     workers = min(solve_workers(stats, tasks, config), len(tasks))
-    if workers <= 1:
-        solved = _solve_task(stats, names, config)
+    if workers <= 1:  # one group at a time on torch's threads; SciPy's on one below the width
+        widest = max((_width(stats, t[0]) for t in tasks.values()), default=0)
+        limit = one_scipy_blas_thread() if widest <= MAX_AUTO_PARALLEL_WIDTH else nullcontext()
+        with limit:
+            solved = _solve_task(stats, names, config)
         return {n: solved[n] for n in names}
     order = sorted(tasks.values(), key=lambda t: -_width(stats, t[0]))  # balanced finish
     solved: dict[str, LoraFactors] = {}

@@ -21,12 +21,14 @@ eigenvalues ascending, columns with a deterministic sign (largest-|entry| positi
 from __future__ import annotations
 
 import math
-import threading
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
+from torch._lobpcg import LOBPCG as _TorchLOBPCG  # the worker torch.lobpcg runs
+
+from lora_da_ref.torch.blas import syevr_smallest
 
 __all__ = [
     "SOLVERS",
@@ -106,8 +108,9 @@ def relative_residual(omega: Tensor, values: Tensor, vectors: Tensor) -> float:
 def eigh_solver(omega: Tensor, r: int, **_: Any) -> EigenResult:
     """Dense symmetric eigen-solve: the exact r smallest eigenpairs (Eqs. 5–8).
 
-    On CPU, LAPACK's ``syevr`` for the r + 1 smallest pairs only (``scipy.linalg.eigh`` with
-    ``subset_by_index``): the same Householder tridiagonalisation as a full ``eigh`` but no
+    On CPU, LAPACK's ``syevr`` for the r + 1 smallest pairs only (as ``scipy.linalg.eigh`` with
+    ``subset_by_index``, called without the GIL: :func:`lora_da_ref.torch.blas.syevr_smallest`):
+    the same Householder tridiagonalisation as a full ``eigh`` but no
     back-transformation of the other eigenvectors, 3–4× faster at d = 1536 (measured 0.26 s vs
     0.97 s, one thread). Elsewhere (CUDA) ``torch.linalg.eigh`` of the full spectrum.
     """
@@ -122,14 +125,9 @@ def eigh_solver(omega: Tensor, r: int, **_: Any) -> EigenResult:
 
 def _dense_smallest(omega: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """The k smallest eigenpairs of symmetric ``omega`` (ascending), dense and exact."""
-    if omega.device.type == "cpu" and omega.dtype in (torch.float32, torch.float64):
-        import scipy.linalg
-
-        M = omega.detach().numpy()
-        values, vectors = scipy.linalg.eigh(
-            M, subset_by_index=[0, k - 1], driver="evr", check_finite=False, lower=True
-        )
-        return torch.from_numpy(values), torch.from_numpy(vectors)
+    smallest = syevr_smallest(omega.detach(), k)  # CPU: LAPACK syevr, without the GIL
+    if smallest is not None:
+        return smallest
     spectrum, vectors = torch.linalg.eigh(omega)
     return spectrum[:k], vectors[:, :k]
 
@@ -179,23 +177,37 @@ def lobpcg_solver(
     return EigenResult(values, vectors, diag)
 
 
-# torch.lobpcg switches its tracker on by assigning the class attribute LOBPCG.call_tracker and
-# switches it off when it returns: a call finishing in another thread silences this one's tracker
-# (seen: "iterations" 9 instead of 10 with layers solved side by side). One call at a time; its
-# Python-heavy loop holds the GIL most of the time anyway.
-_LOBPCG_LOCK = threading.Lock()
-
-
 def _run_lobpcg(
     omega: Tensor, c: float, X0: Tensor, niter: int, tol: float, steps: list[int]
 ) -> tuple[Tensor, Tensor]:
     A = omega + c * torch.eye(omega.shape[0], dtype=omega.dtype, device=omega.device)
-    with _LOBPCG_LOCK:
-        values, vectors = torch.lobpcg(
-            A, k=X0.shape[1], X=X0, niter=niter, tol=tol, largest=False,
-            tracker=lambda worker: steps.append(worker.ivars["istep"]),
-        )  # fmt: skip
+    values, vectors, iterations = torch_lobpcg(A, X0, niter, tol)
+    steps.extend(range(1, iterations + 1))
     return values - c, vectors
+
+
+def torch_lobpcg(A: Tensor, X0: Tensor, niter: int, tol: float) -> tuple[Tensor, Tensor, int]:
+    """``torch.lobpcg(A, k=X0.shape[1], X=X0, niter=niter, tol=tol, largest=False)`` (method
+    ``"ortho"``, torch's default parameters) and the number of iterations it ran.
+
+    The same worker that ``torch.lobpcg`` builds (``torch._lobpcg.LOBPCG``, same parameters:
+    bit-identical results, ``tests/test_torch_solvers.py``), built here so that no tracker is
+    needed to count the iterations: ``torch.lobpcg`` switches a tracker on by assigning the
+    class attribute ``LOBPCG.call_tracker`` and off when it returns, so a call finishing in
+    another thread silenced this one's tracker (seen: "iterations" 9 instead of 10 with layers
+    solved side by side), and calls had to be serialised. Without it, layers' LOBPCG solves run
+    side by side (its matrix products release the GIL)."""
+    if A.requires_grad:
+        raise ValueError("torch_lobpcg: A must not require grad (detach it)")
+    m, n = A.shape[-1], X0.shape[-1]
+    if m < 3 * n:
+        raise ValueError(f"LOBPCG needs d >= 3k, got d = {m}, k = {n}")
+    iparams = {"m": m, "n": n, "k": n, "niter": niter, "ortho_i_max": 3, "ortho_j_max": 3}
+    fparams = {"tol": tol, "ortho_tol": tol, "ortho_tol_drop": tol, "ortho_tol_replace": tol}
+    bparams = {"largest": False, "ortho_use_drop": False}
+    worker = _TorchLOBPCG(A, None, X0, None, iparams, fparams, bparams, "ortho", None)
+    worker.run()
+    return worker.E[:n], worker.X[:, :n], int(worker.ivars["istep"])
 
 
 def _converged(residual: float, vectors: Tensor, tol: float) -> bool:
