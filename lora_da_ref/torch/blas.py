@@ -20,6 +20,7 @@ CPU tensors of float32/float64 only; anything else (CUDA, other dtypes) takes ``
 from __future__ import annotations
 
 import ctypes
+import importlib
 from functools import cache
 
 import torch
@@ -29,10 +30,8 @@ __all__ = ["gram_lower", "syevr_smallest", "symmetric_update"]
 
 _P = ctypes.c_void_p
 _SYRK = ctypes.CFUNCTYPE(None, ctypes.c_char_p, ctypes.c_char_p, _P, _P, _P, _P, _P, _P, _P, _P)
-_SCALAR = {torch.float64: ctypes.c_double, torch.float32: ctypes.c_float}
-
-
 _SYEVR = ctypes.CFUNCTYPE(None, *([ctypes.c_char_p] * 3), *([_P] * 18))
+_SCALAR = {torch.float64: ctypes.c_double, torch.float32: ctypes.c_float}
 
 
 @cache
@@ -53,8 +52,6 @@ def _syevr(dtype: torch.dtype) -> _SYEVR | None:
 
 def _cython_function(module: str, name: str, prototype: type) -> object | None:
     try:
-        import importlib
-
         capsule = importlib.import_module(f"scipy.linalg.{module}").__pyx_capi__[name]
     except (ImportError, AttributeError, KeyError):  # pragma: no cover - SciPy is a dependency
         return None

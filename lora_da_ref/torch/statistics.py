@@ -92,16 +92,16 @@ def default_loss_fn(model: nn.Module, batch: Batch) -> Tensor:
 class KFACSums:
     """Unnormalised sums of one statistics pass (see the module docstring).
 
-        ``Z[g] = Σ_{t∈P} x xᵀ`` per input group ``g``; ``Y[m] = Σ_{t∈P} s sᵀ`` (or ``Σ s²``) and
-        ``G[m] = Σ_b w_b ∇_W L_b`` per module ``m``; ``group_of[m]`` is m's input group; ``tokens`` =
-        |P|, ``loss_tokens`` = Σ_b T_b, ``gradient_weight`` = Σ_b w_b. With
-        ``config.calibration_diagnostics`` each ``G[m]`` is **stacked**, (2, d_in, d_out): the sums of
-        the even- and of the odd-numbered sequences of the stream (0, 1, 2, ... in the order seen;
-        no extra flops, the two halves partition the rows), and ``split_weight`` is the odd half's
-        share of ``gradient_weight``; :func:`finalize` adds the halves. ``Z`` and a full ``Y`` are
-    summed on and below the diagonal only (the rest may hold anything): :func:`finalize` mirrors
-    the lower triangle up (:func:`mirror_lower_`). All are additive across
-        shards (an all-reduce of the stacked tensor reduces both halves).
+    ``Z[g] = Σ_{t∈P} x xᵀ`` per input group ``g``; ``Y[m] = Σ_{t∈P} s sᵀ`` (or ``Σ s²``) and
+    ``G[m] = Σ_b w_b ∇_W L_b`` per module ``m``; ``group_of[m]`` is m's input group; ``tokens`` =
+    |P|, ``loss_tokens`` = Σ_b T_b, ``gradient_weight`` = Σ_b w_b. With
+    ``config.calibration_diagnostics`` each ``G[m]`` is **stacked**, (2, d_in, d_out): the sums of
+    the even- and of the odd-numbered sequences of the stream (0, 1, 2, ... in the order seen;
+    no extra flops, the two halves partition the rows), and ``split_weight`` is the odd half's
+    share of ``gradient_weight``; :func:`finalize` adds the halves. ``Z`` and a full ``Y`` are
+    summed on and below the diagonal only (above it: the diagonal panels' values, else zeros):
+    :func:`finalize` mirrors the lower triangle up (:func:`mirror_lower_`). All are additive
+    across shards (an all-reduce of the stacked tensor reduces both halves).
     """
 
     Z: dict[str, Tensor] = field(default_factory=dict)
