@@ -26,7 +26,9 @@ from functools import cache
 import torch
 from torch import Tensor
 
-__all__ = ["gram_lower", "syevr_smallest", "symmetric_update"]
+__all__ = ["gram_lower", "mirror_lower_", "syevr_smallest", "symmetric_update"]
+
+MIRROR_PANEL = 384  # rows per panel of mirror_lower_
 
 _P = ctypes.c_void_p
 _SYRK = ctypes.CFUNCTYPE(None, ctypes.c_char_p, ctypes.c_char_p, _P, _P, _P, _P, _P, _P, _P, _P)
@@ -110,10 +112,22 @@ def symmetric_update(M: Tensor, alpha: float, C: Tensor | None = None, beta: flo
     n = M.shape[0]
     if not _blas_ok(M, C):
         out = alpha * (M @ M.mT) if C is None else torch.addmm(C, M, M.mT, beta=beta, alpha=alpha)
-        return out.tril_().add_(out.tril(-1).mT)
+        return mirror_lower_(out)
     out = torch.zeros(n, n, dtype=M.dtype) if C is None else C.contiguous().clone()
     _call_syrk(M, alpha, out, 0.0 if C is None else beta)
-    return out.tril_().add_(out.tril(-1).mT)
+    return mirror_lower_(out)
+
+
+def mirror_lower_(M: Tensor) -> Tensor:
+    """``M`` (d, d) made symmetric in place from its lower triangle (the upper is overwritten),
+    panel by panel: no (d, d) temporary."""
+    d = M.shape[0]
+    for a in range(0, d, MIRROR_PANEL):
+        b = min(a + MIRROR_PANEL, d)
+        block = M[a:b, a:b]
+        block.copy_(block.tril() + block.tril(-1).mT)
+        M[a:b, b:].copy_(M[b:, a:b].mT)
+    return M
 
 
 def syevr_smallest(omega: Tensor, k: int) -> tuple[Tensor, Tensor] | None:

@@ -162,15 +162,14 @@ def lobpcg_solver(
     tol = default_tol(omega.dtype) if tol is None else tol
     c = 0.0 if official or not shift else float(torch.linalg.matrix_norm(omega))
     X0 = random_start(d, r, seed, omega)
-    steps: list[int] = []
     try:
-        values, vectors = _run_lobpcg(omega, c, X0, niter, tol, steps)
+        values, vectors, iterations = _run_lobpcg(omega, c, X0, niter, tol)
     except (torch.linalg.LinAlgError, RuntimeError, ValueError) as err:
         return _fallback(omega, r, f"torch.lobpcg raised {type(err).__name__}: {err}")
     order = torch.argsort(values)
     values, vectors = values[order], fix_signs(vectors[:, order])
     residual = relative_residual(omega, values, vectors)
-    diag = {"solver": "lobpcg", "iterations": len(steps), "residual": residual, "shift": c}
+    diag = {"solver": "lobpcg", "iterations": iterations, "residual": residual, "shift": c}
     diag |= {"fallback": None, "official": official, "tol": tol, "niter": niter}
     if not official and not _converged(residual, vectors, tol):
         return _fallback(omega, r, f"LOBPCG residual {residual:.3g} > tol {tol:.3g}", diag)
@@ -178,12 +177,11 @@ def lobpcg_solver(
 
 
 def _run_lobpcg(
-    omega: Tensor, c: float, X0: Tensor, niter: int, tol: float, steps: list[int]
-) -> tuple[Tensor, Tensor]:
+    omega: Tensor, c: float, X0: Tensor, niter: int, tol: float
+) -> tuple[Tensor, Tensor, int]:
     A = omega + c * torch.eye(omega.shape[0], dtype=omega.dtype, device=omega.device)
     values, vectors, iterations = torch_lobpcg(A, X0, niter, tol)
-    steps.extend(range(1, iterations + 1))
-    return values - c, vectors
+    return values - c, vectors, iterations
 
 
 def torch_lobpcg(A: Tensor, X0: Tensor, niter: int, tol: float) -> tuple[Tensor, Tensor, int]:

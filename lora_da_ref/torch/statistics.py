@@ -53,6 +53,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from lora_da_ref.torch.blas import mirror_lower_
 from lora_da_ref.torch.config import LoraDAConfig
 
 __all__ = [
@@ -620,16 +621,6 @@ def _add_gram(store: dict[str, Tensor], key: str, x: Tensor, alpha: float) -> No
             total[a:b, :b].add_(product, alpha=alpha)
         else:  # the last panel's rows are contiguous: the chunked add
             add_into(total[a:b], product, alpha)
-
-
-def mirror_lower_(M: Tensor) -> Tensor:
-    """``M`` (d, d) made symmetric in place from its lower triangle (the upper is overwritten),
-    panel by panel: no (d, d) temporary."""
-    for a, b in gram_panels(M.shape[0]):
-        block = M[a:b, a:b]
-        block.copy_(block.tril() + block.tril(-1).mT)
-        M[a:b, b:].copy_(M[b:, a:b].mT)
-    return M
 
 
 def _add(store: dict[str, Tensor], key: str, value: Tensor, alpha: float = 1.0) -> None:
