@@ -15,12 +15,24 @@ rank 8 on all seven projections. Measured, each once, in one process:
   ``solves_one_worker_s``: the same one group at a time on torch's threads (``solve_workers=1``);
 - ``statistics_core_pass_s``: the statistics pass without the calibration diagnostics' split-half
   gradient sums (``diagnostics_pass_overhead`` = their relative cost; issue 11's budget: 5 %);
+- ``statistics_core_float32_sums_pass_s``: a control, not a supported setting: the same pass with
+  float32 running sums (``statistics.RUNNING_SUM_DTYPE`` swapped for the call), so that the cost
+  of the float64 sums that issue 12's two-process goal needs is measured, not guessed;
 - ``solves_core_s``: the same without the calibration diagnostics and the precision probe
   (``calibration_diagnostics=False, precision_probe=False``): Algorithm 1's own solves;
+  ``solves_split_half_s`` / ``solves_probe_s``: Algorithm 1 plus only the split-half diagnostics /
+  only the precision probe;
 - ``init_total_s``: ``init_lora_da`` end to end; ``init_core_total_s``: the same with the
   diagnostics and the probe off (the pass then keeps no split-half gradient sums);
 - ``multipass_total_s``: ``init_lora_da`` with ``layers_per_pass=2`` (the model re-run once per
   2 layers), and ``+ plain_pass_s`` for the official design's separate gradient pass.
+
+Each group of phases (passes, solves, inits) runs alternately ``--repeats`` times, and every ratio
+divides by the plain pass timed *in the same group* (``plain_pass_s`` for the passes,
+``plain_pass_init_group_s`` for the inits): on a shared machine the plain pass alone moved by
+±15 % between groups minutes apart. ``cost_over_plain`` splits the whole init into its parts
+(differences of the phases above, each ÷ ``plain_pass_s``); their sum need not equal
+``init_over_plain`` exactly (separate timings).
 
 Goals (issue 4): ``statistics_over_plain <= 1.35``; ``speedup_vs_multipass >= 2``. Issue 12:
 ``init_over_plain`` (whole init / plain pass) no larger than before its float64 solves.
@@ -44,6 +56,7 @@ from typing import Any
 import torch
 
 from lora_da_ref.data import tiny_llama
+from lora_da_ref.torch import statistics as statistics_module
 from lora_da_ref.torch.config import LoraDAConfig
 from lora_da_ref.torch.init import find_target_modules, init_lora_da
 from lora_da_ref.torch.pipeline import layer_tasks, solve_layers, solve_workers
@@ -181,6 +194,23 @@ def plain_pass(model: torch.nn.Module, batches: list[dict]) -> None:
             p.requires_grad_(flag)
 
 
+@contextmanager
+def running_sums(dtype: torch.dtype) -> Iterator[None]:
+    """The statistics pass's running-sum dtype swapped for the block (a benchmark control only:
+    float32 sums break the two-process agreement, docs/numerics.md), restored on any exit."""
+    saved = statistics_module.RUNNING_SUM_DTYPE
+    statistics_module.RUNNING_SUM_DTYPE = dtype
+    try:
+        yield
+    finally:
+        statistics_module.RUNNING_SUM_DTYPE = saved
+
+
+def collect_with_sums(dtype: torch.dtype, *args: Any, **kwargs: Any) -> Any:
+    with running_sums(dtype):
+        return collect_statistics(*args, **kwargs)
+
+
 def solves(model: torch.nn.Module, stats: Any, config: LoraDAConfig) -> dict:
     """The init's solve stage (layer groups side by side, ``config.solve_workers``)."""
     return solve_layers(stats, find_target_modules(model, config.target_modules), config)
@@ -202,17 +232,29 @@ def run_preset(name: str, model: torch.nn.Module, batches: list[dict], args: Any
     core = config.replace(calibration_diagnostics=False, precision_probe=False)
     collect = partial(collect_statistics, model, batches, targets, config, progress=False)
     collect_core = partial(collect_statistics, model, batches, targets, core, progress=False)
+    collect_f32 = partial(
+        collect_with_sums, torch.float32, model, batches, targets, core, progress=False
+    )
     passes = measure(
-        {"plain": partial(plain_pass, model, batches), "stats": collect, "core": collect_core},
+        {
+            "plain": partial(plain_pass, model, batches),
+            "stats": collect,
+            "core": collect_core,
+            "float32_sums": collect_f32,
+        },
         device,
         repeats,
     )
     (plain_s, plain_mb, _), (stats_s, stats_mb, stats) = passes["plain"], passes.pop("stats")
-    stats_core_s = passes.pop("core")[0]
+    stats_core_s, stats_f32_s = passes.pop("core")[0], passes.pop("float32_sums")[0]
+    split_only = config.replace(precision_probe=False)
+    probe_only = config.replace(calibration_diagnostics=False)
     solve_runs = measure(
         {
             "solves": partial(solves, model, stats, config),
             "core": partial(solves, model, stats, core),
+            "split": partial(solves, model, stats, split_only),
+            "probe": partial(solves, model, stats, probe_only),
             "serial": partial(solves, model, stats, config.replace(solve_workers=1)),
         },
         device,
@@ -226,6 +268,7 @@ def run_preset(name: str, model: torch.nn.Module, batches: list[dict], args: Any
     multi = config.replace(layers_per_pass=2)
     inits = measure(
         {
+            "plain": partial(plain_pass, model, batches),  # the inits' own denominator
             "whole": partial(init_lora_da, model, batches, config, progress=False),
             "whole_core": partial(init_lora_da, model, batches, core, progress=False),
             "multi": partial(init_lora_da, model, batches, multi, progress=False),
@@ -237,10 +280,14 @@ def run_preset(name: str, model: torch.nn.Module, batches: list[dict], args: Any
         "plain_pass_s": plain_s,
         "statistics_pass_s": stats_s,
         "statistics_core_pass_s": stats_core_s,
+        "statistics_core_float32_sums_pass_s": stats_f32_s,
         "solves_s": solve_s,
         "solves_core_s": core_s,
+        "solves_split_half_s": solve_runs["split"][0],
+        "solves_probe_s": solve_runs["probe"][0],
         "solve_workers": workers,
         "solves_one_worker_s": solve_runs["serial"][0],
+        "plain_pass_init_group_s": inits["plain"][0],
         "init_total_s": inits["whole"][0],
         "init_core_total_s": inits["whole_core"][0],
         "multipass_layers_per_pass": 2,
@@ -259,14 +306,16 @@ def run_preset(name: str, model: torch.nn.Module, batches: list[dict], args: Any
 
 def add_ratios(row: dict) -> dict:
     """Ratios of one preset's times, and whether issue 4's goals are met in this run."""
-    stats_ratio = row["statistics_pass_s"] / row["plain_pass_s"]
+    plain, plain_inits = row["plain_pass_s"], row["plain_pass_init_group_s"]
+    stats_ratio = row["statistics_pass_s"] / plain
     speedup = row["multipass_total_s"] / row["init_total_s"]
-    official_design = row["multipass_total_s"] + row["plain_pass_s"]  # + its gradient pass
+    official_design = row["multipass_total_s"] + plain_inits  # + its gradient pass
     return {
         **row,
         "statistics_over_plain": stats_ratio,
-        "init_over_plain": row["init_total_s"] / row["plain_pass_s"],  # issue 12: must not grow
-        "init_core_over_plain": row["init_core_total_s"] / row["plain_pass_s"],
+        "init_over_plain": row["init_total_s"] / plain_inits,  # issue 12: must not grow
+        "init_core_over_plain": row["init_core_total_s"] / plain_inits,
+        "cost_over_plain": cost_over_plain(row),
         # issue 11: the split-half gradient sums must cost <= 5 % of the statistics pass
         "diagnostics_pass_overhead": row["statistics_pass_s"] / row["statistics_core_pass_s"] - 1,
         "speedup_vs_multipass": speedup,
@@ -276,6 +325,24 @@ def add_ratios(row: dict) -> dict:
             f"statistics_over_plain<={GOAL_STATS_OVER_PLAIN}": stats_ratio <= GOAL_STATS_OVER_PLAIN,
             f"speedup_vs_multipass>={GOAL_SPEEDUP}": speedup >= GOAL_SPEEDUP,
         },
+    }
+
+
+def cost_over_plain(row: dict) -> dict:
+    """The whole init split into its parts, each ÷ the plain pass of the passes' group (the
+    differences of alternately timed phases, so a part can come out slightly negative)."""
+    plain = row["plain_pass_s"]
+    return {
+        "statistics_pass_float32_sums": row["statistics_core_float32_sums_pass_s"] / plain,
+        "float64_running_sums": (
+            row["statistics_core_pass_s"] - row["statistics_core_float32_sums_pass_s"]
+        )
+        / plain,
+        "split_half_gradient_sums": (row["statistics_pass_s"] - row["statistics_core_pass_s"])
+        / plain,
+        "solves_algorithm_1": row["solves_core_s"] / plain,
+        "solves_split_half": (row["solves_split_half_s"] - row["solves_core_s"]) / plain,
+        "solves_precision_probe": (row["solves_probe_s"] - row["solves_core_s"]) / plain,
     }
 
 

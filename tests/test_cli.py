@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -19,10 +20,11 @@ from peft import AutoPeftModelForCausalLM, PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lora_da_ref.cli import SUBCOMMANDS, build_parser, main
-from lora_da_ref.data import TINY_TEXTS, tokenize_batches
+from lora_da_ref.data import TINY_TEXTS, tiny_llama, tokenize_batches
 from lora_da_ref.torch.adapter import lora_modules
 from lora_da_ref.torch.config import LoraDAConfig
-from lora_da_ref.torch.init import init_lora_da
+from lora_da_ref.torch.init import find_target_modules, init_lora_da
+from lora_da_ref.torch.statistics import collect_statistics
 from tests.report import allclose_report
 
 # PEFT 0.21 calls a transformers-5 deprecated property on every wrap; not ours to fix.
@@ -286,12 +288,49 @@ def test_init_overhead_benchmark_quick_prints_its_json():
         "plain_pass_s", "statistics_pass_s", "solves_s", "init_total_s", "multipass_total_s", "multipass_passes",
         "statistics_over_plain", "speedup_vs_multipass", "speedup_vs_official_design",
         "goals_met", "peak_extra_memory_mb", "statistics_size_mb",
+        "statistics_core_float32_sums_pass_s", "solves_split_half_s", "solves_probe_s",
+        "plain_pass_init_group_s", "cost_over_plain",
+    }  # fmt: skip
+    parts = {
+        "statistics_pass_float32_sums", "float64_running_sums", "split_half_gradient_sums",
+        "solves_algorithm_1", "solves_split_half", "solves_precision_probe",
     }  # fmt: skip
     assert set(result["presets"]) == {"official", "paper"}
     for row in result["presets"].values():
         assert keys <= set(row)
+        assert set(row["cost_over_plain"]) == parts
         assert row["multipass_passes"] == 2  # 4 layers, 2 per pass
         assert row["plain_pass_s"] > 0 and row["init_total_s"] > 0 and row["statistics_size_mb"] > 0
+
+
+def _benchmark_module(name: str):
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location(name, root / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_init_overhead_float32_sums_control_is_in_force_and_then_undone():
+    """The benchmark's float32-running-sums control must change the pass's sums while it runs and
+    leave float64 behind, also after an error: a control that leaked would time every later
+    phase (the whole init) with the unsupported float32 sums."""
+    from lora_da_ref.torch import statistics
+
+    bench = _benchmark_module("init_overhead")
+    model = tiny_llama(0, hidden=16, layers=1, intermediate=24, heads=2, vocab=32)
+    ids = torch.randint(3, 32, (1, 8), generator=torch.Generator().manual_seed(0))
+    batches = [{"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}]
+    config = LoraDAConfig.official(rank=2, calibration_diagnostics=False, precision_probe=False)
+    targets = find_target_modules(model, config.target_modules)
+    sums = bench.collect_with_sums(torch.float32, model, batches, targets, config, progress=False)
+    assert all(z.dtype == torch.float32 for z in sums.Z.values())  # in force during the call
+    assert statistics.RUNNING_SUM_DTYPE == torch.float64
+    with pytest.raises(RuntimeError), bench.running_sums(torch.float32):
+        raise RuntimeError("a failing phase")
+    assert statistics.RUNNING_SUM_DTYPE == torch.float64
+    plain = collect_statistics(model, batches, targets, config, progress=False)
+    assert all(z.dtype == torch.float64 for z in plain.Z.values())
 
 
 # ----------------------------------------------------------------------------- CLI polish (issue 13)
