@@ -4,7 +4,7 @@ Usage: python benchmarks/init_overhead.py [--quick] [--device cpu|cuda] [--prese
 
 Model: random LLaMA, 8 layers, hidden 512, intermediate 1376, 8 heads, vocab 1000; data: 32
 random sequences of 128 tokens (``--batch-size`` per batch, default 1 as the official code);
-rank 8 on all seven projections. Measured, each once, in one process:
+rank 8 on all seven projections. Measured in one process (``--repeats`` times each, fastest kept):
 
 - ``plain_pass_s``: one forward+backward over all batches with every parameter requiring grad
   (as training would), gradients zeroed between batches;
