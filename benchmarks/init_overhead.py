@@ -59,15 +59,16 @@ from lora_da_ref.data import tiny_llama
 from lora_da_ref.torch import statistics as statistics_module
 from lora_da_ref.torch.config import LoraDAConfig
 from lora_da_ref.torch.init import find_target_modules, init_lora_da
+from lora_da_ref.torch.memory import layer_passes
 from lora_da_ref.torch.pipeline import layer_tasks, solve_layers, solve_workers
-from lora_da_ref.torch.statistics import collect_statistics, layer_passes
+from lora_da_ref.torch.statistics import collect_statistics
 
 FULL = dict(layers=8, hidden=512, intermediate=1376, heads=8, vocab=1000, sequences=32, length=128)
 QUICK = dict(layers=4, hidden=32, intermediate=86, heads=4, vocab=256, sequences=2, length=16)
 RANK = 8
 GOAL_STATS_OVER_PLAIN = 1.35
 GOAL_SPEEDUP = 2.0
-PRESETS = ("official", "paper")
+PRESETS = ("default", "official", "paper_literal")
 MB = 2**20
 
 
@@ -226,10 +227,10 @@ def run_preset(name: str, model: torch.nn.Module, batches: list[dict], args: Any
     """Times and peaks of the statistics pass (against a plain pass), the solves, the whole init
     and the multi-pass init."""
     device, repeats = torch.device(args.device), args.repeats
-    config = getattr(LoraDAConfig, name)(rank=RANK)
+    config = LoraDAConfig.preset(name, rank=RANK)
     targets = find_target_modules(model, config.target_modules)
     init_lora_da(model, batches[:1], config, progress=False)  # warm-up, as for the plain pass
-    core = config.replace(calibration_diagnostics=False, precision_probe=False)
+    core = config.replace(diagnostics="off")
     collect = partial(collect_statistics, model, batches, targets, config, progress=False)
     collect_core = partial(collect_statistics, model, batches, targets, core, progress=False)
     collect_f32 = partial(
@@ -247,8 +248,8 @@ def run_preset(name: str, model: torch.nn.Module, batches: list[dict], args: Any
     )
     (plain_s, plain_mb, _), (stats_s, stats_mb, stats) = passes["plain"], passes.pop("stats")
     stats_core_s, stats_f32_s = passes.pop("core")[0], passes.pop("float32_sums")[0]
-    split_only = config.replace(precision_probe=False)
-    probe_only = config.replace(calibration_diagnostics=False)
+    split_only = config.replace(diagnostics="full")  # cheap + split-half solves + probe
+    probe_only = config.replace(diagnostics="full")
     solve_runs = measure(
         {
             "solves": partial(solves, model, stats, config),
@@ -381,7 +382,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--sequences", type=int, default=None, help="override the number of sequences (time ∝ it)"
     )
-    parser.add_argument("--presets", nargs="+", default=["official", "paper"], choices=PRESETS)
+    parser.add_argument("--presets", nargs="+", default=["default", "official"], choices=PRESETS)
     return parser.parse_args(argv)
 
 

@@ -47,9 +47,9 @@ def llama_shapes(layers: int, hidden: int, mlp: int) -> dict[str, tuple[int, int
 
 
 CONFIGS = {
-    "paper_full_Y": LoraDAConfig.paper(calibration_diagnostics=False),
-    "paper_full_Y+diagnostics": LoraDAConfig.paper(),
-    "official_diagonal_Y": LoraDAConfig.official(calibration_diagnostics=False),
+    "paper_full_Y": LoraDAConfig.paper_literal(diagnostics="off"),
+    "paper_full_Y+diagnostics": LoraDAConfig.paper_literal(),
+    "official_diagonal_Y": LoraDAConfig.official(diagnostics="off"),
     "official_diagonal_Y+diagnostics": LoraDAConfig.official(),
 }
 
@@ -122,7 +122,7 @@ def measured(tokens: int) -> dict[str, object]:
     }
     names = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     targets = {n: m for n, m in model.named_modules() if n.endswith(names)}
-    cfg = LoraDAConfig.official(label_shift=0, calibration_diagnostics=False)
+    cfg = LoraDAConfig.official(label_shift=0, diagnostics="off")
     plan = sum(b.total for b in statistics_bytes(targets, cfg).values())
     base, peak, stop = _rss(), [0], threading.Event()
 
@@ -143,7 +143,7 @@ def measured(tokens: int) -> dict[str, object]:
     )
     return {
         "shape": {"hidden": hidden, "mlp": mlp, "tokens": tokens},
-        "config": "official (diagonal Y), calibration_diagnostics=False",
+        "config": "official (diagonal Y), diagnostics='off'",
         "planned_bytes": plan,
         "held_bytes": held,
         "held_equals_plan": held == plan,

@@ -23,7 +23,7 @@ from lora_da_ref.real import humaneval, load_smollm2
 from lora_da_ref.torch import LoraDAConfig, collect_statistics
 from lora_da_ref.torch.diagnostics import principal_angles
 from lora_da_ref.torch.factors import solve_layer
-from lora_da_ref.torch.statistics import layer_passes
+from lora_da_ref.torch.memory import layer_passes
 from lora_da_ref.torch.targets import find_target_modules
 
 
@@ -54,8 +54,8 @@ def main() -> None:
     }
     targets = find_target_modules(model, "all-linear")
     configs = {
-        "default": LoraDAConfig(calibration_diagnostics=False),
-        "official": LoraDAConfig.official(calibration_diagnostics=False, layers_per_pass=None),
+        "default": LoraDAConfig(diagnostics="off"),
+        "official": LoraDAConfig.official(diagnostics="off", layers_per_pass=None),
     }
     groups = layer_passes(list(targets), args.layers_per_group)  # bounds memory (2 runs held)
     for name, cfg in configs.items():

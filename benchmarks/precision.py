@@ -35,7 +35,8 @@ import lora_da_ref.torch.factors as F
 from lora_da_ref.torch.config import LoraDAConfig
 from lora_da_ref.torch.diagnostics import principal_angles
 from lora_da_ref.torch.init import find_target_modules
-from lora_da_ref.torch.statistics import collect_statistics, layer_passes
+from lora_da_ref.torch.memory import layer_passes
+from lora_da_ref.torch.statistics import collect_statistics
 
 GOAL_RAD = 1e-3
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -68,9 +69,13 @@ def make_batches(tok: Any, texts: list[str], batch_size: int, max_len: int) -> l
 
 
 def config_of(preset: str, dtype: torch.dtype) -> LoraDAConfig:
-    make = {"default": LoraDAConfig, "paper": LoraDAConfig.paper, "official": LoraDAConfig.official}
+    make = {
+        "default": LoraDAConfig,
+        "paper": LoraDAConfig.paper_literal,
+        "official": LoraDAConfig.official,
+    }
     # the calibration diagnostics do not touch A0 or B0: off, to save their solves
-    return make[preset](dtype=dtype, calibration_diagnostics=False)
+    return make[preset](dtype=dtype, diagnostics="off")
 
 
 def _angle(A: torch.Tensor, B: torch.Tensor) -> float:

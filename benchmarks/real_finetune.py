@@ -34,7 +34,7 @@ into ``--out``. Everything is fixed before any result is looked at:
   calibration set;
   ``lora_da_official``: ``init_lora_da`` with ``LoraDAConfig.official()`` + ``apply_lora_da``
   (offset "none"), trained with its intended rsLoRA alpha 16 (s = 16/√8);
-  ``lora_da_paper``: ``LoraDAConfig.paper()``, alpha = r (s = 1), as ``lora-da init``'s presets.
+  ``lora_da_paper``: ``LoraDAConfig.paper_literal()``, alpha = r (s = 1), as ``lora-da init``'s presets.
   Calibration set = the first ``n_calib`` fit sequences, batch 1; N = the fit-part size. With
   fewer calibration tokens than a layer's input width (down_proj: 1536) Z is singular and both
   presets' absolute damping (1e-6) fails the Cholesky (seen with 16 sequences), hence 64.
@@ -281,7 +281,7 @@ def lora_da_factors(
 ) -> Any:
     from lora_da_ref.torch import LoraDAConfig, init_lora_da
 
-    make = LoraDAConfig.official if preset == "official" else LoraDAConfig.paper
+    make = LoraDAConfig.official if preset == "official" else LoraDAConfig.paper_literal
     config = make(rank=RANK, n_train=n_train, target_modules=TARGETS, seed=seed)
     batches = [as_batch(e, device) for e in calib]
     return init_lora_da(model, batches, config, loss_fn=mean_loss, progress=False)

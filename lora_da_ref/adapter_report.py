@@ -15,8 +15,9 @@ A layer is **flagged** (exit status 1) when any of these holds:
 * ``warning``: the init recorded a warning for the layer (a non-empty ``warning``/``warnings``/
   ``flags`` entry, or ``trustworthy`` false), e.g. the statistics dtype cannot resolve cond(Z);
 * ``cond``: a recorded condition number is infinite or NaN (numerically singular factor);
-* ``precision``: ``precision_probe`` (how far rounding the statistics to their dtype may rotate
-  A0) exceeds :data:`PRECISION_LIMIT` (1e-3 rad, the torch path's ``TRUST_RAD``);
+* ``precision``: ``precision_bound`` (a first-order bound on how far rounding the statistics to
+  their dtype may rotate A0; ``precision_probe`` for inits that predate it) exceeds
+  :data:`PRECISION_LIMIT` (1e-3 rad, the torch path's ``TRUST_RAD``);
 * ``snr``: the calibration signal-to-noise ratio (``calibration_snr``, or ``snr``) is below :data:`SNR_LIMIT` (1): the mean
   gradient G is smaller than its own sampling noise;
 * ``stability``: the split-half stability (1 = the two halves give the same subspace) is below
@@ -55,7 +56,7 @@ STABILITY_LIMIT = 0.5
 PROVENANCE_FILE = "lora_da.json"
 # Shown in this order when present; any other numeric key starting with "cond" is added.
 _COLUMNS = (
-    "damping", "cond", "solver", "iterations", "residual", "precision_probe",
+    "damping", "cond", "solver", "iterations", "residual", "precision_bound", "precision_probe",
     "calibration_snr", "snr", "split_angle_max", "stability",
 )  # fmt: skip
 PRECISION_LIMIT = 1e-3  # rad; the torch path's TRUST_RAD (lora_da_ref.torch.factors)
@@ -112,10 +113,11 @@ def flag_reasons(diag: Mapping[str, Any]) -> list[str]:
         number = _number(value)
         if key.startswith("cond") and number is not None and not math.isfinite(number):
             reasons.append(f"{key} = {value}")
-    probe = _number(diag.get("precision_probe"))
-    if probe is not None and not probe <= PRECISION_LIMIT:
+    key = "precision_bound" if "precision_bound" in diag else "precision_probe"  # older inits
+    precision = _number(diag.get(key))
+    if precision is not None and not precision <= PRECISION_LIMIT:
         reasons.append(
-            f"precision_probe {probe:.2g} rad > {PRECISION_LIMIT:g} (statistics dtype too coarse)"
+            f"{key} {precision:.2g} rad > {PRECISION_LIMIT:g} (statistics dtype too coarse)"
         )
     snr = _number(diag.get("calibration_snr", diag.get("snr")))
     if snr is not None and not snr >= SNR_LIMIT:

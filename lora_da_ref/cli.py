@@ -38,7 +38,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["PRESETS", "SUBCOMMANDS", "Preset", "Subcommand", "main"]
+from lora_da_ref.presets import DEFAULT_PRESET, PRESETS, Preset, get_preset
+
+__all__ = ["SUBCOMMANDS", "Subcommand", "main"]
 
 BAD_INPUT = 2  # exit status for user errors, as argparse uses
 
@@ -52,25 +54,6 @@ class Subcommand:
     run: Callable[[argparse.Namespace], int]
 
 
-@dataclass(frozen=True)
-class Preset:
-    """A LoraDAConfig constructor and the PEFT scaling it is meant to be trained with.
-
-    ``lora_alpha=None`` means ``alpha = r`` (scaling ``s = 1``: the model starts at exactly
-    ``W0 + A0 B0``, Eq. 17).
-    """
-
-    config: str  # name of the LoraDAConfig classmethod
-    lora_alpha: float | None
-    use_rslora: bool
-
-
-PRESETS = {
-    # Official code: rsLoRA, alpha 16 with r 8 (MATH.md, "Official code").
-    "official": Preset("official", lora_alpha=16.0, use_rslora=True),
-    # Paper's Algorithm 1 as written; s = 1 so W0 + s·A0B0 is the projected target of Eq. (17).
-    "paper": Preset("paper", lora_alpha=None, use_rslora=False),
-}
 DTYPES = ("float32", "float64")
 MODEL_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -83,7 +66,21 @@ def _add_init_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help='JSONL file, one {"text": ...} object per line')
     p.add_argument("--out", required=True, help="adapter directory to write")
     p.add_argument("--rank", type=int, default=8, help="LoRA rank r")
-    p.add_argument("--config", choices=sorted(PRESETS), default="official", help="preset")
+    p.add_argument(
+        "--config",
+        choices=sorted(PRESETS),
+        default=DEFAULT_PRESET,
+        help="preset: "
+        + "; ".join(f"{name}: {preset.summary}" for name, preset in PRESETS.items()),
+    )
+    p.add_argument(
+        "--diagnostics",
+        choices=("off", "cheap", "full"),
+        default="cheap",
+        help="per-layer diagnostics: cheap (nearly free: damping, conditioning, eigengap, "
+        "calibration SNR, precision bound), full (also the split-half solves and the precision "
+        "probe: about 3x the solves), off",
+    )
     p.add_argument(
         "--target-modules",
         nargs="+",
@@ -229,12 +226,13 @@ def _lora_da_config(args: argparse.Namespace) -> tuple[Any, Preset]:
 
     from lora_da_ref.torch.config import LoraDAConfig
 
-    preset = PRESETS[args.config]
+    preset = get_preset(args.config)
     overrides: dict[str, Any] = {"rank": args.rank, "seed": args.seed}
+    overrides["diagnostics"] = args.diagnostics
     overrides["dtype"] = getattr(torch, args.dtype)
     if args.n_train is not None:
         overrides["n_train"] = args.n_train
-    return getattr(LoraDAConfig, preset.config)(**overrides), preset
+    return LoraDAConfig.preset(preset.name, **overrides), preset
 
 
 def _load_tokenizer(model_dir: str) -> Any:

@@ -17,7 +17,7 @@ One shared setting, fixed before any result was looked at:
 * **initialisations**: LoRA = PEFT's default (Kaiming-uniform A, B = 0); LoRA-One = A set to the
   top-r left singular vectors of −G (G = mean gradient of the loss on the calibration set, one
   backward pass), B = 0; LoRA-DA = ``init_lora_da`` with ``LoraDAConfig.official()`` (β = 0.03,
-  diagonal Y, ΔW/σ, γ = 1024, LOBPCG) or ``LoraDAConfig.paper()`` (β = α = 1, full K-FAC Y, eigh),
+  diagonal Y, ΔW/σ, γ = 1024, LOBPCG) or ``LoraDAConfig.paper_literal()`` (β = α = 1, full K-FAC Y, eigh),
   N = the fine-tuning set size, written with ``apply_lora_da(offset="none")`` so the model starts
   at ``W0 + s·A0B0`` as in the paper and the official code. Calibration set = the first 256
   training sequences (quick: 32) at batch size 1, as the official code.
@@ -272,7 +272,7 @@ def mean_gradients(
 def lora_da_config(preset: str, n_train: int, rank: int = RANK):
     from lora_da_ref.torch import LoraDAConfig
 
-    make = LoraDAConfig.official if preset == "official" else LoraDAConfig.paper
+    make = LoraDAConfig.official if preset == "official" else LoraDAConfig.paper_literal
     return make(rank=rank, n_train=n_train, target_modules=TARGETS)
 
 

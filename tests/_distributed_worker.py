@@ -29,10 +29,12 @@ FAIL_TIMEOUT_S = 8  # the group of the FSDP failure scenario: its peer waits thi
 INJECTED = "injected failure on rank 1"
 
 CONFIGS = {
-    "paper64": LoraDAConfig.paper(rank=3, n_train=1000, dtype=torch.float64),
+    "paper64": LoraDAConfig.paper_literal(rank=3, n_train=1000, dtype=torch.float64),
     "official32": LoraDAConfig.official(rank=3, solver="eigh", solver_options={}),
-    "paper32": LoraDAConfig.paper(rank=3, n_train=1000),  # float32 statistics, relative damping
-    "paper64_lpp1": LoraDAConfig.paper(
+    "paper32": LoraDAConfig.paper_literal(
+        rank=3, n_train=1000
+    ),  # float32 statistics, relative damping
+    "paper64_lpp1": LoraDAConfig.paper_literal(
         rank=3, n_train=1000, dtype=torch.float64, layers_per_pass=1
     ),
 }

@@ -64,7 +64,7 @@ def test_split_halves_are_the_even_and_odd_sequences(gradient_weight, batch_size
         model,
         _split(sequences, batch_size),
         targets,
-        cfg.replace(calibration_diagnostics=False),
+        cfg.replace(diagnostics="off"),
         progress=False,
     )
     for n in targets:
@@ -113,7 +113,7 @@ def test_plug_in_noise_matches_monte_carlo_over_calibration_draws():
     d_in, d_out = 4, 3
     W_star = torch.randn(d_in, d_out, generator=gen, dtype=torch.float64)
     model = _LinearTokens(W_star)
-    cfg = LoraDAConfig.paper(
+    cfg = LoraDAConfig.paper_literal(
         rank=1, dtype=torch.float64, target_modules=["layer"], label_shift=0, damping=0.0
     )
     targets = find_target_modules(model, ["layer"])
@@ -141,7 +141,7 @@ def test_snr_is_large_when_the_shift_dominates_and_small_when_it_is_noise():
     gen = torch.Generator().manual_seed(1)
     W_star = torch.randn(4, 3, generator=gen, dtype=torch.float64)
     D = 0.3 * torch.randn(4, 3, generator=gen, dtype=torch.float64)
-    cfg = LoraDAConfig.paper(
+    cfg = LoraDAConfig.paper_literal(
         rank=1, dtype=torch.float64, target_modules=["layer"], label_shift=0, damping=0.0
     )
     for shift, check in ((0.0, lambda s: s < 1), (1.0, lambda s: s > 10)):
@@ -162,7 +162,7 @@ def test_identical_halves_give_zero_angle_and_regret():
     """Each sequence twice in a row (stream 2k and 2k+1 equal): both halves have the same G,
     so their A0 coincide (angles 0, regret 0, split noise 0)."""
     model = tiny_llama(dtype=torch.float64)
-    cfg = LoraDAConfig.paper(rank=2, dtype=torch.float64)
+    cfg = LoraDAConfig.paper_literal(rank=2, dtype=torch.float64)
     targets = find_target_modules(model, LLAMA_TARGETS)
     rows = _split(llama_batches(n_batches=2, batch=2), 1)
     doubled = [r for r in rows for _ in range(2)]
@@ -175,7 +175,7 @@ def test_identical_halves_give_zero_angle_and_regret():
 
 def test_different_halves_give_angles_and_nonnegative_regret():
     model = tiny_llama(dtype=torch.float64)
-    cfg = LoraDAConfig.paper(rank=2, dtype=torch.float64)
+    cfg = LoraDAConfig.paper_literal(rank=2, dtype=torch.float64)
     targets = find_target_modules(model, LLAMA_TARGETS)
     stats = collect_statistics(model, llama_batches(), targets, cfg, progress=False)
     for n in list(targets)[:4]:
@@ -189,7 +189,7 @@ def test_different_halves_give_angles_and_nonnegative_regret():
     ("preset", "solver", "tol"),
     [
         ("official", "eigh", 1e-8),
-        ("paper", "eigh", 1e-8),
+        ("paper_literal", "eigh", 1e-8),
         # 10 unconverged LOBPCG steps amplify round-off: 1.1e-7 measured before σ was skipped
         # (the even half's ΔŴ comes from the linearity identity), 4e-8 after
         ("official", None, 1e-6),
@@ -202,12 +202,12 @@ def test_split_angles_equal_those_of_two_full_solves_of_the_halves(preset, solve
     half (the even ΔŴ from the linearity identity) or a σ that changes the eigenvectors (β/σ
     instead of β/σ²) breaks the equality."""
     model = tiny_llama(dtype=torch.float64)
-    cfg = getattr(LoraDAConfig, preset)(rank=2, dtype=torch.float64, n_train=100)
+    cfg = LoraDAConfig.preset(preset, rank=2, dtype=torch.float64, n_train=100)
     if solver is not None:
         cfg = cfg.replace(solver=solver, solver_options={})
     targets = find_target_modules(model, LLAMA_TARGETS)
     stats = collect_statistics(model, llama_batches(), targets, cfg, progress=False)
-    quiet = cfg.replace(calibration_diagnostics=False)
+    quiet = cfg.replace(diagnostics="off")
     checked = 0
     for n in list(targets)[:5]:
         d = calibration_diagnostics(stats, n, cfg, kfac_fisher(stats, n, cfg))
@@ -242,16 +242,14 @@ def test_principal_angles_known_values():
 
 def test_init_reports_diagnostics_per_layer_and_a_summary(capsys):
     model = tiny_llama(dtype=torch.float64)
-    cfg = LoraDAConfig.paper(rank=2, dtype=torch.float64, n_train=100)
-    factors = init_lora_da(model, llama_batches(), cfg, progress=True)
+    cfg = LoraDAConfig.paper_literal(rank=2, dtype=torch.float64, n_train=100)
+    factors = init_lora_da(model, llama_batches(), cfg.replace(diagnostics="full"), progress=True)
     keys = {"calibration_snr", "calibration_noise", "split_snr", "split_angle_max", "split_regret"}
     assert all(keys <= f.diagnostics.keys() for f in factors.values())
     low = sum(f.diagnostics["calibration_snr"] < 1 for f in factors.values())
     line = f"{low} of {len(factors)} layers have SNR < 1"
     assert line in calibration_summary(factors) and line in capsys.readouterr().err
-    off = init_lora_da(
-        model, llama_batches(), cfg.replace(calibration_diagnostics=False), progress=False
-    )
+    off = init_lora_da(model, llama_batches(), cfg.replace(diagnostics="off"), progress=False)
     assert "calibration_snr" not in next(iter(off.values())).diagnostics
     for n in factors:  # the diagnostics do not change the result
         assert torch.equal(factors[n].A, off[n].A) or torch.allclose(
@@ -284,9 +282,9 @@ def test_torch_estimators_match_the_numpy_registry(estimator):
     stats = KFACStatistics({"g": t(Z)}, {"m": t(Y)}, {"m": t(G)}, {"m": "g"}, size, size, 1, 1,
                            gradient_weight=float(size))  # fmt: skip
     base = dict(rank=r, n_train=n, dtype=torch.float64, damping=0.0, damping_scale="absolute",
-                calibration_diagnostics=False)  # fmt: skip
-    ours = solve_layer(stats, "m", LoraDAConfig(**base, estimator=estimator))
-    plugin = solve_layer(stats, "m", LoraDAConfig(**base))
+                diagnostics="off")  # fmt: skip
+    ours = solve_layer(stats, "m", LoraDAConfig.paper_literal(**base, estimator=estimator))
+    plugin = solve_layer(stats, "m", LoraDAConfig.paper_literal(**base))
     problem = InitProblem(W0=np.zeros((d1, d2)), G=G, J=np.kron(Y, Z), n=n, n_calib=size)
     A_ref, B_ref = initialize(f"lora_da_{estimator}", problem, r)
     assert float(principal_angles(ours.A, t(A_ref)).max()) < 1e-8

@@ -74,12 +74,13 @@ def _expected_factors(workspace, config: LoraDAConfig):
 
 
 @pytest.mark.parametrize(
-    ("preset", "scaling"), [("official", 16 / math.sqrt(RANK)), ("paper", 1.0)]
+    ("preset", "scaling"),
+    [("default", 16 / math.sqrt(RANK)), ("official", 16 / math.sqrt(RANK)), ("paper_literal", 1.0)],
 )
 def test_init_writes_adapter_that_peft_loads_with_the_factors(workspace, tmp_path, preset, scaling):
     out = tmp_path / "adapter"
     assert _init(workspace, out, "--config", preset) == 0
-    config = getattr(LoraDAConfig, preset)(rank=RANK, seed=0)
+    config = LoraDAConfig.preset(preset, rank=RANK, seed=0)
     factors = _expected_factors(workspace, config)
     base = AutoModelForCausalLM.from_pretrained(workspace / "model")
     layers = lora_modules(PeftModel.from_pretrained(base, out))
@@ -295,7 +296,7 @@ def test_init_overhead_benchmark_quick_prints_its_json():
         "statistics_pass_float32_sums", "float64_running_sums", "split_half_gradient_sums",
         "solves_algorithm_1", "solves_split_half", "solves_precision_probe",
     }  # fmt: skip
-    assert set(result["presets"]) == {"official", "paper"}
+    assert set(result["presets"]) == {"default", "official"}
     for row in result["presets"].values():
         assert keys <= set(row)
         assert set(row["cost_over_plain"]) == parts
@@ -321,7 +322,7 @@ def test_init_overhead_float32_sums_control_is_in_force_and_then_undone():
     model = tiny_llama(0, hidden=16, layers=1, intermediate=24, heads=2, vocab=32)
     ids = torch.randint(3, 32, (1, 8), generator=torch.Generator().manual_seed(0))
     batches = [{"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}]
-    config = LoraDAConfig.official(rank=2, calibration_diagnostics=False, precision_probe=False)
+    config = LoraDAConfig.official(rank=2, diagnostics="off")
     targets = find_target_modules(model, config.target_modules)
     sums = bench.collect_with_sums(torch.float32, model, batches, targets, config, progress=False)
     assert all(z.dtype == torch.float32 for z in sums.Z.values())  # in force during the call
@@ -444,13 +445,13 @@ def test_cli_prompt_completion_fields(workspace, tmp_path):
     data.write_text("".join(json.dumps({"q": p, "a": c}) + "\n" for p, c in PAIRS))
     out = tmp_path / "adapter"
     argv = ["init", "--model", str(workspace / "model"), "--data", str(data), "--out", str(out)]
-    argv += ["--rank", "2", "--config", "paper", "--max-length", "64", "--no-progress"]
+    argv += ["--rank", "2", "--config", "paper_literal", "--max-length", "64", "--no-progress"]
     assert main([*argv, "--prompt-field", "q", "--completion-field", "a"]) == 0
     meta = json.loads((out / "lora_da.json").read_text())
     assert meta["data"]["prompt_field"] == "q" and meta["data"]["completion_field"] == "a"
     tok = AutoTokenizer.from_pretrained(workspace / "model")
     model = AutoModelForCausalLM.from_pretrained(workspace / "model")
-    config = LoraDAConfig.paper(rank=2)
+    config = LoraDAConfig.paper_literal(rank=2)
     masked = tokenize_prompt_completion(tok, PAIRS, max_length=64)
     want = init_lora_da(model, masked, config, progress=False)
     unmasked = [{**b, "labels": b["input_ids"].masked_fill(b["attention_mask"] == 0, -100)}
@@ -477,9 +478,7 @@ def test_cli_and_python_paths_give_the_same_adapter_and_provenance(workspace, tm
     lora = LoraConfig(r=RANK, lora_alpha=16, use_rslora=True, lora_dropout=0.0,
                       target_modules=list(DEFAULT_TARGETS), task_type="CAUSAL_LM")  # fmt: skip
     pm = get_peft_model(model, lora)
-    state = initialize_lora_da_weights(
-        pm, batches, LoraDAConfig.official(rank=RANK), progress=False
-    )
+    state = initialize_lora_da_weights(pm, batches, LoraDAConfig(rank=RANK), progress=False)
     base = AutoModelForCausalLM.from_pretrained(workspace / "model")
     cli = lora_modules(PeftModel.from_pretrained(base, out))
     for name, layer in lora_modules(pm).items():

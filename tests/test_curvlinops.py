@@ -103,7 +103,7 @@ def _llama_factors(token_mask: str, score_scale: str):
     targets = _targets(model, names)
     ids = _ids()
     batches = [{"input_ids": x, "labels": x} for x in ids]
-    config = LoraDAConfig.paper(
+    config = LoraDAConfig.paper_literal(
         dtype=torch.float64, target_modules=ALL_LLAMA, token_mask=token_mask,
         score_scale=score_scale,
     )  # fmt: skip
@@ -160,7 +160,9 @@ def test_mlp_kfac_factors_match_curvlinops():
     xs = [torch.randn(BATCH, 5, 6, generator=gen, dtype=torch.float64) for _ in range(3)]
     ys = [torch.randint(0, 5, (BATCH, 5), generator=gen) for _ in range(3)]
     targets = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-    config = LoraDAConfig.paper(dtype=torch.float64, target_modules=tuple(targets), label_shift=0)
+    config = LoraDAConfig.paper_literal(
+        dtype=torch.float64, target_modules=tuple(targets), label_shift=0
+    )
 
     def loss_fn(m, batch):
         logits = m(batch["inputs"])  # (B, T, C)

@@ -214,7 +214,7 @@ def test_torchrun_cli_writes_the_single_process_adapter(tmp_path):
     lines = [json.dumps({"text": t}) + "\n" for t in TINY_TEXTS]
     (tmp_path / "calib.jsonl").write_text("".join(lines))
     common = ["init", "--model", "model", "--data", "calib.jsonl", "--rank", "4", "--no-progress"]
-    common += ["--config", "paper", "--dtype", "float64"]
+    common += ["--config", "paper_literal", "--dtype", "float64"]
     cwd = os.getcwd()
     os.chdir(tmp_path)
     try:

@@ -67,7 +67,7 @@ def closed_form_layer(d: int, gap: float, r: int = study.RANK, seed: int = 0):
 def test_default_config_meets_target(dtype, d, gap):
     model, batches, loss_fn, exact = closed_form_layer(d, gap)
     model = model.to(dtype)
-    config = LoraDAConfig(rank=study.RANK, target_modules=("0",), dtype=dtype)
+    config = LoraDAConfig.paper_literal(rank=study.RANK, target_modules=("0",), dtype=dtype)
     factors = init_lora_da(model, batches, config, loss_fn=loss_fn, progress=False)["0"]
     angle = study.angle(factors.A, exact)
     assert angle <= study.TARGET_ANGLE, (angle, factors.diagnostics)
@@ -79,7 +79,7 @@ def test_closed_form_layer_is_what_it_claims():
 
     model, batches, loss_fn, exact = closed_form_layer(16, 1e-2)
     model = model.double()
-    config = LoraDAConfig(rank=study.RANK, target_modules=("0",), dtype=torch.float64)
+    config = LoraDAConfig.paper_literal(rank=study.RANK, target_modules=("0",), dtype=torch.float64)
     targets = find_target_modules(model, config.target_modules)
     stats = collect_statistics(model, batches, targets, config, loss_fn=loss_fn, progress=False)
     Z, Y, G = stats.Z[stats.group_of["0"]], stats.Y["0"], stats.G["0"]

@@ -8,6 +8,7 @@ bitwise. Tiny offline LLaMA, a few seconds in all.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import warnings
 
@@ -18,6 +19,7 @@ pytest.importorskip("peft")
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from lora_da_ref.data import TINY_TEXTS, tokenize_batches
+from lora_da_ref.presets import PRESETS
 from lora_da_ref.torch import (
     LoraDAConfig,
     LoraDAState,
@@ -28,12 +30,11 @@ from lora_da_ref.torch import (
     save_lora_da_state,
 )
 from lora_da_ref.torch.adapter import apply_lora_da, lora_modules
+from lora_da_ref.torch.config import preset_of
 from lora_da_ref.torch.peft_init import (
     PROVENANCE_FILE,
     PresetScalingWarning,
     _peft_targets,
-    intended_scaling,
-    preset_of,
 )
 from tests.tiny_models import make_tiny_llama, make_tiny_tokenizer
 
@@ -73,13 +74,13 @@ def _state(model):
 # ----------------------------------------------------------------------------- same as 3 calls
 
 
-@pytest.mark.parametrize("preset", ["official", "paper"])
+@pytest.mark.parametrize("preset", ["official", "paper_literal"])
 def test_one_call_equals_init_lora_da_plus_apply_bitwise(batches, preset):
     """PEFT's LoraConfig drives the one call; B starts random (init_lora_weights=False), so a
     statistics pass that ran through the adapter instead of the base weights W0 would differ."""
     alpha, rslora = (16, True) if preset == "official" else (RANK, False)
     want = make_tiny_llama(0)
-    factors = init_lora_da(want, batches, getattr(LoraDAConfig, preset)(rank=RANK), progress=False)
+    factors = init_lora_da(want, batches, LoraDAConfig.preset(preset, rank=RANK), progress=False)
     ref = get_peft_model(want, _lora(alpha=alpha, rslora=rslora))
     apply_lora_da(ref, factors)
 
@@ -140,7 +141,7 @@ def test_rank_pattern_is_honoured(batches):
     pm = get_peft_model(make_tiny_llama(0), cfg)
     state = initialize_lora_da_weights(pm, batches, progress=False)
     want = init_lora_da(
-        make_tiny_llama(0), batches, LoraDAConfig.official(rank=2, target_modules=("q_proj",)),
+        make_tiny_llama(0), batches, LoraDAConfig(rank=2, target_modules=("q_proj",)),
         progress=False,
     )  # fmt: skip
     for name, layer in lora_modules(pm).items():
@@ -161,14 +162,42 @@ def test_preset_scaling_mismatch_warns_with_the_effective_scale(batches):
         initialize_lora_da_weights(pm, batches, "official", progress=False)
     pm = get_peft_model(make_tiny_llama(0), _lora(alpha=16, rslora=True))
     with pytest.warns(PresetScalingWarning, match=r"lora_alpha = r \(s = 1\).*gives s = 8"):
-        initialize_lora_da_weights(pm, batches, "paper", progress=False)
+        initialize_lora_da_weights(pm, batches, "paper_literal", progress=False)
 
 
 def test_preset_detection_and_intended_scaling():
     assert preset_of(LoraDAConfig.official(rank=16, n_train=5000, seed=3)) == "official"
-    assert preset_of(LoraDAConfig.paper()) == "paper"
+    assert preset_of(LoraDAConfig.official(layers_per_pass=8, diagnostics="full")) == "official"
+    assert preset_of(LoraDAConfig.paper_literal()) == "paper_literal"
+    assert preset_of(LoraDAConfig(rank=4)) == "default"
     assert preset_of(LoraDAConfig.official(variance_weight=0.5)) is None  # custom: no warning
-    assert intended_scaling("official", 4) == 8.0 and intended_scaling("paper", 4) == 1.0
+    assert PRESETS["official"].scaling(4) == 8.0 and PRESETS["default"].scaling(4) == 8.0
+    assert PRESETS["paper_literal"].scaling(4) == 1.0
+
+
+def test_official_preset_is_the_official_yaml():
+    """The official preset spells out conf/lora_da.yaml (MATH.md), whatever the defaults become:
+    catches a default changed under the official preset's feet."""
+    c = LoraDAConfig.official()
+    yaml = dict(
+        variance_weight=0.03, bias_weight=1.0, output_factor="diagonal", damping=1e-6,
+        damping_scale="absolute", normalize_delta=True, scale_gamma=1024.0, solver="lobpcg",
+        solver_options={"niter": 10, "official": True}, token_mask="attention",
+        score_scale="batch", gradient_weight="sequence", n_train=100_000, estimator="plugin",
+    )  # fmt: skip
+    assert {k: getattr(c, k) for k in yaml} == yaml
+
+
+def test_default_is_the_official_objective_with_robust_numerics():
+    """LoraDAConfig() is the official objective and scaling with relative damping and eigh."""
+    default, official = LoraDAConfig(), LoraDAConfig.official()
+    numerics = {"damping", "damping_scale", "solver", "solver_options"}
+    for f in dataclasses.fields(LoraDAConfig):
+        if f.name not in numerics:
+            assert getattr(default, f.name) == getattr(official, f.name), f.name
+    assert (default.damping_scale, default.solver) == ("relative", "eigh")
+    with pytest.raises(ValueError, match="'paper' is now 'paper_literal'"):
+        LoraDAConfig.preset("paper")
 
 
 # ----------------------------------------------------------------------------- save / load
@@ -226,7 +255,7 @@ def test_trainer_save_load_and_merge(batches, tmp_path):
     assert any(not torch.equal(moved[n][1], start[n][1]) for n in start), "training moved nothing"
     pm.save_pretrained(tmp_path / "adapter")
     save_lora_da_state(tmp_path / "adapter", state)
-    assert json.loads((tmp_path / "adapter" / PROVENANCE_FILE).read_text())["preset"] == "official"
+    assert json.loads((tmp_path / "adapter" / PROVENANCE_FILE).read_text())["preset"] == "default"
     x = batches[0]["input_ids"]
     pm.eval()
     loaded = PeftModel.from_pretrained(make_tiny_llama(0), tmp_path / "adapter").eval()

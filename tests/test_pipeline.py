@@ -105,7 +105,7 @@ def test_two_shards_match_one_process_in_float32():
     """Issue 12: float32 statistics, two shards vs one, A@B within 1e-6 relative on every layer
     (it was 5.5e-4 with float32 running sums and float32 solves)."""
     model, batches = tiny_llama(), llama_batches(n_batches=6)
-    config = LoraDAConfig.paper(rank=4, n_train=1000)
+    config = LoraDAConfig.paper_literal(rank=4, n_train=1000)
     targets = find_target_modules(model, LLAMA_TARGETS)
     one = run_pipeline(model, batches, targets, config, SingleProcess(), progress=False)
     two = run_pipeline(model, batches, targets, config, _TwoShards(), progress=False)
@@ -151,7 +151,7 @@ def _group_statistics(widths=(160, 160, 96), layers_per_group=2, d_out=48, seed=
     return KFACStatistics(Z, Y, G, group_of, 1000, 1000, 10, 10, gradient_weight=1000.0)
 
 
-@pytest.mark.parametrize("preset", ["official", "paper"])
+@pytest.mark.parametrize("preset", ["official", "paper_literal"])
 def test_solve_workers_give_bit_identical_factors_in_the_names_order(preset):
     """Layer groups solved side by side in threads, one BLAS thread each, give bit-identical
     factors and diagnostics for any number of workers, equal to the one-thread serial solve, in
@@ -159,7 +159,7 @@ def test_solve_workers_give_bit_identical_factors_in_the_names_order(preset):
     Catches a cache shared across threads, a task that mixes groups, results in completion
     order, and a worker left on the multi-threaded BLAS (rounds differently)."""
     stats = _group_statistics()
-    config = getattr(LoraDAConfig, preset)(rank=3, n_train=100)
+    config = LoraDAConfig.preset(preset, rank=3, n_train=100)
     names = sorted(stats.G, reverse=True)  # not the groups' order
     with one_blas_thread():
         serial = solve_layers(stats, names, config.replace(solve_workers=1))
@@ -183,7 +183,7 @@ def test_a_failing_layer_in_a_worker_raises_naming_it():
     stats = _group_statistics()
     stats.Z["g1"] = -stats.Z["g1"]  # negative definite: no damping makes it PD
     threads = torch.get_num_threads()
-    config = LoraDAConfig.paper(rank=3, n_train=100, solve_workers=2)
+    config = LoraDAConfig.paper_literal(rank=3, n_train=100, solve_workers=2)
     with pytest.raises(ValueError, match=r"layer 'g1\.m0'.*Z of 'g1'"):
         solve_layers(stats, list(stats.G), config)
     assert torch.get_num_threads() == threads

@@ -64,11 +64,12 @@ def test_ill_conditioned_Z_gives_the_known_subspace_from_float32_statistics(dtyp
     """cond(Z) = 1e8: float32 statistics, float64 solves and relative damping give the known A0
     within the issue's 1e-3 rad, and the layer is not flagged."""
     Q, z, c = _known_case()
-    config = LoraDAConfig(rank=RANK, n_train=N_TRAIN, dtype=dtype)
+    config = LoraDAConfig.paper_literal(rank=RANK, n_train=N_TRAIN, dtype=dtype, diagnostics="full")
     solution = solve_layer(_statistics(Q, z, c, dtype), "w", config)
     assert _angle(solution.A, _known_A0(Q, z, c, config)) < TRUST_RAD
-    probe = solution.diagnostics["precision_probe"]
-    assert (probe is None) if dtype == torch.float64 else probe < TRUST_RAD
+    for key in ("precision_bound", "precision_probe"):
+        value = solution.diagnostics[key]
+        assert (value is None) if dtype == torch.float64 else value < TRUST_RAD, key
 
 
 def test_absolute_damping_below_the_float32_rounding_is_wrong_and_flagged():
@@ -76,7 +77,7 @@ def test_absolute_damping_below_the_float32_rounding_is_wrong_and_flagged():
     (u‖Z‖ ≈ 6e-8 against eigenvalues down to 1e-8): A0 is off by > 1e-3 rad, the precision
     probe sees it, and the pipeline's warning names the layer."""
     Q, z, c = _known_case()
-    config = LoraDAConfig(
+    config = LoraDAConfig.paper_literal(
         rank=RANK, n_train=N_TRAIN, dtype=torch.float32, damping=1e-6, damping_scale="absolute"
     )
     solution = solve_layer(_statistics(Q, z, c, torch.float32), "w", config)
@@ -122,7 +123,7 @@ def _batches(scale: float) -> list[dict[str, torch.Tensor]]:
 def test_relative_damping_makes_A0_invariant_to_the_input_scale(scale_kind, invariant):
     """Inputs × 1e3 (and W1 / 1e3, so the function is the same): Z → 1e6 Z, G → 1e3 G, Y fixed.
     With λ = δ·tr(Z)/d, Ω → Ω/1e6 and A0 is unchanged; an absolute λ (the contrast) moves it."""
-    config = LoraDAConfig(
+    config = LoraDAConfig.paper_literal(
         rank=2, n_train=50, dtype=torch.float64, target_modules=["first"], label_shift=0,
         damping=1e-2, damping_scale=scale_kind,
     )  # fmt: skip

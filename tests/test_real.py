@@ -180,7 +180,7 @@ def test_smollm2_one_pass_statistics_equal_collect_statistics(loads):
     modules = dict(model.named_modules())
     targets = {n: modules[n] for n in find_target_modules(model, QUICK_LAYERS)}
     ours = calibration_statistics(model, batches, targets)
-    presets = {"official": LoraDAConfig.official, "paper": LoraDAConfig.paper}
+    presets = {"official": LoraDAConfig.official, "paper": LoraDAConfig.paper_literal}
     for preset, make in presets.items():
         for dtype, mine, rtol in (
             (torch.float64, ours.full64[preset], STATS64_RTOL),
@@ -223,7 +223,7 @@ def test_smollm2_kfac_truth_exact_where_it_must_be(loads):
 
     truth = kfac_truth(model, many, names, block=(8, 4), rank=2, keep_blocks=True)
     prod = collect_statistics(model, many, {n: dict(model.named_modules())[n] for n in names},
-                              LoraDAConfig.paper(dtype=torch.float64), progress=False)  # fmt: skip
+                              LoraDAConfig.paper_literal(dtype=torch.float64), progress=False)  # fmt: skip
     for name, e in truth["layers"].items():
         I, J = e["I"], e["J"]
         b = e["blocks"]

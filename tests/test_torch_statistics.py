@@ -8,7 +8,8 @@ import itertools
 import pytest
 import torch
 
-from lora_da_ref.torch import LoraDAConfig, collect_statistics, find_target_modules
+from lora_da_ref.torch import LoraDAConfig, collect_statistics, find_target_modules, init_lora_da
+from lora_da_ref.torch.memory import layer_passes
 from lora_da_ref.torch.statistics import (
     ADD_CHUNK,
     _add_gram,
@@ -16,7 +17,6 @@ from lora_da_ref.torch.statistics import (
     add_into,
     finalize,
     gram_panels,
-    layer_passes,
     mirror_lower_,
     token_masks,
 )
@@ -56,7 +56,7 @@ U_F32 = 2.0**-24
 
 
 def _cfg(**kw) -> LoraDAConfig:
-    return LoraDAConfig(rank=2, dtype=torch.float64, **kw)
+    return LoraDAConfig.paper_literal(rank=2, dtype=torch.float64, **kw)
 
 
 # --- ground truth: per-token loops -------------------------------------------------------------
@@ -297,7 +297,7 @@ def test_G_sequence_weighting_is_the_official_estimate():
 
 def test_shared_inputs_share_one_Z():
     model = tiny_llama()
-    cfg = LoraDAConfig(rank=2, target_modules=LLAMA_TARGETS)
+    cfg = LoraDAConfig.paper_literal(rank=2, target_modules=LLAMA_TARGETS)
     stats = collect_statistics(
         model, llama_batches(), find_target_modules(model, LLAMA_TARGETS), cfg, progress=False
     )
@@ -313,7 +313,7 @@ def test_unshared_Z_is_the_same_as_shared():
     """Targeting k_proj alone gives k_proj its own Z, equal to the group's shared one."""
     model = tiny_llama()
     batches = llama_batches()
-    cfg = LoraDAConfig(rank=2, target_modules=LLAMA_TARGETS)
+    cfg = LoraDAConfig.paper_literal(rank=2, target_modules=LLAMA_TARGETS)
     shared = collect_statistics(
         model, batches, find_target_modules(model, LLAMA_TARGETS), cfg, progress=False
     )
@@ -329,13 +329,17 @@ def test_layers_per_pass_gives_identical_statistics():
     model = tiny_llama()
     batches = llama_batches()
     targets = find_target_modules(model, LLAMA_TARGETS)
-    one = collect_statistics(model, batches, targets, LoraDAConfig(rank=2), progress=False)
-    per_layer = collect_statistics(
-        model, batches, targets, LoraDAConfig(rank=2, layers_per_pass=1), progress=False
-    )
-    assert len(layer_passes(list(targets), 1)) == 2
+    cfg = LoraDAConfig.paper_literal(rank=2)
+    one = collect_statistics(model, batches, targets, cfg, progress=False)
+    passes = layer_passes(list(targets), 1)
+    assert len(passes) == 2
+    parts = [
+        collect_statistics(model, batches, {n: targets[n] for n in names}, cfg, progress=False)
+        for names in passes
+    ]
     for kind in ("Z", "Y", "G"):
-        a, b = getattr(one, kind), getattr(per_layer, kind)
+        a = getattr(one, kind)
+        b = {k: v for part in parts for k, v in getattr(part, kind).items()}
         assert a.keys() == b.keys()
         for k in a:
             assert torch.equal(a[k], b[k]), f"{kind} {k} differs between 1 and 2 passes"
@@ -353,7 +357,7 @@ def test_bf16_model_gives_float32_statistics():
     model = tiny_llama(dtype=torch.bfloat16)
     ref_model = tiny_llama(dtype=torch.float32)
     batches = llama_batches()
-    cfg = LoraDAConfig(rank=2)
+    cfg = LoraDAConfig.paper_literal(rank=2)
     targets = find_target_modules(model, LLAMA_TARGETS)
     stats = collect_statistics(model, batches, targets, cfg, progress=False)
     ref = collect_statistics(
@@ -402,7 +406,7 @@ def test_bf16_model_statistics_are_float32_sums_of_its_activations():
     terms (Z, Y: the statistics positions; G: every position), see U_F32."""
     model = tiny_llama(dtype=torch.bfloat16)
     batches = llama_batches()
-    cfg = LoraDAConfig(rank=2)
+    cfg = LoraDAConfig.paper_literal(rank=2)
     targets = find_target_modules(model, LLAMA_TARGETS)
     stats = collect_statistics(model, batches, targets, cfg, progress=False)
     sums = {kind: {n: 0.0 for n in targets} for kind in ("Z", "Za", "Y", "Ya", "G", "Ga")}
@@ -438,16 +442,18 @@ def test_token_masks_shift_and_attention():
         "labels": torch.tensor([[-100, 5, 6, -100]]),
         "attention_mask": torch.tensor([[1, 1, 1, 0]]),
     }
-    positions, T = token_masks(batch, LoraDAConfig())
+    positions, T = token_masks(batch, LoraDAConfig.paper_literal())
     assert positions.tolist() == [[True, True, False, False]] and T == 2  # position t predicts t+1
-    positions, T = token_masks(batch, LoraDAConfig(label_shift=0))
+    positions, T = token_masks(batch, LoraDAConfig.paper_literal(label_shift=0))
     assert positions.tolist() == [[False, True, True, False]] and T == 2
-    positions, T = token_masks(batch, LoraDAConfig(token_mask="attention"))
+    positions, T = token_masks(batch, LoraDAConfig.paper_literal(token_mask="attention"))
     assert positions.tolist() == [[True, True, True, False]] and T == 2
-    positions, T = token_masks({"attention_mask": batch["attention_mask"]}, LoraDAConfig())
+    positions, T = token_masks(
+        {"attention_mask": batch["attention_mask"]}, LoraDAConfig.paper_literal()
+    )
     assert positions.tolist() == [[True, True, True, False]] and T == 3
     with pytest.raises(ValueError, match="labels' or 'attention_mask"):
-        token_masks({"input_ids": torch.zeros(1, 3)}, LoraDAConfig())
+        token_masks({"input_ids": torch.zeros(1, 3)}, LoraDAConfig.paper_literal())
 
 
 def test_sums_then_finalize_is_the_seam():
@@ -503,12 +509,18 @@ def test_exception_inside_the_pass_leaves_model_untouched(where, layers_per_pass
     model.lm_head.weight.grad = torch.ones_like(model.lm_head.weight)
     handle = model.model.layers[0].register_forward_hook(lambda *a: None)
     before = model_state(model)
-    cfg = LoraDAConfig(rank=2, layers_per_pass=layers_per_pass)
+    cfg = LoraDAConfig.paper_literal(rank=2, layers_per_pass=layers_per_pass)
     targets = find_target_modules(model, LLAMA_TARGETS)
     with pytest.raises(_Boom):
-        collect_statistics(
-            model, llama_batches(), targets, cfg, loss_fn=_failing_loss(2, where), progress=False
-        )
+        if layers_per_pass is None:  # one pass
+            collect_statistics(
+                model, llama_batches(), targets, cfg, loss_fn=_failing_loss(2, where),
+                progress=False,
+            )  # fmt: skip
+        else:  # the pipeline's passes, one per layer
+            init_lora_da(
+                model, llama_batches(), cfg, loss_fn=_failing_loss(2, where), progress=False
+            )
     assert_state_equal(before, model_state(model))
     handle.remove()
 
@@ -521,7 +533,7 @@ def test_successful_pass_leaves_model_untouched():
         model,
         llama_batches(),
         find_target_modules(model, LLAMA_TARGETS),
-        LoraDAConfig(),
+        LoraDAConfig.paper_literal(),
         progress=False,
     )
     assert_state_equal(before, model_state(model))
@@ -530,7 +542,7 @@ def test_successful_pass_leaves_model_untouched():
 def test_bad_losses_raise():
     model = tiny_llama()
     targets = find_target_modules(model, LLAMA_TARGETS)
-    cfg = LoraDAConfig(rank=2)
+    cfg = LoraDAConfig.paper_literal(rank=2)
     cases = {
         "non-finite loss": lambda m, b: m(**b).loss * float("nan"),
         "does not depend": lambda m, b: m(**b).loss.detach(),
@@ -565,7 +577,7 @@ def test_statistics_pass_does_not_leak_activations(fail):
     model = tiny_llama()
     targets = find_target_modules(model, LLAMA_TARGETS)
     batches = llama_batches()
-    cfg = LoraDAConfig(rank=2)
+    cfg = LoraDAConfig.paper_literal(rank=2)
 
     def loss_fn(m, batch):
         loss = m(**batch).loss

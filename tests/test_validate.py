@@ -80,7 +80,9 @@ def test_linear_gaussian_torch_path_matches_numpy_reference(dtype, rtol):
         X = torch.from_numpy(np.repeat(x[None], len(eps), 0))[None].to(dtype)  # (1, 2·d2, d1)
         Y = torch.from_numpy(x @ W0 + eps)[None].to(dtype)
         batches.append({"x": X, "y": Y, "attention_mask": torch.ones(1, len(eps))})
-    config = LoraDAConfig.paper(dtype=dtype, target_modules=("layer",), label_shift=0, damping=0.0)
+    config = LoraDAConfig.paper_literal(
+        dtype=dtype, target_modules=("layer",), label_shift=0, damping=0.0
+    )
     stats = collect_statistics(
         net, batches, {"layer": net.layer}, config,
         loss_fn=lambda m, b: m.token_losses(b).mean(), progress=False,
@@ -153,7 +155,9 @@ def test_softmax_exact_path_matches_numpy_reference_and_reports_kfac_gap():
     A_t = smallest_eigvecs(omega_t, r).numpy()
     assert principal_angles(A_t, np_eigen.smallest_eigvecs(omega_np, r)).max() <= ANGLE_TOL
     # K-FAC on the same weighted design: the gap is reported (printed with -s), not asserted small
-    config = LoraDAConfig.paper(dtype=torch.float64, target_modules=("layer",), label_shift=0)
+    config = LoraDAConfig.paper_literal(
+        dtype=torch.float64, target_modules=("layer",), label_shift=0
+    )
     stats = collect_statistics(
         net, [batch], {"layer": net.layer}, config,
         loss_fn=lambda m, b: m.token_losses(b).mean(), progress=False,
@@ -176,7 +180,7 @@ def test_validate_kfac_exact_control():
     # The production damps each factor by λ = δ·tr(M)/d (δ = the paper preset's damping):
     # (Y+λ_Y)⊗(Z+λ_Z) − Y⊗Z = λ_Z Y⊗I + λ_Y I⊗Z + λ_Yλ_Z I, and ‖λ_Z Y⊗I‖_F/‖Y⊗Z‖_F
     # = δ·(tr Z/√d1)/‖Z‖_F ≤ δ (Cauchy–Schwarz), so J_err ≤ 2δ + δ² (+ round-off of the sums).
-    delta = LoraDAConfig.paper().damping
+    delta = LoraDAConfig.paper_literal().damping
     assert m["kfac-full"]["J_err"] <= 2 * delta + delta**2 + 1e-7
     assert m["kfac-full"]["G_err"] <= 1e-12  # the same gradient, two ways
     assert m["kfac-diag"]["J_err"] > 1e-2  # the check can fail
@@ -210,7 +214,7 @@ def _production_solves_numpy_reference_omega(case):
     from the same statistics. Davis–Kahan: float64 round-off · cond(J)/gap ≪ ANGLE_TOL."""
     from lora_da_ref.torch import find_target_modules, init_lora_da
 
-    config = LoraDAConfig.paper(
+    config = LoraDAConfig.paper_literal(
         rank=2, dtype=torch.float64, target_modules=tuple(case.layers),
         label_shift=case.label_shift, output_factor="full",
     )  # fmt: skip

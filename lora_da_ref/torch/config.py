@@ -15,7 +15,9 @@ from typing import Any, Literal
 
 import torch
 
-__all__ = ["LoraDAConfig", "LoraFactors"]
+from lora_da_ref.presets import PRESETS, get_preset
+
+__all__ = ["LoraDAConfig", "LoraFactors", "preset_of"]
 
 # δ of the relative damping λ = δ·tr(M)/d (docs/numerics.md, "Precision and damping").
 DEFAULT_RELATIVE_DAMPING = 1e-2  # GPTQ's percdamp; measured: docs/numerics.md
@@ -27,18 +29,30 @@ DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 class LoraDAConfig:
     """Settings of LoRA-DA's Algorithm 1.
 
+    The defaults are the ``default`` preset (:mod:`lora_da_ref.presets`): the official code's
+    objective and scaling (β = 0.03, diagonal Y, ΔW normalised by σ, γ = 1024, the official
+    per-sequence weighting) with robust numerics (relative damping, float64 solves, eigh). The
+    other presets: :meth:`official` (the official numerics, for fidelity) and
+    :meth:`paper_literal` (Algorithm 1 as printed: not for training).
+
     Attributes:
         rank: LoRA rank ``r``.
         target_modules: as PEFT's ``LoraConfig``: a list of module-name suffixes (``"q_proj"``
             matches ``...self_attn.q_proj``), a regex string (full match) or ``"all-linear"``
             (:func:`lora_da_ref.torch.targets.find_target_modules`).
-        n_train: ``N``, the fine-tuning set size, in ``Ω = tr(Y⁻¹)/N · Z⁻¹ − ΔWΔWᵀ`` (Eq. 19).
-        variance_weight: ``β``, weight of the variance term (paper: 1; official code: 0.03).
+        n_train: ``N``, the fine-tuning set size in the units of the Fisher the statistics
+            estimate (Eq. 19, ``Ω = β tr(Y⁻¹)/N · Z⁻¹ − αΔWΔWᵀ``), the units of the
+            calibration size |S| (:func:`lora_da_ref.torch.diagnostics.plug_in_sample_size`):
+            ``W²/|P|`` of the fine-tuning set (:func:`lora_da_ref.torch.diagnostics.fisher_units`):
+            its loss tokens for the per-token settings of ``paper_literal``, its sequences over
+            their mean length for the official per-sequence settings. The official code passes
+            the number of training samples (100 000), which this default keeps.
+        variance_weight: ``β``, weight of the variance term (official code: 0.03; paper: 1).
         bias_weight: ``α``, weight of the bias term ``ΔWΔWᵀ`` (1 in both).
         output_factor: ``"diagonal"`` keeps only diag(Y) (official code); ``"full"`` is the
             paper's K-FAC ``J ≈ Y ⊗ Z``.
         damping: added to the diagonals of ``Z`` and ``Y`` before inverting: with
-            ``damping_scale="relative"`` (default, paper preset) ``λ_Z = δ·tr(Z)/d_in`` and
+            ``damping_scale="relative"`` (default) ``λ_Z = δ·tr(Z)/d_in`` and
             ``λ_Y = δ·tr(Y)/d_out`` with ``δ = damping``, so the result does not depend on the
             scale of the inputs or the loss; with ``"absolute"`` (official preset, 1e-6)
             ``λ_Z = λ_Y = damping``. A damped factor that is not positive definite raises.
@@ -50,11 +64,14 @@ class LoraDAConfig:
         solver_options: options of the solver, e.g. ``{"niter": 10, "tol": 1e-6}``.
         seed: seed of the solver's random start.
         dtype: dtype of the statistics (float32 default; float64 allowed).
-        max_statistics_bytes: a budget for the statistics of one pass: ``layers_per_pass`` is
-            lowered (before any pass, from the layer shapes) to the largest number of layers that
-            fits (:mod:`lora_da_ref.torch.memory`). ``None`` = no budget.
-        layers_per_pass: ``None`` = all target layers in one pass; ``k`` = re-run the model once
-            per group of ``k`` transformer layers' targets, bounding memory.
+        layers_per_pass: ``None`` (default) = as many transformer layers per pass as the memory
+            budget allows (one pass when the statistics fit); ``k`` = re-run the model once per
+            group of ``k`` layers' targets (the official code: 8), whatever the budget.
+        max_statistics_bytes: the memory budget of one pass's statistics: ``"auto"`` (default)
+            = :data:`lora_da_ref.torch.memory.AUTO_BUDGET_FRACTION` of the memory available on
+            the device the model is on when the init starts; an integer = that many bytes;
+            ``None`` = no budget. The plan is made before any pass, from the layer shapes
+            (:mod:`lora_da_ref.torch.memory`).
         token_mask: which positions the K-FAC factors Z and Y average over: ``"labels"`` = the
             loss tokens (``labels != -100``, shifted by ``label_shift``) when the batch has labels,
             else ``attention_mask``; ``"attention"`` = every ``attention_mask`` position (official).
@@ -69,23 +86,26 @@ class LoraDAConfig:
         gradient_weight: G is the gradient of the token-mean loss over all sequences
             (``"token"``) or the mean over sequences of each sequence's mean-loss gradient
             (``"sequence"``: the official ``estimate_gradient`` at batch size 1, for any batch size).
-        calibration_diagnostics: keep the gradient sums of the even and odd sequences apart in the
-            same pass (one extra (d_in, d_out) matrix per layer) for the per-layer calibration SNR
-            and split-half stability of :mod:`lora_da_ref.torch.diagnostics` (at solve time: one
-            Fisher solve, two Ω and two eigen-solves per layer).
-        estimator: how Ω is estimated from the calibration statistics (issue 11,
-            docs/regime.md; both presets: ``"plugin"``). ``"plugin"``: Eq. (19) with ``ΔŴ``
-            and ``Ĵ`` in place of ΔW and J. ``"debiased"``: variance weight ``β(1 + N/|S|)``,
-            which removes the calibration noise ``Σ_i Ĵ⁻¹_[i]/|S|`` that ``ΔŴΔŴᵀ`` carries
-            (claim 14); ``"damped"``: bias weight ``α·max(0, 1 − noise/‖ΔŴ‖²)``, the bias term
-            scaled by its estimated signal fraction (0, i.e. "w/o bias", when the calibration
-            SNR < 0). ``|S| = W²/|P|`` and ``noise = tr(Σ_i Ĵ⁻¹_[i])/|S|`` are those of the
-            calibration diagnostics (:mod:`lora_da_ref.torch.diagnostics`). The twins of
-            ``lora_da_debiased`` / ``lora_da_damped`` in :data:`lora_da_ref.initializers.INITIALIZERS`.
-        precision_probe: with statistics in a dtype coarser than float64, estimate per layer how
-            far rounding them to that dtype moves A0 (``diagnostics["precision_probe"]``, one
-            more solve per layer; :func:`lora_da_ref.torch.factors.precision_probe`). Off: no
-            warning names the layers where float32 statistics are not trustworthy.
+        diagnostics: what each layer's solve measures besides A0 and B0
+            (:mod:`lora_da_ref.torch.diagnostics`, docs/numerics.md "Diagnostics tiers").
+            ``"cheap"`` (default; nearly free): the damping applied, κ of the damped factors,
+            the eigengap at r, the solver residual, the plug-in and split-half calibration SNR
+            (the pass keeps the even/odd gradient sums: one extra (d_in, d_out) matrix per layer)
+            and a first-order precision bound that drives the precision warning.
+            ``"full"``: also the split-half solves (A0 of each half: principal angles, regret)
+            and the perturbation probe (one more solve per layer). ``"off"``: none of the
+            calibration measurements and no precision warning (the damping, κ and the solver's
+            own diagnostics stay).
+        estimator: how Ω is estimated from the calibration statistics (docs/regime.md; every
+            preset: ``"plugin"``). ``"plugin"``: Eq. (19) with ``ΔŴ`` and ``Ĵ`` in place of ΔW
+            and J. ``"debiased"``: variance weight ``β(1 + N/|S|)``, which removes the
+            calibration noise ``Σ_i Ĵ⁻¹_[i]/|S|`` that ``ΔŴΔŴᵀ`` carries (claim 14);
+            ``"damped"``: bias weight ``α·max(0, 1 − noise/‖ΔŴ‖²)``, the bias term scaled by its
+            estimated signal fraction (0, i.e. "w/o bias", when the calibration SNR < 0).
+            ``|S| = W²/|P|`` and ``noise = tr(Σ_i Ĵ⁻¹_[i])/|S|`` are those of the calibration
+            diagnostics (:mod:`lora_da_ref.torch.diagnostics`), in the units of ``n_train``.
+            The twins of ``lora_da_debiased`` / ``lora_da_damped`` in
+            :data:`lora_da_ref.initializers.INITIALIZERS`.
         solve_workers: how many layer groups (the layers reading one input share Z's factor)
             are solved side by side, in threads, each on one BLAS thread
             (:mod:`lora_da_ref.torch.threads`). ``None``: torch's thread count
@@ -99,26 +119,25 @@ class LoraDAConfig:
     rank: int = 8
     target_modules: tuple[str, ...] | str = DEFAULT_TARGETS
     n_train: int = 100_000
-    variance_weight: float = 1.0
+    variance_weight: float = 0.03
     bias_weight: float = 1.0
-    output_factor: Literal["diagonal", "full"] = "full"
+    output_factor: Literal["diagonal", "full"] = "diagonal"
     damping: float = DEFAULT_RELATIVE_DAMPING
     damping_scale: Literal["relative", "absolute"] = "relative"
-    normalize_delta: bool = False
-    scale_gamma: float | None = None
+    normalize_delta: bool = True
+    scale_gamma: float | None = 1024.0
     solver: Literal["eigh", "lobpcg"] = "eigh"
     solver_options: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
     dtype: torch.dtype = torch.float32
     layers_per_pass: int | None = None
-    max_statistics_bytes: int | None = None
-    token_mask: Literal["labels", "attention"] = "labels"
+    max_statistics_bytes: int | Literal["auto"] | None = "auto"
+    token_mask: Literal["labels", "attention"] = "attention"
     label_shift: int = 1
-    score_scale: Literal["token", "batch"] = "token"
-    gradient_weight: Literal["token", "sequence"] = "token"
-    calibration_diagnostics: bool = True
+    score_scale: Literal["token", "batch"] = "batch"
+    gradient_weight: Literal["token", "sequence"] = "sequence"
+    diagnostics: Literal["off", "cheap", "full"] = "cheap"
     estimator: Literal["plugin", "debiased", "damped"] = "plugin"
-    precision_probe: bool = True
     solve_workers: int | None = None
 
     def __post_init__(self) -> None:
@@ -129,42 +148,47 @@ class LoraDAConfig:
         _validate(self)
 
     @classmethod
-    def official(cls, **overrides: Any) -> LoraDAConfig:
-        """``conf/lora_da.yaml`` of the official code (see MATH.md, "Official code")."""
-        base = dict(
-            variance_weight=0.03,
-            bias_weight=1.0,
-            output_factor="diagonal",
-            damping=1e-6,
-            damping_scale="absolute",
-            normalize_delta=True,
-            scale_gamma=1024.0,
-            solver="lobpcg",
-            solver_options={"niter": 10, "official": True},
-            token_mask="attention",
-            score_scale="batch",
-            gradient_weight="sequence",
-            layers_per_pass=8,  # the official code's Fisher pass covers 8 layers at a time
-        )
-        return cls(**{**base, **overrides})
+    def preset(cls, name: str, **overrides: Any) -> LoraDAConfig:
+        """The preset ``name`` of :data:`lora_da_ref.presets.PRESETS` (its settings, every other
+        field at its default), with ``overrides`` on top."""
+        return cls(**{**get_preset(name).settings, **overrides})
 
     @classmethod
-    def paper(cls, **overrides: Any) -> LoraDAConfig:
-        """The paper's Algorithm 1 as written: β = α = 1, full Y, no normalisation or γ, eigh."""
-        base = dict(
-            variance_weight=1.0,
-            bias_weight=1.0,
-            output_factor="full",
-            damping=DEFAULT_RELATIVE_DAMPING,
-            damping_scale="relative",
-            normalize_delta=False,
-            scale_gamma=None,
-            solver="eigh",
-        )
-        return cls(**{**base, **overrides})
+    def official(cls, **overrides: Any) -> LoraDAConfig:
+        """``conf/lora_da.yaml`` of the official code (MATH.md, "Official code"; the ``official``
+        preset). Its 8 layers per pass is ``layers_per_pass=8``."""
+        return cls.preset("official", **overrides)
+
+    @classmethod
+    def paper_literal(cls, **overrides: Any) -> LoraDAConfig:
+        """Algorithm 1 as printed: β = α = 1, full Y, no normalisation or γ, eigh (the
+        ``paper_literal`` preset). Not for training with ``offset="none"``: B0 is unscaled."""
+        return cls.preset("paper_literal", **overrides)
+
+    @property
+    def split_sums(self) -> bool:
+        """Whether the pass keeps the even/odd gradient sums (any diagnostics tier but off)."""
+        return self.diagnostics != "off"
 
     def replace(self, **changes: Any) -> LoraDAConfig:
         return dataclasses.replace(self, **changes)
+
+
+# Fields a user sets freely on top of a preset: they change neither the objective nor the numerics
+# of the solve, so they do not change which preset a config is.
+_FREE_FIELDS = (
+    "rank", "target_modules", "n_train", "seed", "dtype", "layers_per_pass",
+    "max_statistics_bytes", "diagnostics", "solve_workers",
+)  # fmt: skip
+
+
+def preset_of(config: LoraDAConfig) -> str | None:
+    """The preset (:data:`lora_da_ref.presets.PRESETS`) ``config`` is, up to the free fields."""
+    for name in PRESETS:
+        ref = LoraDAConfig.preset(name)
+        if config.replace(**{k: getattr(ref, k) for k in _FREE_FIELDS}) == ref:
+            return name
+    return None
 
 
 _CHOICES = {
@@ -175,6 +199,7 @@ _CHOICES = {
     "score_scale": ("token", "batch"),
     "gradient_weight": ("token", "sequence"),
     "estimator": ("plugin", "debiased", "damped"),
+    "diagnostics": ("off", "cheap", "full"),
 }
 
 
@@ -184,15 +209,14 @@ def _validate(c: LoraDAConfig) -> None:
     _positive_int("n_train", c.n_train)
     if c.layers_per_pass is not None:
         _positive_int("layers_per_pass", c.layers_per_pass)
-    if c.max_statistics_bytes is not None:
+    if c.max_statistics_bytes not in (None, "auto"):
         _positive_int("max_statistics_bytes", c.max_statistics_bytes)
     if c.solve_workers is not None:
         _positive_int("solve_workers", c.solve_workers)
     if isinstance(c.label_shift, bool) or not isinstance(c.label_shift, int) or c.label_shift < 0:
         raise ValueError(f"label_shift must be a non-negative integer, got {c.label_shift!r}")
-    for flag in ("calibration_diagnostics", "precision_probe", "normalize_delta"):
-        if not isinstance(getattr(c, flag), bool):
-            raise TypeError(f"{flag} must be True or False, got {getattr(c, flag)!r}")
+    if not isinstance(c.normalize_delta, bool):
+        raise TypeError(f"normalize_delta must be True or False, got {c.normalize_delta!r}")
     if isinstance(c.target_modules, str):
         _regex_or_all_linear(c.target_modules)
     elif not c.target_modules or not all(isinstance(t, str) and t for t in c.target_modules):

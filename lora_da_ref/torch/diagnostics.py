@@ -1,10 +1,11 @@
 """Per-layer calibration diagnostics: is LoRA-DA's subspace determined by this calibration set?
 
-Issue 11 ("the calibration-noise regime"). ``ΔŴ = −Ĵ⁻¹Ĝ`` is estimated from a finite calibration
+``ΔŴ = −Ĵ⁻¹Ĝ`` is estimated from a finite calibration
 set, so ``E[ΔŴΔŴᵀ] ≈ ΔWΔWᵀ + Σ_i J⁻¹_[i]/|S|``: when the noise term is as large as the signal,
 Ω's bias term is mostly noise and A0 is not a property of the task. Both diagnostics below come
-from the statistics of the one pass (``config.calibration_diagnostics``: the pass keeps the
-gradient sums of the even- and odd-numbered sequences apart; Z and Y are not split).
+from the statistics of the one pass (any ``config.diagnostics`` tier but ``"off"``: the pass
+keeps the gradient sums of the even- and odd-numbered sequences apart; Z and Y are not split).
+The SNRs are the ``"cheap"`` tier; the split-half solves (A0 of each half) the ``"full"`` one.
 
 **Plug-in calibration SNR** ``= (‖ΔŴ‖²_F − noise) / noise`` with
 ``noise = tr(Σ_i Ĵ⁻¹_[i]) / |S| = tr((Y+λ)⁻¹) · tr((Z+λ)⁻¹) / |S|`` (K-FAC, damped as in the
@@ -102,16 +103,19 @@ def calibration_diagnostics(
     config: LoraDAConfig,
     J: FisherMatrix,
     delta: Tensor | None = None,
+    *,
+    split_solves: bool = True,
 ) -> dict[str, Any]:
     """SNR and split-half stability of layer ``name`` (module docstring), from the pass's
     statistics and the layer's (damped) K-FAC Fisher ``J``; ``delta``: the unnormalised
     ``ΔŴ = −Ĵ⁻¹Ĝ`` when the caller has it (the solve does), else it is solved here. Keys:
     ``calibration_snr``, ``calibration_noise``, ``delta_sq``, ``sample_size``, and when both
-    halves have data ``split_noise``, ``split_snr``, ``split_angle_max``, ``split_angle_min``,
-    ``split_regret``, ``split_rel_regret``.
+    halves have data ``split_noise``, ``split_snr``; with ``split_solves`` also
+    ``split_angle_max``, ``split_angle_min``, ``split_regret``, ``split_rel_regret``.
 
-    Cost: one Fisher solve for the odd half (ΔŴ is linear in Ĝ, so the even half's is
-    ``(W·ΔŴ − w_odd·ΔŴ_odd)/w_even``), two Ω and two eigen-solves."""
+    Cost: the trace of the block sum (the solve's Ω holds it), and one Fisher solve for the odd
+    half (ΔŴ is linear in Ĝ, so the even half's is ``(W·ΔŴ − w_odd·ΔŴ_odd)/w_even``); with
+    ``split_solves`` two Ω and two eigen-solves (the ``"full"`` diagnostics tier)."""
     dtype = torch.float64
     if delta is None:
         delta = fisher_gradient(J, stats.G[name].to(dtype))  # (d_in, d_out), unnormalised ΔŴ
@@ -135,6 +139,8 @@ def calibration_diagnostics(
     diff = even - odd
     split_noise = float((diff * diff).sum()) * w1 * w2 / (w1 + w2) ** 2
     out |= {"split_noise": split_noise, "split_snr": _snr(delta_sq, split_noise)}
+    if not split_solves:
+        return out
     # each half's Ω with the configured estimator; a half's |S| scales with its gradient weight.
     # Without the σ-normalisation: it divides Ω by σ_h², which moves neither A nor the relative
     # regret, and σ_h (a Gram eigen-solve) would cost as much as the half's Ω.

@@ -19,9 +19,10 @@ Per layer:
 **Precision.** The statistics may be accumulated in float32, but everything here runs in float64
 (:data:`SOLVE_DTYPE`): Cholesky, the triangular solves of ΔW, the block sum, Ω and its eigen-solve.
 Each layer records the damping applied, ``κ₁`` of the damped factors, the eigengap and
-``precision_probe``, an estimate of how far rounding the statistics to their dtype moves A0
-(radians; :func:`precision_probe`); :func:`untrusted_layers` lists the layers where it exceeds
-:data:`TRUST_RAD`.
+``precision_bound``, a first-order bound on how far rounding the statistics to their dtype moves
+A0 (radians; :func:`precision_bound`, no extra solve); :func:`untrusted_layers` lists the layers
+where it exceeds :data:`TRUST_RAD`. The ``"full"`` diagnostics add ``precision_probe``
+(:func:`precision_probe`: one perturbed re-solve per layer).
 
 :func:`lora_da_init` is the same map from ``(J, G, n, r)`` with the NumPy reference's signature
 (:func:`lora_da_ref.initializers.lora_da_init`); :func:`solve_layer` keeps every intermediate
@@ -70,6 +71,7 @@ __all__ = [
     "layer_guidance",
     "layer_seed",
     "lora_da_init",
+    "precision_bound",
     "precision_probe",
     "requested_damping",
     "rounding_floor",
@@ -80,16 +82,20 @@ __all__ = [
 
 T = TypeVar("T")
 SOLVE_DTYPE = torch.float64  # every solve, whatever the statistics dtype
-TRUST_RAD = 1e-3  # a layer whose precision_probe exceeds this is reported as not trustworthy
+TRUST_RAD = 1e-3  # a layer whose precision_bound exceeds this is reported as not trustworthy
 
 
 @dataclass
 class Guidance:
-    """ΔW (d1, d2) (divided by σ when normalising), Ω (d1, d1) and σ (1.0 when not normalising)."""
+    """ΔW (d1, d2) (divided by σ when normalising), Ω (d1, d1) and σ (1.0 when not normalising);
+    ``Ω = variance_coefficient · Σ_i J⁻¹_[i] − bias_weight · ΔWΔWᵀ`` (the coefficient is
+    ``β/(N σ²)``, the weights those of ``config.estimator``)."""
 
     delta_w: Tensor
     omega: Tensor
     sigma: float
+    variance_coefficient: float = math.nan
+    bias_weight: float = math.nan
 
 
 @dataclass
@@ -209,7 +215,7 @@ def guidance_from_delta(
     omega = guidance_matrix(
         J, delta_w, config.n_train, variance_weight=beta / sigma**2, bias_weight=alpha
     )  # (d1, d1)
-    return Guidance(delta_w, omega, sigma)
+    return Guidance(delta_w, omega, sigma, beta / sigma**2 / config.n_train, alpha)
 
 
 def estimator_weights(
@@ -242,8 +248,10 @@ def solve_layer(
     *,
     probe: bool = True,
 ) -> LayerSolution:
-    """Steps 2–5 of Algorithm 1 for one layer, keeping every intermediate; ``probe`` (and
-    ``config.precision_probe``) adds ``diagnostics["precision_probe"]`` (:func:`precision_probe`)."""
+    """Steps 2–5 of Algorithm 1 for one layer, keeping every intermediate, with the diagnostics
+    of ``config.diagnostics``: ``"cheap"`` adds the calibration SNR (plug-in and split-half
+    noise) and :func:`precision_bound`; ``"full"`` also the split-half solves and, when
+    ``probe``, :func:`precision_probe`."""
     J = kfac_fisher(stats, name, config, z_factors)
     size = plug_in_sample_size(stats) if config.estimator != "plugin" else None
     guide = layer_guidance(J, stats.G[name].to(SOLVE_DTYPE), config, name, size)
@@ -252,11 +260,13 @@ def solve_layer(
     A, B = eig.vectors, eig.vectors.mT @ guide.delta_w  # (d1, r), (r, d2)
     scale = 1.0 if config.scale_gamma is None else math.sqrt(config.scale_gamma)
     diagnostics = _diagnostics(stats, name, config, J, guide.sigma, eig.diagnostics)
-    if config.calibration_diagnostics:  # SNR and split-half stability (issue 11, item 4)
+    if config.diagnostics != "off":
         delta = guide.delta_w * guide.sigma  # unnormalised ΔŴ (σ = 1 unless normalising)
-        diagnostics |= calibration_diagnostics(stats, name, config, J, delta)
+        full = config.diagnostics == "full"
+        diagnostics |= calibration_diagnostics(stats, name, config, J, delta, split_solves=full)
+        diagnostics["precision_bound"] = precision_bound(stats, name, config, J, guide, eig)
     solution = LayerSolution(J, guide, eig, A / scale, B / scale, diagnostics)
-    if probe and config.precision_probe:
+    if probe and config.diagnostics == "full":
         diagnostics["precision_probe"] = precision_probe(stats, name, config, solution, z_factors)
     return solution
 
@@ -363,9 +373,103 @@ def precision_probe(
     )  # fmt: skip
     # The perturbed solve needs only A0: no calibration diagnostics (they cost a block sum) and
     # no σ-normalisation (Ω/σ² has the same eigenvectors; σ costs a Gram eigen-solve).
-    quiet = config.replace(calibration_diagnostics=False, normalize_delta=False)
+    quiet = config.replace(diagnostics="off", normalize_delta=False)
     other = solve_layer(perturbed, name, quiet, z_factors, probe=False)
     return _largest_angle(solution.eig.vectors, other.eig.vectors)
+
+
+def precision_bound(
+    stats: KFACStatistics,
+    name: str,
+    config: LoraDAConfig,
+    J: KroneckerFisher,
+    guide: Guidance,
+    eig: EigenResult,
+) -> float | None:
+    """A first-order bound on how far rounding the statistics to their dtype moves A0 (radians;
+    ``None`` for float64 statistics, and for a solver that reports no eigengap, i.e. LOBPCG,
+    whose own residual is checked instead), from quantities the solve holds: no extra solve.
+
+    The rounding model is :func:`precision_probe`'s: ``δZ = u·D E D`` (``D = diag(√Z_ii)``, E
+    symmetric with unit entries), ``δy_i = u·y_i·ε_i`` for a diagonal Y (``u·D_Y E D_Y`` for a
+    full one), ``δG_ij = u·√(ρ_i κ_j)·ε_ij``, with ``u`` the unit roundoff of the statistics
+    dtype. To first order ``Ω = c·Q − αΔΔᵀ`` (``Q = (Z + λI)⁻¹``, ``c`` = the variance
+    coefficient times ``tr((Y + λ)⁻¹)``, Δ the ΔW of the solve) moves by
+
+        δΩ = −c·Q δZ Q + δc·Q − α(δΔ Δᵀ + Δ δΔᵀ),
+        δΔ = −Q δZ Δ − Δ δY (Y + λ)⁻¹ − Q δG (Y + λ)⁻¹ / σ,
+
+    and the root-mean-square of ``‖δΩ A0‖_F`` under the model has closed forms: for
+    ``M E N`` with E of unit entries, ``E‖M E N‖²_F ≤ ‖M‖²_F ‖N‖²_F`` (E symmetric: at most the
+    same). The terms that share one ``δZ`` are added, the independent sources (Z, Y, G) in
+    quadrature. Davis–Kahan's sin Θ theorem turns it into an angle:
+    ``sin θ_max ≤ ‖δΩ A0‖₂ / (λ_{r+1} − λ_r) ≤ ‖δΩ A0‖_F / gap``. Cost: ``O(d1²·r + d1·d2·r)``
+    with ``Q`` cached by the Cholesky factor, against the ``O(d1³)`` of the solve.
+
+    It is a bound on the model's root-mean-square, not a worst case: compared with the measured
+    float32-vs-float64 angles in docs/numerics.md ("Precision bound").
+    """
+    dtype = config.dtype
+    if dtype == SOLVE_DTYPE or "gap" not in eig.diagnostics:  # LOBPCG reports no λ_{r+1}
+        return None
+    gap = float(eig.diagnostics["gap"])
+    if not gap > 0:  # a repeated eigenvalue at r: the subspace is not determined at all
+        return math.pi / 2
+    u = torch.finfo(dtype).eps / 2
+    V = eig.vectors.to(SOLVE_DTYPE)  # (d1, r)
+    delta = guide.delta_w  # (d1, d2), as in Ω
+    X = delta.mT @ V  # Δᵀ A0, (d2, r)
+    Q = J.z_inverse()  # (d1, d1), cached
+    dz = stats.Z[stats.group_of[name]].diagonal().to(SOLVE_DTYPE).clamp_min(0).sqrt()  # √Z_ii
+    QD = _fro(Q * dz[None, :])  # ‖Q D‖_F
+    DQV = _fro(dz[:, None] * (Q @ V))  # ‖D Q A0‖_F
+    norm_delta = 1.0 if config.normalize_delta else float(torch.linalg.matrix_norm(delta, 2))
+    c = guide.variance_coefficient * float(J.y_inverse_trace())
+    alpha = guide.bias_weight
+    # δZ: the variance term and both bias terms move with the same draw (added, not squared)
+    dX = _fro(dz[:, None] * (delta @ X))  # ‖D Δ Δᵀ A0‖_F
+    DtD = _fro(dz[:, None] * delta)  # ‖Δᵀ D‖_F
+    e_z = c * QD * DQV + abs(alpha) * (QD * dX + norm_delta * DtD * DQV)
+    # δY: through c (the trace) and through Δ
+    QV = _fro(Q @ V)
+    Y = stats.Y[name].to(SOLVE_DTYPE)
+    if Y.ndim == 1:
+        y = Y + J.damping["Y"]
+        inv = y.reciprocal()
+        dc = c * float(((Y.abs() * inv * inv).square().sum().sqrt()) / inv.sum())
+        e_y = dc * QV + abs(alpha) * 2 * norm_delta * _fro(X * (Y.abs() * inv)[:, None])
+        YinvX = X * inv[:, None]
+    else:
+        Yinv = J.y_inverse()
+        dy = Y.diagonal().clamp_min(0).sqrt()
+        # ‖D Y⁻² D‖_F ≤ ‖Y⁻¹ D‖²_F: no d2³ product
+        dc = c * _fro(Yinv * dy[None, :]) ** 2 / float(Yinv.trace())
+        YinvX = Yinv @ X
+        e_y = dc * QV + abs(alpha) * (
+            _fro(delta * dy[None, :]) * _fro(dy[:, None] * YinvX)
+            + norm_delta * _fro(Yinv * dy[None, :]) * _fro(dy[:, None] * X)
+        )
+    # δG: δΔ = −Q δG (Y + λ)⁻¹ / σ
+    G = stats.G[name].to(SOLVE_DTYPE)
+    rho, kappa = G.square().mean(dim=1).sqrt(), G.square().mean(dim=0).sqrt()  # rows, columns
+    if Y.ndim == 1:
+        y_kappa = _fro((Y + J.damping["Y"]).reciprocal() * kappa.sqrt())  # ‖(Y+λ)⁻¹ diag√κ‖_F
+    else:
+        y_kappa = _fro(Yinv * kappa.sqrt()[None, :])
+    e_g = (
+        abs(alpha)
+        / guide.sigma
+        * (
+            _fro(Q * rho.sqrt()[None, :]) * _fro(kappa.sqrt()[:, None] * YinvX)
+            + norm_delta * y_kappa * _fro(rho.sqrt()[:, None] * (Q @ V))
+        )
+    )
+    shift = u * math.sqrt((e_z * e_z) + (e_y * e_y) + (e_g * e_g))  # ‖δΩ A0‖_F
+    return min(math.asin(min(shift / gap, 1.0)), math.pi / 2)
+
+
+def _fro(M: Tensor) -> float:
+    return float(torch.linalg.vector_norm(M))
 
 
 def _noise(shape: tuple[int, ...], gen: torch.Generator, like: Tensor) -> Tensor:
@@ -393,9 +497,10 @@ def _largest_angle(A: Tensor, B: Tensor) -> float:
 
 
 def untrusted_layers(factors: dict[str, LoraFactors]) -> dict[str, float]:
-    """``{layer: precision_probe}`` for the layers whose probe exceeds :data:`TRUST_RAD`."""
-    probes = {name: f.diagnostics.get("precision_probe") for name, f in factors.items()}
-    return {name: p for name, p in probes.items() if p is not None and p > TRUST_RAD}
+    """``{layer: precision_bound}`` for the layers whose bound (:func:`precision_bound`, every
+    diagnostics tier but ``"off"``) exceeds :data:`TRUST_RAD`."""
+    bounds = {name: f.diagnostics.get("precision_bound") for name, f in factors.items()}
+    return {name: b for name, b in bounds.items() if b is not None and b > TRUST_RAD}
 
 
 def _diagnostics(

@@ -275,6 +275,12 @@ class KroneckerFisher(FisherMatrix):
             return self._y.reciprocal().sum()
         return self._Y.inverse().diagonal().sum()
 
+    def y_inverse(self) -> Tensor:
+        """``(Y + λI)⁻¹`` (d2, d2) of a full Y, cached; a diagonal Y has no matrix to invert."""
+        if self.diagonal_Y:
+            raise ValueError("y_inverse: Y is diagonal; use 1/(y_i + λ)")
+        return self._Y.inverse()
+
     def z_inverse(self) -> Tensor:
         """``(Z + λI)⁻¹`` (d1, d1), cached."""
         return self._Z.inverse()  # cached by the (possibly shared) Cholesky factor

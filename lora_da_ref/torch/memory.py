@@ -1,5 +1,6 @@
 """Memory plan of the statistics pass: bytes per layer from shapes, and ``layers_per_pass`` from a
-budget (``LoraDAConfig(max_statistics_bytes=...)``), decided before any pass.
+budget (``LoraDAConfig(max_statistics_bytes=...)``; by default half the memory available on the
+model's device), decided once, before any pass: one pass whenever the statistics fit.
 
 What one pass holds (:class:`~lora_da_ref.torch.statistics.KFACSums`, running sums in
 :data:`~lora_da_ref.torch.statistics.RUNNING_SUM_DTYPE`), per target ``nn.Linear`` (d_in, d_out):
@@ -10,7 +11,7 @@ What one pass holds (:class:`~lora_da_ref.torch.statistics.KFACSums`, running su
   in one of :data:`SHARED_INPUT_FAMILIES`); an unknown architecture gets one Z per module (an
   upper bound);
 * ``Y``: d_out² (``output_factor="full"``) or d_out (``"diagonal"``);
-* ``G``: d_in·d_out, twice with ``calibration_diagnostics`` (the even/odd halves).
+* ``G``: d_in·d_out, twice unless ``diagnostics="off"`` (the even/odd halves).
 
 :func:`~lora_da_ref.torch.statistics.finalize` divides in place, so the normalised statistics
 reuse this memory (no second copy). Not counted: the model, its activations, and one transient
@@ -19,6 +20,8 @@ product per module and batch (``x xᵀ``, ``s sᵀ``, ``x gᵀ`` in the statisti
 
 from __future__ import annotations
 
+import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -26,16 +29,25 @@ import torch
 from torch import nn
 
 from lora_da_ref.torch.config import LoraDAConfig
-from lora_da_ref.torch.statistics import RUNNING_SUM_DTYPE, _layer_key
+from lora_da_ref.torch.statistics import RUNNING_SUM_DTYPE
 
 __all__ = [
+    "AUTO_BUDGET_FRACTION",
     "SHARED_INPUT_FAMILIES",
     "LayerBytes",
+    "available_bytes",
     "input_groups",
+    "layer_passes",
     "plan_layers_per_pass",
     "resolve_layers_per_pass",
+    "statistics_budget",
     "statistics_bytes",
 ]
+
+# Share of the free memory of the model's device that LoraDAConfig(max_statistics_bytes="auto")
+# gives one pass's statistics: the rest is left to the model's activations, the solves' float64
+# temporaries (a few d × d matrices per worker) and the user's other work.
+AUTO_BUDGET_FRACTION = 0.5
 
 # Module-name families that read one input tensor when they are siblings (same parent, same d_in).
 SHARED_INPUT_FAMILIES = (
@@ -92,13 +104,13 @@ def statistics_bytes(
 
     Args:
         targets: ``{name: nn.Linear}`` or ``{name: (d_in, d_out)}``.
-        config: ``output_factor`` and ``calibration_diagnostics`` decide Y's and G's size.
+        config: ``output_factor`` and ``diagnostics`` decide Y's and G's size.
         group_of: the input groups if known (e.g. ``KFACStatistics.group_of``); else estimated.
     """
     shapes = _shapes(targets)
     groups = input_groups(shapes) if group_of is None else dict(group_of)
     size = torch.empty((), dtype=RUNNING_SUM_DTYPE).element_size()
-    halves = 2 if config.calibration_diagnostics else 1
+    halves = 2 if config.split_sums else 1
     out = {}
     for name, (d_in, d_out) in shapes.items():
         z = d_in * d_in if groups.get(name, name) == name else 0
@@ -126,8 +138,8 @@ def plan_layers_per_pass(
         raise ValueError(
             f"max_statistics_bytes = {budget:,} is below the statistics of one layer: {worst[0]!r} "
             f"needs {worst[1]:,} bytes ({config.output_factor} Y"
-            f"{', split-half G' if config.calibration_diagnostics else ''}); raise the budget, or "
-            "use output_factor='diagonal' / calibration_diagnostics=False"
+            f"{', split-half G' if config.split_sums else ''}); raise the budget, or "
+            "use output_factor='diagonal' / diagnostics='off'"
         )
     sizes = [b for _, b in layers]
     for k in range(len(sizes), 0, -1):
@@ -136,11 +148,69 @@ def plan_layers_per_pass(
     return 1  # unreachable: k = 1 fits (checked above)
 
 
+def available_bytes(device: torch.device | str | None = None) -> int | None:
+    """Memory free for new allocations on ``device`` (default CPU): CUDA's ``mem_get_info``; on
+    the CPU the kernel's ``MemAvailable`` (Linux), else free physical pages; ``None`` if unknown."""
+    device = torch.device("cpu" if device is None else device)
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def statistics_budget(config: LoraDAConfig, device: torch.device | str | None = None) -> int | None:
+    """The byte budget of one pass's statistics: ``config.max_statistics_bytes``, where
+    ``"auto"`` is :data:`AUTO_BUDGET_FRACTION` of :func:`available_bytes` on ``device``."""
+    if config.max_statistics_bytes != "auto":
+        return config.max_statistics_bytes
+    free = available_bytes(device)
+    return None if free is None else int(AUTO_BUDGET_FRACTION * free)
+
+
 def resolve_layers_per_pass(
-    targets: Mapping[str, nn.Linear] | Shapes, config: LoraDAConfig
+    targets: Mapping[str, nn.Linear] | Shapes,
+    config: LoraDAConfig,
+    device: torch.device | str | None = None,
 ) -> int | None:
-    """``config.layers_per_pass``, lowered to fit ``config.max_statistics_bytes`` when set."""
-    if config.max_statistics_bytes is None:
+    """The pass plan, decided once before any pass: ``None`` (one pass) when every target's
+    statistics fit :func:`statistics_budget`, else the largest number of layers per pass that
+    does; an explicit ``config.layers_per_pass`` is kept (or lowered to fit the budget)."""
+    budget = statistics_budget(config, device)
+    if budget is None:
         return config.layers_per_pass
-    planned = plan_layers_per_pass(targets, config, config.max_statistics_bytes)
-    return planned if config.layers_per_pass is None else min(planned, config.layers_per_pass)
+    planned = plan_layers_per_pass(targets, config, budget)
+    if config.layers_per_pass is not None:
+        return min(planned, config.layers_per_pass)
+    return None if planned >= len(_per_layer(statistics_bytes(targets, config))) else planned
+
+
+def layer_passes(names: list[str], layers_per_pass: int | None) -> list[list[str]]:
+    """Split module names into passes of ``layers_per_pass`` layers (``None``: one pass).
+
+    A module's layer is its name up to the first all-digit component (``model.layers.3``);
+    names without one are a layer of their own. Layers keep model order.
+    """
+    if layers_per_pass is None:
+        return [list(names)]
+    layers: dict[str, list[str]] = {}
+    for name in names:
+        layers.setdefault(_layer_key(name), []).append(name)
+    keys = list(layers)
+    chunks = [keys[i : i + layers_per_pass] for i in range(0, len(keys), layers_per_pass)]
+    return [[n for key in chunk for n in layers[key]] for chunk in chunks]
+
+
+def _layer_key(name: str) -> str:
+    match = re.match(r"^(.*?(?:^|\.)\d+)(?:\.|$)", name)
+    return match.group(1) if match else name

@@ -9,7 +9,7 @@ knobs (β, N, damping, solver, ...); its ``rank`` and ``target_modules`` are rep
 Three lines, as EVA's ``initialize_lora_eva_weights``::
 
     peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, use_rslora=True, ...))
-    state = initialize_lora_da_weights(peft_model, dataloader)   # official preset
+    state = initialize_lora_da_weights(peft_model, dataloader)   # the default preset
     peft_model.save_pretrained(out); save_lora_da_state(out, state)
 
 or, as EVA's ``get_eva_state_dict``, before wrapping (no adapter memory during the pass; under
@@ -48,6 +48,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lora_da_ref.presets import DEFAULT_PRESET, PRESETS, get_preset
 from lora_da_ref.torch.adapter import (
     FINGERPRINT_KEY,
     Offset,
@@ -56,7 +57,7 @@ from lora_da_ref.torch.adapter import (
     lora_modules,
     weight_fingerprint,
 )
-from lora_da_ref.torch.config import LoraDAConfig, LoraFactors
+from lora_da_ref.torch.config import LoraDAConfig, LoraFactors, preset_of
 from lora_da_ref.torch.init import init_lora_da
 from lora_da_ref.torch.statistics import LossFn
 
@@ -67,10 +68,8 @@ __all__ = [
     "PresetScalingWarning",
     "get_lora_da_state_dict",
     "initialize_lora_da_weights",
-    "intended_scaling",
     "load_lora_da_state",
     "lora_da_provenance",
-    "preset_of",
     "resolve_config",
     "save_lora_da_state",
     "write_provenance",
@@ -78,8 +77,6 @@ __all__ = [
 
 PROVENANCE_FILE = "lora_da.json"
 STATE_FILE = "lora_da_factors.safetensors"
-# LoraDAConfig fields a user sets freely on top of a preset (they do not change which preset it is).
-_FREE_FIELDS = ("rank", "target_modules", "n_train", "seed", "dtype", "layers_per_pass")
 
 
 class PresetScalingWarning(UserWarning):
@@ -127,8 +124,9 @@ def get_lora_da_state_dict(
         dataloader: an iterable of batches (``Mapping`` of ``input_ids``, ``attention_mask``,
             ``labels``; a ``DataLoader`` or a list); iterated once and materialised.
         peft_config: the ``peft.LoraConfig`` the adapter will be created with.
-        config: LoRA-DA's knobs: a :class:`LoraDAConfig`, a preset name (``"official"``,
-            ``"paper"``), or ``None`` for ``"official"``. Its ``rank`` and ``target_modules`` are
+        config: LoRA-DA's knobs: a :class:`LoraDAConfig`, a preset name
+            (:data:`lora_da_ref.presets.PRESETS`), or ``None`` for ``"default"``
+            (``LoraDAConfig()``). Its ``rank`` and ``target_modules`` are
             replaced by ``peft_config``'s.
         loss_fn, progress: as :func:`~lora_da_ref.torch.init.init_lora_da`.
         data_description: free text or a dict recorded in the provenance.
@@ -306,37 +304,13 @@ def lora_da_provenance(
 # ----------------------------------------------------------------------------- presets
 
 
-def preset_of(config: LoraDAConfig) -> str | None:
-    """The preset (``"official"``/``"paper"``) ``config`` is, up to the free fields, else None."""
-    from lora_da_ref.cli import PRESETS
-
-    for name in PRESETS:
-        ref = getattr(LoraDAConfig, name)()
-        free = {k: getattr(ref, k) for k in _FREE_FIELDS if hasattr(ref, k)}
-        if config.replace(**free) == ref:
-            return name
-    return None
-
-
-def intended_scaling(preset: str, rank: int) -> float:
-    """The PEFT scaling s the preset is meant to start at: official ``16/√r``; paper ``1``."""
-    from lora_da_ref.cli import PRESETS
-
-    p = PRESETS[preset]
-    alpha = float(rank) if p.lora_alpha is None else p.lora_alpha
-    return alpha / math.sqrt(rank) if p.use_rslora else alpha / rank
-
-
 def resolve_config(config: LoraDAConfig | str | None) -> tuple[LoraDAConfig, str | None]:
-    """``(LoraDAConfig, preset name or None)`` from a config, a preset name, or None (official)."""
-    from lora_da_ref.cli import PRESETS
-
+    """``(LoraDAConfig, preset name or None)`` from a config, a preset name, or None (the
+    ``default`` preset, ``LoraDAConfig()``)."""
     if config is None:
-        config = "official"
+        config = DEFAULT_PRESET
     if isinstance(config, str):
-        if config not in PRESETS:
-            raise ValueError(f"unknown LoRA-DA preset {config!r}; choose from {sorted(PRESETS)}")
-        return getattr(LoraDAConfig, config)(), config
+        return LoraDAConfig.preset(config), get_preset(config).name
     if not isinstance(config, LoraDAConfig):
         raise TypeError(
             f"config must be a LoraDAConfig, a preset name or None, got {type(config).__name__}"
@@ -347,19 +321,17 @@ def resolve_config(config: LoraDAConfig | str | None) -> tuple[LoraDAConfig, str
 def _warn_on_preset_scaling(
     preset: str | None, scalings: Mapping[str, float], ranks: Mapping[str, int]
 ) -> None:
-    from lora_da_ref.cli import PRESETS
-
     if preset not in PRESETS:
         return
+    p = PRESETS[preset]
     off = {
-        n: (s, intended_scaling(preset, ranks[n]))
+        n: (s, p.scaling(ranks[n]))
         for n, s in scalings.items()
-        if not math.isclose(s, intended_scaling(preset, ranks[n]), rel_tol=1e-9)
+        if not math.isclose(s, p.scaling(ranks[n]), rel_tol=1e-9)
     }
     if not off:
         return
     name, (got, want) = next(iter(off.items()))
-    p = PRESETS[preset]
     meant = (
         "lora_alpha = r (s = 1)"
         if p.lora_alpha is None

@@ -23,7 +23,7 @@ distributed code.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
 from typing import Protocol
@@ -35,7 +35,8 @@ from lora_da_ref.torch.config import LoraDAConfig, LoraFactors
 from lora_da_ref.torch.diagnostics import report_calibration
 from lora_da_ref.torch.factors import TRUST_RAD, layer_factors, untrusted_layers
 from lora_da_ref.torch.fisher import CholeskyFactor
-from lora_da_ref.torch.memory import resolve_layers_per_pass
+from lora_da_ref.torch.memory import _layer_key, layer_passes, resolve_layers_per_pass
+from lora_da_ref.torch.progress import RunProgress
 from lora_da_ref.torch.statistics import (
     Batch,
     KFACStatistics,
@@ -43,7 +44,6 @@ from lora_da_ref.torch.statistics import (
     LossFn,
     accumulate_statistics,
     finalize,
-    layer_passes,
 )
 from lora_da_ref.torch.threads import one_blas_thread, one_scipy_blas_thread
 
@@ -51,6 +51,7 @@ __all__ = [
     "SingleProcess",
     "Strategy",
     "layer_tasks",
+    "pass_plan",
     "run_pipeline",
     "solve_layers",
     "solve_workers",
@@ -146,26 +147,44 @@ def run_pipeline(
     Returns ``{name: LoraFactors}`` in model order, ``A`` (d_in, r), ``B`` (r, d_out).
     """
     batches = strategy.prepare(batches)
+    plan = pass_plan(model, targets, config)
+    show = progress and strategy.rank == 0
+    bar = RunProgress(len(plan) * len(batches) + len(targets), show)
     factors: dict[str, LoraFactors] = {}
-    for chunk in _layer_groups(targets, config):
-        sums = strategy.collect(model, batches, chunk, config, loss_fn, progress)
-        stats = strategy.reduce(sums, chunk, config)
-        del sums
-        owners = strategy.plan(chunk, stats.group_of, config)
-        mine = [n for n in chunk if owners[n] == strategy.rank]
-        with strategy.stage("layer solve"):
-            solved = solve_layers(stats, mine, config)
-        del stats
-        factors |= strategy.gather(solved, owners, chunk, config)
+    try:
+        for i, names in enumerate(plan):
+            chunk = {name: targets[name] for name in names}
+            layers = len({_layer_key(n) for n in names})
+            bar.stage(f"statistics, pass {i + 1}/{len(plan)} ({layers} layers)")
+            sums = strategy.collect(model, batches, chunk, config, loss_fn, bar)
+            stats = strategy.reduce(sums, chunk, config)
+            del sums
+            owners = strategy.plan(chunk, stats.group_of, config)
+            mine = [n for n in chunk if owners[n] == strategy.rank]
+            bar.stage(f"solves, pass {i + 1}/{len(plan)}" if len(plan) > 1 else "solves")
+            with strategy.stage("layer solve"):
+                solved = solve_layers(stats, mine, config, bar.step)
+            del stats
+            bar.step(len(chunk) - len(mine))  # the layers other processes solve
+            factors |= strategy.gather(solved, owners, chunk, config)
+    finally:
+        bar.close()
     warn_untrusted(factors)
-    if progress and strategy.rank == 0:
+    if show:
         report_calibration(factors)  # "k of n layers have SNR < 1: ..." (diagnostics.py)
     return factors
 
 
+def pass_plan(model: nn.Module, targets: Targets, config: LoraDAConfig) -> list[list[str]]:
+    """The target names of each statistics pass, planned once before any pass from the layer
+    shapes and the memory budget of the model's device (:mod:`lora_da_ref.torch.memory`)."""
+    device = next((p.device for p in model.parameters()), None)
+    return layer_passes(list(targets), resolve_layers_per_pass(targets, config, device))
+
+
 def warn_untrusted(factors: dict[str, LoraFactors]) -> None:
     """One ``RuntimeWarning`` naming the layers whose A0 the statistics dtype may have rotated
-    by more than :data:`~lora_da_ref.torch.factors.TRUST_RAD` (their ``precision_probe``)."""
+    by more than :data:`~lora_da_ref.torch.factors.TRUST_RAD` (their ``precision_bound``)."""
     raised = [n for n, f in factors.items() if f.diagnostics.get("damping_raised")]
     if raised:
         warnings.warn(
@@ -184,7 +203,7 @@ def warn_untrusted(factors: dict[str, LoraFactors]) -> None:
     more = f" and {len(worst) - 10} more" if len(worst) > 10 else ""
     warnings.warn(
         f"LoRA-DA: in {len(bad)} layer(s) rounding the {'/'.join(dtypes)} statistics may rotate "
-        f"A0 by more than {TRUST_RAD:g} rad (diagnostics['precision_probe']): "
+        f"A0 by more than {TRUST_RAD:g} rad (diagnostics['precision_bound']): "
         f"{listed}{more}. Use LoraDAConfig(dtype=torch.float64) or a larger damping.",
         RuntimeWarning,
         stacklevel=3,
@@ -196,9 +215,13 @@ MAX_AUTO_PARALLEL_WIDTH = 4096  # a wider input solves on all threads, one group
 
 
 def solve_layers(
-    stats: KFACStatistics, names: Iterable[str], config: LoraDAConfig
+    stats: KFACStatistics,
+    names: Iterable[str],
+    config: LoraDAConfig,
+    done: Callable[[int], None] | None = None,
 ) -> dict[str, LoraFactors]:
-    """Steps 2–5 of Algorithm 1 for ``names``, in ``names``' order.
+    """Steps 2–5 of Algorithm 1 for ``names``, in ``names``' order; ``done(k)`` is called on
+    the calling thread as each task of ``k`` layers finishes (the progress bar).
 
     The layers reading one input (q/k/v, gate/up) form one task and share Z's Cholesky factor.
     With :func:`solve_workers` > 1 the tasks run in that many threads, widest input first, each
@@ -211,8 +234,13 @@ def solve_layers(
     if workers <= 1:  # one group at a time on torch's threads; SciPy's on one below the width
         widest = max((_width(stats, t[0]) for t in tasks.values()), default=0)
         limit = one_scipy_blas_thread() if widest <= MAX_AUTO_PARALLEL_WIDTH else nullcontext()
+        solved = {}
         with limit:
-            solved = _solve_task(stats, names, config)
+            z_factors: dict[str, CholeskyFactor] = {}  # shared by the layers of one input
+            for name in names:
+                solved |= _solve_task(stats, [name], config, z_factors)
+                if done is not None:
+                    done(1)
         return {n: solved[n] for n in names}
     order = sorted(tasks.values(), key=lambda t: -_width(stats, t[0]))  # balanced finish
     solved: dict[str, LoraFactors] = {}
@@ -220,7 +248,10 @@ def solve_layers(
         futures = [pool.submit(_solve_task, stats, task, config) for task in order]
         try:
             for future in futures:
-                solved |= future.result()
+                result = future.result()
+                solved |= result
+                if done is not None:
+                    done(len(result))
         except BaseException:
             for future in futures:
                 future.cancel()  # the first failure is raised; queued tasks do not start
@@ -257,12 +288,10 @@ def _width(stats: KFACStatistics, name: str) -> int:
 
 
 def _solve_task(
-    stats: KFACStatistics, names: list[str], config: LoraDAConfig
+    stats: KFACStatistics,
+    names: list[str],
+    config: LoraDAConfig,
+    z_factors: dict[str, CholeskyFactor] | None = None,
 ) -> dict[str, LoraFactors]:
-    z_factors: dict[str, CholeskyFactor] = {}  # this task's (shared) factors of Z
+    z_factors = {} if z_factors is None else z_factors  # this task's (shared) factors of Z
     return {name: layer_factors(stats, name, config, z_factors) for name in names}
-
-
-def _layer_groups(targets: Targets, config: LoraDAConfig) -> Iterator[Targets]:
-    for names in layer_passes(list(targets), resolve_layers_per_pass(targets, config)):
-        yield {name: targets[name] for name in names}

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import inspect
 import itertools
-import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -51,10 +50,10 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from lora_da_ref.torch.blas import mirror_lower_
 from lora_da_ref.torch.config import LoraDAConfig
+from lora_da_ref.torch.progress import RunProgress
 
 __all__ = [
     "IGNORE_INDEX",
@@ -64,7 +63,6 @@ __all__ = [
     "collect_statistics",
     "default_loss_fn",
     "finalize",
-    "layer_passes",
     "materialise_batches",
     "model_guard",
     "prepare_batch",
@@ -96,7 +94,7 @@ class KFACSums:
     ``Z[g] = Σ_{t∈P} x xᵀ`` per input group ``g``; ``Y[m] = Σ_{t∈P} s sᵀ`` (or ``Σ s²``) and
     ``G[m] = Σ_b w_b ∇_W L_b`` per module ``m``; ``group_of[m]`` is m's input group; ``tokens`` =
     |P|, ``loss_tokens`` = Σ_b T_b, ``gradient_weight`` = Σ_b w_b. With
-    ``config.calibration_diagnostics`` each ``G[m]`` is **stacked**, (2, d_in, d_out): the sums of
+    ``config.split_sums`` (any diagnostics tier but "off") each ``G[m]`` is **stacked**, (2, d_in, d_out): the sums of
     the even- and of the odd-numbered sequences of the stream (0, 1, 2, ... in the order seen;
     no extra flops, the two halves partition the rows), and ``split_weight`` is the odd half's
     share of ``gradient_weight``; :func:`finalize` adds the halves. ``Z`` and a full ``Y`` are
@@ -206,45 +204,20 @@ def accumulate_statistics(
     config: LoraDAConfig,
     *,
     loss_fn: LossFn | None = None,
-    progress: bool = True,
+    progress: bool | RunProgress = True,
 ) -> KFACSums:
-    """Sums and counts for ``targets`` (name → module), one pass per group of ``layers_per_pass``
-    transformer layers (one pass in total by default). The model is restored on exit."""
-    from lora_da_ref.torch.memory import resolve_layers_per_pass  # (memory imports this module)
-
+    """Sums and counts for ``targets`` (name → module) in one pass over ``batches``; the model is
+    restored on exit. Which targets share a pass is the pipeline's plan
+    (:func:`lora_da_ref.torch.memory.resolve_layers_per_pass`), not this function's."""
     batches = materialise_batches(batches)
-    passes = layer_passes(list(targets), resolve_layers_per_pass(targets, config))
     loss_fn = default_loss_fn if loss_fn is None else loss_fn
-    parts = []
-    with model_guard(model):
-        for i, names in enumerate(passes):
-            collector = _Collector({n: targets[n] for n in names}, config)
-            desc = "LoRA-DA statistics" + (
-                f" (pass {i + 1}/{len(passes)})" if len(passes) > 1 else ""
-            )
-            parts.append(collector.run(model, batches, loss_fn, progress, desc))
-    return merge_passes(parts)
-
-
-def layer_passes(names: list[str], layers_per_pass: int | None) -> list[list[str]]:
-    """Split module names into passes of ``layers_per_pass`` layers (``None``: one pass).
-
-    A module's layer is its name up to the first all-digit component (``model.layers.3``);
-    names without one are a layer of their own. Layers keep model order.
-    """
-    if layers_per_pass is None:
-        return [list(names)]
-    layers: dict[str, list[str]] = {}
-    for name in names:
-        layers.setdefault(_layer_key(name), []).append(name)
-    keys = list(layers)
-    chunks = [keys[i : i + layers_per_pass] for i in range(0, len(keys), layers_per_pass)]
-    return [[n for key in chunk for n in layers[key]] for chunk in chunks]
-
-
-def _layer_key(name: str) -> str:
-    match = re.match(r"^(.*?(?:^|\.)\d+)(?:\.|$)", name)
-    return match.group(1) if match else name
+    bar = RunProgress.of(progress, len(batches))
+    try:
+        with model_guard(model):
+            return _Collector(targets, config).run(model, batches, loss_fn, bar)
+    finally:
+        if bar is not progress:
+            bar.close()
 
 
 def merge_passes(parts: list[KFACSums]) -> KFACSums:
@@ -403,15 +376,16 @@ class _Collector:
         self._batch: dict[str, Any] = {}
 
     def run(
-        self, model: nn.Module, batches: list[Batch], loss_fn: LossFn, progress: bool, desc: str
+        self, model: nn.Module, batches: list[Batch], loss_fn: LossFn, progress: RunProgress
     ) -> KFACSums:
         handles = [
             m.register_forward_hook(partial(self._forward_hook, n)) for n, m in self.targets.items()
         ]
         device = _model_device(model)
         try:
-            for i, batch in enumerate(tqdm(batches, desc=desc, disable=not progress)):
+            for i, batch in enumerate(batches):
                 self._step(model, prepare_batch(batch, device, self.config, model), loss_fn, i)
+                progress.step()
         finally:
             for handle in handles:
                 handle.remove()
@@ -440,7 +414,7 @@ class _Collector:
             "rows": rows,
             "y_scale": float(loss_tokens) if cfg.score_scale == "token" else per_sequence,
             "g_scale": float(loss_tokens) if cfg.gradient_weight == "token" else per_sequence,
-            "halves": _halves(rows, start) if cfg.calibration_diagnostics else None,
+            "halves": _halves(rows, start) if cfg.split_sums else None,
             "x": {},
             "inputs": [],
             "called": set(),
@@ -464,7 +438,7 @@ class _Collector:
         self.sums.tokens += int(positions.sum())
         self.sums.loss_tokens += loss_tokens
         self.sums.gradient_weight += weight
-        if self.config.calibration_diagnostics:
+        if self.config.split_sums:
             self.sums.split_weight += odd_weight
         self.sums.sequences += rows
         self.sums.batches += 1

@@ -87,9 +87,7 @@ def _fill_missing(sums: KFACSums, targets: dict[str, nn.Linear], config: LoraDAC
         if name not in sums.Y:
             sums.Y[name] = zeros(d_out, d_out) if config.output_factor == "full" else zeros(d_out)
         if name not in sums.G:  # stacked even/odd halves with calibration diagnostics (H2)
-            sums.G[name] = (
-                zeros(2, d_in, d_out) if config.calibration_diagnostics else zeros(d_in, d_out)
-            )
+            sums.G[name] = zeros(2, d_in, d_out) if config.split_sums else zeros(d_in, d_out)
 
 
 def _all_reduce_counts(sums: KFACSums, group: dist.ProcessGroup) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import replace
 from typing import Any
 
 import torch
@@ -18,14 +17,13 @@ from torch import Tensor, nn
 
 from lora_da_ref.torch.config import LoraDAConfig
 from lora_da_ref.torch.distributed.collectives import all_reduce_int
+from lora_da_ref.torch.progress import RunProgress
 from lora_da_ref.torch.statistics import (
     Batch,
     KFACSums,
     LossFn,
     accumulate_statistics,
     default_loss_fn,
-    layer_passes,
-    merge_passes,
     model_guard,
     token_masks,
 )
@@ -55,26 +53,20 @@ def lockstep_sums(
     targets: dict[str, nn.Linear],
     config: LoraDAConfig,
     loss_fn: LossFn | None,
-    progress: bool,
+    progress: bool | RunProgress,
     pad: Batch | None,
     pad_steps: int,
 ) -> KFACSums:
     """The pass with the same number of forward/backward steps on every rank (FSDP collectives):
-    after each pass's real steps, ``pad_steps`` padding steps on ``pad``."""
-    one_pass = replace(config, layers_per_pass=None)
-    parts = []
+    after the pass's real steps, ``pad_steps`` padding steps on ``pad``."""
     try:
-        for names in layer_passes(list(targets), config.layers_per_pass):
-            sub = {n: targets[n] for n in names}
-            parts.append(
-                accumulate_statistics(
-                    model, shard, sub, one_pass, loss_fn=loss_fn, progress=progress
-                )
-            )
-            _padding_steps(model, pad, sub, loss_fn, pad_steps)
+        sums = accumulate_statistics(
+            model, shard, targets, config, loss_fn=loss_fn, progress=progress
+        )
+        _padding_steps(model, pad, targets, loss_fn, pad_steps)
     finally:
         _reshard(model)
-    return merge_passes(parts)
+    return sums
 
 
 def _padding_batch(first: Batch | None, steps: int, group: dist.ProcessGroup) -> Batch | None:

@@ -22,6 +22,7 @@ from lora_da_ref.torch.distributed.collectives import all_reduce_sums, broadcast
 from lora_da_ref.torch.distributed.failures import all_ranks_or_none
 from lora_da_ref.torch.distributed.lockstep import lockstep_plan, lockstep_sums, runs_collectives
 from lora_da_ref.torch.pipeline import run_pipeline
+from lora_da_ref.torch.progress import RunProgress
 from lora_da_ref.torch.statistics import (
     Batch,
     KFACStatistics,
@@ -56,11 +57,11 @@ class DataParallel:
 
     def collect(
         self, model: nn.Module, batches: list[Batch], targets: Targets, config: LoraDAConfig,
-        loss_fn: LossFn | None, progress: bool,
+        loss_fn: LossFn | None, progress: bool | RunProgress,
     ) -> KFACSums:  # fmt: skip
         if isinstance(model, nn.parallel.DistributedDataParallel):
             raise TypeError("pass the wrapped module (ddp_model.module), not the DDP wrapper")
-        show = progress and self.rank == 0
+        show = progress if self.rank == 0 else False  # the pipeline's bar is disabled off rank 0
         lockstep = runs_collectives(model)
         with all_ranks_or_none(self.group, "input check"):  # local errors before any collective
             usable = sum(token_masks(b, config)[1] > 0 for b in batches)  # batches the pass runs

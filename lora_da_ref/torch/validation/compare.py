@@ -83,8 +83,8 @@ class Method:
 
 
 METHODS: dict[str, Method] = {
-    "kfac-full": Method(LoraDAConfig.paper, {"output_factor": "full"}),
-    "kfac-diag": Method(LoraDAConfig.paper, {"output_factor": "diagonal"}),
+    "kfac-full": Method(LoraDAConfig.paper_literal, {"output_factor": "full"}),
+    "kfac-diag": Method(LoraDAConfig.paper_literal, {"output_factor": "diagonal"}),
     "official": Method(LoraDAConfig.official),
 }
 

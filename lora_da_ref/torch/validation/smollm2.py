@@ -84,7 +84,7 @@ Batch = dict[str, Any]
 def _presets(rank: int, seed: int) -> dict[str, LoraDAConfig]:
     return {
         "official": LoraDAConfig.official(rank=rank, seed=seed, dtype=torch.float64),
-        "paper": LoraDAConfig(rank=rank, seed=seed, dtype=torch.float64),  # production default
+        "paper": LoraDAConfig.paper_literal(rank=rank, seed=seed, dtype=torch.float64),
     }
 
 
@@ -749,7 +749,7 @@ def run_smollm2(
     targets = dict(model.named_modules())
     main_parts = [p for p in options.parts if p != "kfac"]
     if main_parts:
-        from lora_da_ref.torch.statistics import layer_passes
+        from lora_da_ref.torch.memory import layer_passes
 
         per_layer: dict[str, Any] = {}
         report["seconds"] |= {"statistics": 0.0, "layers": 0.0}
