@@ -306,3 +306,25 @@ def test_estimators_need_a_sample_size():
     J = kfac_fisher(stats, "m", config)
     with pytest.raises(ValueError, match="needs the calibration sample size"):
         estimator_weights(J, torch.ones(3, 2, dtype=torch.float64), config, None)
+
+
+@pytest.mark.parametrize("preset", ["default", "paper_literal"])
+def test_fisher_units_put_n_train_in_the_units_of_the_calibration_size(preset):
+    """The fine-tuning set's size in the Fisher's units (fisher_units) equals |S| of the same
+    sequences' statistics (plug_in_sample_size): the calibration set taken as its own training
+    set has N/|S| = 1, so the debiased factor 1 + N/|S| = 2. Counting N in sequences (the old
+    benchmark's units) is off by the mean sequence length in both presets."""
+    from lora_da_ref.torch.diagnostics import fisher_units
+
+    model = tiny_llama(dtype=torch.float64)
+    batches = llama_batches()
+    cfg = LoraDAConfig.preset(preset, rank=2, dtype=torch.float64)
+    targets = find_target_modules(model, LLAMA_TARGETS)
+    stats = collect_statistics(model, batches, targets, cfg, progress=False)
+    sequences = sum(int(b["input_ids"].shape[0]) for b in batches)
+    attention = sum(int(b["attention_mask"].sum()) for b in batches)
+    loss = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+    n = fisher_units(cfg, sequences=sequences, loss_tokens=loss, attention_tokens=attention)
+    size = plug_in_sample_size(stats)
+    assert n == pytest.approx(size, rel=1e-12)
+    assert abs(sequences / size - 1) > 0.5  # the sequence count is not in these units

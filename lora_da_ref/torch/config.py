@@ -118,7 +118,7 @@ class LoraDAConfig:
 
     rank: int = 8
     target_modules: tuple[str, ...] | str = DEFAULT_TARGETS
-    n_train: int = 100_000
+    n_train: float = 100_000
     variance_weight: float = 0.03
     bias_weight: float = 1.0
     output_factor: Literal["diagonal", "full"] = "diagonal"
@@ -206,7 +206,8 @@ _CHOICES = {
 def _validate(c: LoraDAConfig) -> None:
     """Reject bad settings early, naming the field."""
     _positive_int("rank", c.rank)
-    _positive_int("n_train", c.n_train)
+    if not _finite("n_train", c.n_train) > 0:
+        raise ValueError(f"n_train must be positive, got {c.n_train}")
     if c.layers_per_pass is not None:
         _positive_int("layers_per_pass", c.layers_per_pass)
     if c.max_statistics_bytes not in (None, "auto"):

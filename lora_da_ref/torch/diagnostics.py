@@ -61,6 +61,7 @@ __all__ = [
     "calibration_diagnostics",
     "calibration_noise",
     "calibration_summary",
+    "fisher_units",
     "plug_in_sample_size",
     "principal_angles",
     "report_calibration",
@@ -72,6 +73,29 @@ def plug_in_sample_size(stats: KFACStatistics) -> float:
     if stats.tokens <= 0 or stats.gradient_weight <= 0:
         return math.nan
     return stats.gradient_weight**2 / stats.tokens
+
+
+def fisher_units(
+    config: LoraDAConfig, *, sequences: int, loss_tokens: int, attention_tokens: int
+) -> float:
+    """A data set's size in the units of the Fisher the statistics estimate: ``W²/|P|``, as
+    :func:`plug_in_sample_size` for the calibration set (module docstring, "Which |S|").
+
+    ``W`` is the set's gradient weight (its loss tokens for ``gradient_weight="token"``, its
+    sequences for ``"sequence"``) and ``|P|`` its statistics positions (loss tokens for
+    ``token_mask="labels"``, every attention position for ``"attention"``). Pass the
+    fine-tuning set's counts to get ``LoraDAConfig.n_train``: then ``N`` and ``|S|`` are in the
+    same units, and the debiased factor ``1 + N/|S|`` is the ratio of the two sets' sizes. For
+    the per-token settings of ``paper_literal`` this is the number of loss tokens; for the
+    official per-sequence settings it is ``sequences² / positions`` (≈ sequences / mean length:
+    the per-sequence-mean score makes the per-position Fisher ``~1/T`` of a sequence's)."""
+    for name, value in (("sequences", sequences), ("loss_tokens", loss_tokens),
+                        ("attention_tokens", attention_tokens)):  # fmt: skip
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    weight = loss_tokens if config.gradient_weight == "token" else sequences
+    positions = loss_tokens if config.token_mask == "labels" else attention_tokens
+    return weight**2 / positions
 
 
 def calibration_noise(J: FisherMatrix, sample_size: float) -> float:

@@ -49,7 +49,7 @@ def inverse_fisher_block_sum(J: FisherLike, d1: int, d2: int) -> Tensor:
 def guidance_matrix(
     J: FisherLike,
     delta_w: Tensor,
-    n: int,
+    n: float,
     *,
     variance_weight: float = 1.0,
     bias_weight: float = 1.0,
@@ -61,7 +61,8 @@ def guidance_matrix(
     Args:
         J: Fisher of vec(W) at W0 (dense tensor or a FisherMatrix).
         delta_w: ΔW (d1, d2), e.g. the Fisher–gradient of Eq. (21).
-        n: N, the number of fine-tuning samples.
+        n: N, the fine-tuning set size in the Fisher's units (a positive number; see
+            :func:`lora_da_ref.torch.diagnostics.fisher_units`).
         variance_weight: β (paper 1; official code 0.03).
         bias_weight: α.
 
@@ -69,8 +70,8 @@ def guidance_matrix(
         Ω, symmetric (d1, d1), in general indefinite; A0 = its r smallest eigenvectors (Eqs. 5–8).
     """
     _check_matrix("delta_w", delta_w)
-    if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
-        raise ValueError(f"n (N, the fine-tuning set size) must be a positive integer, got {n!r}")
+    if isinstance(n, bool) or not isinstance(n, int | float) or not (math.isfinite(n) and n > 0):
+        raise ValueError(f"n (N, the fine-tuning set size) must be a positive number, got {n!r}")
     for name, value in (("variance_weight", variance_weight), ("bias_weight", bias_weight)):
         if not math.isfinite(value):
             raise ValueError(f"{name} must be finite, got {value}")
