@@ -29,7 +29,7 @@ from lora_da_ref.torch import (
     load_lora_da_state,
     save_lora_da_state,
 )
-from lora_da_ref.torch.adapter import apply_lora_da, lora_modules
+from lora_da_ref.torch.adapter import LiteralPresetWarning, apply_lora_da, lora_modules
 from lora_da_ref.torch.config import preset_of
 from lora_da_ref.torch.peft_init import (
     PROVENANCE_FILE,
@@ -327,3 +327,67 @@ def test_init_lora_da_refuses_a_peft_model_and_leaves_it_unchanged(batches, targ
     after = _state(pm)
     assert before.keys() == after.keys()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+# ----------------------------------------------------------------------------- the one default
+
+
+def _mean_loss(model, batches) -> float:
+    with torch.no_grad():
+        return sum(float(model(**b).loss) for b in batches) / len(batches)
+
+
+@pytest.fixture(scope="module")
+def fitted_state(batches):
+    """A tiny LLaMA fitted for 8 epochs to the texts (loss 5.7 → about 3): a random model sits at
+    the uniform loss log(vocab), where even B0 of norm 1e4 hardly moves the loss."""
+    torch.manual_seed(0)
+    model = make_tiny_llama(0)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-2)
+    for _ in range(8):
+        for b in batches:
+            opt.zero_grad()
+            model(**b).loss.backward()
+            opt.step()
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _fitted(state):
+    model = make_tiny_llama(0)
+    model.load_state_dict(state)
+    return model.eval()
+
+
+@pytest.mark.parametrize("entry", ["init_lora_da", "initialize_lora_da_weights"])
+def test_default_keeps_the_step0_loss_and_the_literal_preset_does_not(batches, fitted_state, entry):
+    """Both entry points default to the same config (the ``default`` preset), which starts within
+    2 % of the base model's loss with offset "none" (B0 σ-normalised and γ-scaled, rsLoRA 16/√r);
+    Algorithm 1 as printed (``paper_literal``, alpha = r) moves it by far more (measured: 3.1 →
+    6.0) and warns; with offset "subtract" it starts at the base loss. Catches a default that
+    reverts to the literal reading, an entry point with its own default, a lost warning."""
+    base = _mean_loss(_fitted(fitted_state), batches)
+    losses = {}
+    for preset in ("default", "paper_literal"):
+        p = PRESETS[preset]
+        alpha = RANK if p.lora_alpha is None else p.lora_alpha
+        pm = get_peft_model(_fitted(fitted_state), _lora(alpha=alpha, rslora=p.use_rslora))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            if entry == "init_lora_da":
+                cfg = LoraDAConfig.preset(preset, rank=RANK)
+                apply_lora_da(pm, init_lora_da(_fitted(fitted_state), batches, cfg, progress=False))
+            else:  # no config: the entry point's own default
+                config = None if preset == "default" else preset
+                initialize_lora_da_weights(pm, batches, config, progress=False)
+        literal = [w for w in caught if issubclass(w.category, LiteralPresetWarning)]
+        assert bool(literal) == (preset == "paper_literal"), [str(w.message) for w in caught]
+        losses[preset] = _mean_loss(pm, batches)
+    assert abs(losses["default"] / base - 1) < 0.02, (losses, base)
+    assert abs(losses["paper_literal"] / base - 1) > 0.02, (losses, base)
+    pm = get_peft_model(_fitted(fitted_state), _lora(alpha=RANK, rslora=False))
+    initialize_lora_da_weights(pm, batches, "paper_literal", offset="subtract", progress=False)
+    assert _mean_loss(pm, batches) == pytest.approx(base, rel=1e-5)
+    if entry == "init_lora_da":  # no config: LoraDAConfig(), the same default
+        plain = init_lora_da(make_tiny_llama(0), batches, progress=False)
+        ref = init_lora_da(make_tiny_llama(0), batches, LoraDAConfig(), progress=False)
+        assert all(torch.equal(plain[n].A, ref[n].A) for n in ref)

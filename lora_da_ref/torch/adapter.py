@@ -14,6 +14,7 @@ Offsets:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -21,9 +22,11 @@ from typing import Any, Literal
 import torch
 
 from lora_da_ref.torch.config import LoraFactors
+from lora_da_ref.torch.factors import UNSCALED_B0_KEY
 
 __all__ = [
     "FINGERPRINT_KEY",
+    "LiteralPresetWarning",
     "apply_lora_da",
     "base_model_of",
     "fingerprint_distance",
@@ -40,6 +43,11 @@ FINGERPRINT_KEY = "weight_fingerprint"
 FINGERPRINT_RTOL = 2e-2
 _FINGERPRINT_SAMPLES = 16
 _SUBTRACTED = "_lora_da_subtracted"  # attribute set on a LoRA layer whose base weight was offset
+
+
+class LiteralPresetWarning(UserWarning):
+    """Factors whose B0 is unscaled (Algorithm 1 as printed, ``paper_literal``) written without
+    an offset: the model starts at ``W0 + s·A0ᵀΔŴ``, far from W0 (SmolLM2: loss 24.5 vs 1.61)."""
 
 
 @dataclass
@@ -91,7 +99,22 @@ def apply_lora_da(
     _check_coverage(writes, layers, strict)
     if offset == "subtract":
         _check_untied(writes, base_model_of(peft_model))
+    else:
+        _warn_unscaled(factors)
     _write_all(writes, adapter_name, _OFFSETS[offset])
+
+
+def _warn_unscaled(factors: Mapping[str, LoraFactors]) -> None:
+    unscaled = [n for n, f in factors.items() if f.diagnostics.get(UNSCALED_B0_KEY)]
+    if unscaled:
+        warnings.warn(
+            f"{len(unscaled)} of {len(factors)} layer(s) (e.g. {unscaled[0]!r}) carry an unscaled "
+            "B0 = A0ᵀΔŴ (Algorithm 1 as printed, preset 'paper_literal'): with offset='none' the "
+            "model starts at W0 + s·A0B0, far from W0. Not for training: use the default preset "
+            "(σ-normalised ΔW, γ scaling), or offset='subtract' to start at W0.",
+            LiteralPresetWarning,
+            stacklevel=3,
+        )
 
 
 def lora_modules(peft_model: Any, adapter_name: str = "default") -> dict[str, Any]:

@@ -166,6 +166,12 @@ class LoraDAConfig:
         return cls.preset("paper_literal", **overrides)
 
     @property
+    def scales_b0(self) -> bool:
+        """Whether B0 = A0ᵀΔŴ is scaled for training (σ-normalised or divided by √γ); the
+        literal reading of Algorithm 1 is not (``paper_literal``: not for training)."""
+        return self.normalize_delta or self.scale_gamma is not None
+
+    @property
     def split_sums(self) -> bool:
         """Whether the pass keeps the even/odd gradient sums (any diagnostics tier but off)."""
         return self.diagnostics != "off"

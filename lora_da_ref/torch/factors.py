@@ -62,6 +62,7 @@ from lora_da_ref.torch.statistics import KFACStatistics
 __all__ = [
     "SOLVE_DTYPE",
     "TRUST_RAD",
+    "UNSCALED_B0_KEY",
     "Guidance",
     "LayerSolution",
     "estimator_weights",
@@ -82,6 +83,8 @@ __all__ = [
 
 T = TypeVar("T")
 SOLVE_DTYPE = torch.float64  # every solve, whatever the statistics dtype
+# Diagnostics key: True when B0 = A0ᵀΔŴ is neither σ-normalised nor γ-scaled (apply_lora_da warns).
+UNSCALED_B0_KEY = "unscaled_B0"
 TRUST_RAD = 1e-3  # a layer whose precision_bound exceeds this is reported as not trustworthy
 
 
@@ -514,6 +517,7 @@ def _diagnostics(
         "cond": J.conditioning(),
         "statistics_dtype": str(config.dtype).removeprefix("torch."),
         "delta_sigma": sigma,
+        UNSCALED_B0_KEY: not config.scales_b0,
         "tokens": stats.tokens,
         "loss_tokens": stats.loss_tokens,
         "sequences": stats.sequences,

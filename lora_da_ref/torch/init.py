@@ -34,7 +34,7 @@ __all__ = ["find_target_modules", "init_lora_da", "layer_factors", "layer_seed"]
 def init_lora_da(
     model: nn.Module,
     batches: Iterable[Batch],
-    config: LoraDAConfig,
+    config: LoraDAConfig | None = None,
     *,
     loss_fn: LossFn | None = None,
     progress: bool = True,
@@ -47,7 +47,8 @@ def init_lora_da(
         batches: iterable of dicts (``input_ids``, ``attention_mask``, optional ``labels``);
             materialised once, so a generator is fine (and is re-used by ``layers_per_pass``).
         config: :class:`LoraDAConfig` (``rank`` = r, ``n_train`` = N, ``variance_weight`` = β,
-            ``bias_weight`` = α, ``damping`` = λ, ...).
+            ``bias_weight`` = α, ``damping`` = λ, ...); ``None`` = ``LoraDAConfig()``, the
+            ``default`` preset (as every entry point).
         loss_fn: ``loss_fn(model, batch)`` → the batch's mean loss over its loss tokens; default
             ``model(**batch).loss``.
         progress: show a tqdm bar over the batches (on rank 0 only when distributed).
@@ -59,6 +60,7 @@ def init_lora_da(
     Returns:
         ``{module name: LoraFactors}`` in model order, ``A`` (d_in, r), ``B`` (r, d_out).
     """
+    config = LoraDAConfig() if config is None else config
     if not isinstance(config, LoraDAConfig):
         raise TypeError(f"config must be a LoraDAConfig, got {type(config).__name__}")
     _refuse_lora_layers(model)
