@@ -120,6 +120,7 @@ def compare_layer(name: str, s32: Any, s64: Any, c32: LoraDAConfig, c64: LoraDAC
         "rel_gap": None if gap is None else gap / float(b.eig.eigenvalues.abs().max()),
         "gap": gap,
         "probe32": a.diagnostics.get("precision_probe"),
+        "bound32": a.diagnostics.get("precision_bound"),
         "cond32": a.diagnostics.get("cond"),
         "cond_Z": _cond(s64.Z[group]),
         "cond_Y": _cond(s64.Y[name]),
@@ -144,10 +145,18 @@ def run(args: argparse.Namespace) -> dict:
     layers: dict[str, dict[str, dict]] = {key: {} for key in variants}
     print(f"{len(targets)} target layers, {len(batches)} batches", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
-    for names in layer_passes(list(targets), args.layers_per_pass):
+    for i, names in enumerate(layer_passes(list(targets), args.layers_per_pass)):
         chunk = {n: targets[n] for n in names}
-        s32 = collect_statistics(model, batches, chunk, c32, progress=False)
-        s64 = collect_statistics(model, batches, chunk, c64, progress=False)
+        cached = None if args.stats_cache is None else os.path.join(args.stats_cache, f"{i}.pt")
+        if cached is not None and os.path.exists(cached):
+            s32, s64 = torch.load(cached, weights_only=False)
+        else:
+            s32 = collect_statistics(model, batches, chunk, c32, progress=False)
+            s64 = collect_statistics(model, batches, chunk, c64, progress=False)
+            if cached is not None:
+                os.makedirs(args.stats_cache, exist_ok=True)
+                torch.save((s32, s64), cached + ".tmp")
+                os.replace(cached + ".tmp", cached)
         for key, (a, b) in variants.items():
             for n in names:
                 layers[key][n] = compare_layer(n, s32, s64, a, b, legacy=key == "legacy")
@@ -164,14 +173,20 @@ def summary(layers: dict[str, dict], args: argparse.Namespace, seconds: float) -
     angles = np.array([v["angle"] for v in layers.values()])
     worst = max(layers, key=lambda n: layers[n]["angle"])
     failing = {n: v for n, v in layers.items() if v["angle"] > GOAL_RAD}
-    bounds = {n: v.get("probe32") for n, v in layers.items()}
+    bounds = {n: v.get("bound32") for n, v in layers.items()}
     flagged = {n for n, b in bounds.items() if b is not None and b > GOAL_RAD}
+    ratios = np.array([bounds[n] / v["angle"] for n, v in layers.items()
+                       if bounds[n] is not None and v["angle"] > 0])  # fmt: skip
     return {
         "preset": args.preset, "texts": args.texts, "layers": len(layers),
         "median_rad": float(np.median(angles)), "p90_rad": float(np.quantile(angles, 0.9)),
         "max_rad": float(angles.max()), "worst_layer": worst, "worst": layers[worst],
         "above_goal": len(failing), "goal_rad": GOAL_RAD, "failing": failing,
         "flagged": len(flagged), "failing_not_flagged": sorted(set(failing) - flagged),
+        "bound_over_angle": None if not len(ratios) else {
+            "min": float(ratios.min()), "median": float(np.median(ratios)),
+            "max": float(ratios.max()), "below_measured": int((ratios < 1).sum()),
+        },
         "seconds": round(seconds, 1), "per_layer": layers if args.per_layer else None,
     }  # fmt: skip
 
@@ -181,13 +196,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--texts", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--max-len", type=int, default=512)
-    p.add_argument("--preset", default="default", choices=("default", "paper", "official"))
+    p.add_argument("--preset", default="default", choices=("default", "paper_literal", "official"))
     p.add_argument("--layers-per-pass", type=int, default=10)
     p.add_argument("--per-layer", action="store_true", help="include every layer in the JSON")
     p.add_argument("--layers", type=int, nargs="*", help="only these decoder layers")
     p.add_argument("--no-legacy", action="store_true", help="skip the pre-issue-12 policy")
     p.add_argument("--deltas", type=float, nargs="*", help="also solve with these relative δ")
     p.add_argument("--out", default=None, help="also write the JSON here")
+    p.add_argument(
+        "--stats-cache",
+        default=None,
+        help="a directory for the float32/float64 statistics of each pass (reused when present: "
+        "the solves and the bound can be rerun without the model's passes); not committed",
+    )
     return p.parse_args(argv)
 
 

@@ -393,23 +393,27 @@ def precision_bound(
     ``None`` for float64 statistics, and for a solver that reports no eigengap, i.e. LOBPCG,
     whose own residual is checked instead), from quantities the solve holds: no extra solve.
 
-    The rounding model is :func:`precision_probe`'s: ``δZ = u·D E D`` (``D = diag(√Z_ii)``, E
-    symmetric with unit entries), ``δy_i = u·y_i·ε_i`` for a diagonal Y (``u·D_Y E D_Y`` for a
-    full one), ``δG_ij = u·√(ρ_i κ_j)·ε_ij``, with ``u`` the unit roundoff of the statistics
-    dtype. To first order ``Ω = c·Q − αΔΔᵀ`` (``Q = (Z + λI)⁻¹``, ``c`` = the variance
-    coefficient times ``tr((Y + λ)⁻¹)``, Δ the ΔW of the solve) moves by
+    **Model** (:func:`precision_probe`'s): ``δZ = u·D E D`` (``D = diag(√Z_ii)``, E symmetric
+    with unit entries), ``δy_i = u·y_i·ε_i`` for a diagonal Y (``u·D_Y E D_Y`` for a full one),
+    ``δG_ij = u·√(ρ_i κ_j)·ε_ij`` (ρ, κ the root-mean-square of G's rows and columns), ``u`` the
+    unit roundoff of the statistics dtype.
 
-        δΩ = −c·Q δZ Q + δc·Q − α(δΔ Δᵀ + Δ δΔᵀ),
-        δΔ = −Q δZ Δ − Δ δY (Y + λ)⁻¹ − Q δG (Y + λ)⁻¹ / σ,
+    **First order.** With ``Ω = c·Q − αΔΔᵀ`` (``Q = (Z + λI)⁻¹``, ``c`` the variance coefficient
+    times ``tr((Y + λ)⁻¹)``, Δ the ΔW of the solve, ``Ω a_k = λ_k a_k``) and
+    ``δΔ = −Q δZ Δ − Δ δY (Y + λ)⁻¹ − Q δG (Y + λ)⁻¹/σ``, the part of ``δΩ a_k`` from Z is
 
-    and the root-mean-square of ``‖δΩ A0‖_F`` under the model has closed forms: for
-    ``M E N`` with E of unit entries, ``E‖M E N‖²_F ≤ ‖M‖²_F ‖N‖²_F`` (E symmetric: at most the
-    same). The terms that share one ``δZ`` are added, the independent sources (Z, Y, G) in
-    quadrature. Davis–Kahan's sin Θ theorem turns it into an angle:
-    ``sin θ_max ≤ ‖δΩ A0‖₂ / (λ_{r+1} − λ_r) ≤ ‖δΩ A0‖_F / gap``. Cost: ``O(d1²·r + d1·d2·r)``
-    with ``Q`` cached by the Cholesky factor, against the ``O(d1³)`` of the solve.
+        −Q δZ (c·Q a_k − αΔΔᵀa_k) + αΔΔᵀ δZ Q a_k = −λ_k·Q δZ a_k + αΔΔᵀ δZ Q a_k,
 
-    It is a bound on the model's root-mean-square, not a worst case: compared with the measured
+    (the variance and bias terms largely cancel: ``cQa_k − αΔΔᵀa_k = λ_k a_k``), and likewise for
+    Y (through ``c`` and ``2αΔ δY (Y + λ)⁻¹ Δᵀa_k`` for a diagonal Y) and G. For each,
+    ``E‖P⊥ M E n‖² ≤ ‖P⊥M‖²_F ‖n‖²`` (``P⊥ = I − A0A0ᵀ``: only the part leaving span(A0) turns
+    it); terms that share a draw are added, the independent sources in quadrature. A column
+    ``a_k`` turns towards eigenvectors whose eigenvalues lie at least ``λ_{r+1} − λ_k`` away, so
+    to first order ``‖tan Θ‖_F² ≤ Σ_k ‖P⊥ δΩ a_k‖² / (λ_{r+1} − λ_k)²`` and the largest
+    principal angle is at most ``atan`` of that. Cost: ``O(d1²·r + d1·d2·r)`` with ``Q`` cached by
+    the Cholesky factor, against the ``O(d1³)`` of the solve.
+
+    A bound on the model's root-mean-square, not a worst case: compared with the measured
     float32-vs-float64 angles in docs/numerics.md ("Precision bound").
     """
     dtype = config.dtype
@@ -420,55 +424,53 @@ def precision_bound(
         return math.pi / 2
     u = torch.finfo(dtype).eps / 2
     V = eig.vectors.to(SOLVE_DTYPE)  # (d1, r)
+    lam = eig.eigenvalues.to(SOLVE_DTYPE)  # (r,) ascending
+    gaps = lam[-1] + gap - lam  # λ_{r+1} − λ_k, (r,)
     delta = guide.delta_w  # (d1, d2), as in Ω
-    X = delta.mT @ V  # Δᵀ A0, (d2, r)
+    X = delta.mT @ V  # Δᵀ a_k, (d2, r)
     Q = J.z_inverse()  # (d1, d1), cached
-    dz = stats.Z[stats.group_of[name]].diagonal().to(SOLVE_DTYPE).clamp_min(0).sqrt()  # √Z_ii
-    QD = _fro(Q * dz[None, :])  # ‖Q D‖_F
-    DQV = _fro(dz[:, None] * (Q @ V))  # ‖D Q A0‖_F
-    norm_delta = 1.0 if config.normalize_delta else float(torch.linalg.matrix_norm(delta, 2))
+    QV = Q @ V  # (d1, r)
     c = guide.variance_coefficient * float(J.y_inverse_trace())
-    alpha = guide.bias_weight
-    # δZ: the variance term and both bias terms move with the same draw (added, not squared)
-    dX = _fro(dz[:, None] * (delta @ X))  # ‖D Δ Δᵀ A0‖_F
-    DtD = _fro(dz[:, None] * delta)  # ‖Δᵀ D‖_F
-    e_z = c * QD * DQV + abs(alpha) * (QD * dX + norm_delta * DtD * DQV)
-    # δY: through c (the trace) and through Δ
-    QV = _fro(Q @ V)
+    alpha = abs(guide.bias_weight)
+    norm_delta = 1.0 if config.normalize_delta else float(torch.linalg.matrix_norm(delta, 2))
+
+    def perp(M: Tensor) -> float:  # ‖P⊥ M‖_F = √(‖M‖²_F − ‖A0ᵀM‖²_F)
+        return math.sqrt(max(_fro(M) ** 2 - _fro(V.mT @ M) ** 2, 0.0))
+
+    def cols(M: Tensor) -> Tensor:  # column norms, (r,)
+        return torch.linalg.vector_norm(M, dim=0)
+
+    dz = stats.Z[stats.group_of[name]].diagonal().to(SOLVE_DTYPE).clamp_min(0).sqrt()  # √Z_ii
+    e_z = perp(Q * dz[None, :]) * lam.abs() * cols(dz[:, None] * V) + alpha * norm_delta * _fro(
+        dz[:, None] * delta
+    ) * cols(dz[:, None] * QV)
     Y = stats.Y[name].to(SOLVE_DTYPE)
+    QV_perp = cols(QV - V @ (V.mT @ QV))  # ‖P⊥ Q a_k‖
     if Y.ndim == 1:
-        y = Y + J.damping["Y"]
-        inv = y.reciprocal()
-        dc = c * float(((Y.abs() * inv * inv).square().sum().sqrt()) / inv.sum())
-        e_y = dc * QV + abs(alpha) * 2 * norm_delta * _fro(X * (Y.abs() * inv)[:, None])
+        inv = (Y + J.damping["Y"]).reciprocal()
+        dc = c * _fro(Y.abs() * inv * inv) / float(inv.sum())  # RMS of δc from δy
+        e_y = dc * QV_perp + 2 * alpha * norm_delta * cols(X * (Y.abs() * inv)[:, None])
         YinvX = X * inv[:, None]
+        y_kappa = lambda k: _fro(inv * k)  # noqa: E731  ‖(Y + λ)⁻¹ diag(k)‖_F
     else:
         Yinv = J.y_inverse()
         dy = Y.diagonal().clamp_min(0).sqrt()
-        # ‖D Y⁻² D‖_F ≤ ‖Y⁻¹ D‖²_F: no d2³ product
-        dc = c * _fro(Yinv * dy[None, :]) ** 2 / float(Yinv.trace())
+        dc = c * _fro(Yinv * dy[None, :]) ** 2 / float(Yinv.trace())  # ‖DY⁻²D‖_F ≤ ‖Y⁻¹D‖²_F
         YinvX = Yinv @ X
-        e_y = dc * QV + abs(alpha) * (
-            _fro(delta * dy[None, :]) * _fro(dy[:, None] * YinvX)
-            + norm_delta * _fro(Yinv * dy[None, :]) * _fro(dy[:, None] * X)
+        e_y = dc * QV_perp + alpha * (
+            _fro(delta * dy[None, :]) * cols(dy[:, None] * YinvX)
+            + norm_delta * _fro(Yinv * dy[None, :]) * cols(dy[:, None] * X)
         )
-    # δG: δΔ = −Q δG (Y + λ)⁻¹ / σ
+        y_kappa = lambda k: _fro(Yinv * k[None, :])  # noqa: E731
     G = stats.G[name].to(SOLVE_DTYPE)
-    rho, kappa = G.square().mean(dim=1).sqrt(), G.square().mean(dim=0).sqrt()  # rows, columns
-    if Y.ndim == 1:
-        y_kappa = _fro((Y + J.damping["Y"]).reciprocal() * kappa.sqrt())  # ‖(Y+λ)⁻¹ diag√κ‖_F
-    else:
-        y_kappa = _fro(Yinv * kappa.sqrt()[None, :])
-    e_g = (
-        abs(alpha)
-        / guide.sigma
-        * (
-            _fro(Q * rho.sqrt()[None, :]) * _fro(kappa.sqrt()[:, None] * YinvX)
-            + norm_delta * y_kappa * _fro(rho.sqrt()[:, None] * (Q @ V))
-        )
+    rho = G.square().mean(dim=1).sqrt().sqrt()  # √ρ_i
+    kappa = G.square().mean(dim=0).sqrt().sqrt()  # √κ_j
+    e_g = (alpha / guide.sigma) * (
+        perp(Q * rho[None, :]) * cols(kappa[:, None] * YinvX)
+        + norm_delta * y_kappa(kappa) * cols(rho[:, None] * QV)
     )
-    shift = u * math.sqrt((e_z * e_z) + (e_y * e_y) + (e_g * e_g))  # ‖δΩ A0‖_F
-    return min(math.asin(min(shift / gap, 1.0)), math.pi / 2)
+    turn = u * torch.sqrt(e_z.square() + e_y.square() + e_g.square()) / gaps  # per column
+    return float(torch.atan(torch.linalg.vector_norm(turn)))
 
 
 def _fro(M: Tensor) -> float:
