@@ -353,16 +353,10 @@ def _peft_config(args: argparse.Namespace, config: Any, preset: Preset) -> Any:
     """The adapter's LoraConfig: the single source of rank, targets, alpha and rsLoRA."""
     from peft import LoraConfig
 
-    from lora_da_ref.torch.config import DEFAULT_TARGETS
-
     alpha = args.lora_alpha if args.lora_alpha is not None else preset.lora_alpha
     alpha = float(config.rank) if alpha is None else alpha
     rslora = preset.use_rslora if args.rslora is None else args.rslora
-    targets: Any = list(args.target_modules or DEFAULT_TARGETS)
-    if len(targets) == 1 and (
-        targets[0] == "all-linear" or re.search(r"[\\^$*+?()\[\]|{}]", targets[0])
-    ):
-        targets = targets[0]  # PEFT: a str is "all-linear" or a full-match regex
+    targets = _target_spec(args.target_modules)
     return LoraConfig(
         r=config.rank,
         lora_alpha=alpha,
@@ -371,6 +365,19 @@ def _peft_config(args: argparse.Namespace, config: Any, preset: Preset) -> Any:
         lora_dropout=0.0,
         task_type="CAUSAL_LM",
     )
+
+
+def _target_spec(target_modules: list[str] | None) -> Any:
+    """``--target-modules`` as PEFT reads it: a list of suffixes, or one str that is
+    "all-linear" or a full-match regex."""
+    from lora_da_ref.torch.config import DEFAULT_TARGETS
+
+    targets: Any = list(target_modules or DEFAULT_TARGETS)
+    if len(targets) == 1 and (
+        targets[0] == "all-linear" or re.search(r"[\\^$*+?()\[\]|{}]", targets[0])
+    ):
+        targets = targets[0]
+    return targets
 
 
 def _save(args: argparse.Namespace, peft_model: Any, tokenizer: Any, state: Any) -> Path:
@@ -397,6 +404,39 @@ def _save(args: argparse.Namespace, peft_model: Any, tokenizer: Any, state: Any)
     return out
 
 
+# ----------------------------------------------------------------------------- plan
+
+
+def _add_plan_arguments(p: argparse.ArgumentParser) -> None:
+    _add_source_arguments(p)
+    p.add_argument(
+        "--probe-sequences",
+        type=int,
+        default=16,
+        help="sequences of the probe that is timed and gives the calibration SNR",
+    )
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+
+
+def _run_plan(args: argparse.Namespace) -> int:
+    """Passes, memory, time and the calibration SNR at the data's size, from a small probe."""
+    check_common(args)
+    records = _read_records(args)
+    device = _check_device(args.device)
+    from lora_da_ref.plan import format_plan, make_plan
+    from lora_da_ref.torch.targets import find_target_modules
+
+    config, _ = _lora_da_config(args)
+    tokenizer = _load_tokenizer(args.model)
+    batches, _ = _calibration_batches(args, records, tokenizer)
+    model = _load_model(args, device)
+    targets = find_target_modules(model, _target_spec(args.target_modules))
+    with _warnings_in_flag_names():
+        plan = make_plan(model, batches, targets, config, args.probe_sequences)
+    print(json.dumps(plan.to_json(), indent=2) if args.json else format_plan(plan))
+    return 0
+
+
 # ----------------------------------------------------------------------------- report
 
 
@@ -409,6 +449,9 @@ def _add_report_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--no-figure", action="store_true", help="do not write the PNG")
     p.add_argument("--json", action="store_true", help="print the rows and flags as JSON")
+    p.add_argument(
+        "--top", type=int, default=10, help="list this many flagged layers, worst first (0: all)"
+    )
 
 
 def _run_report(args: argparse.Namespace) -> int:
@@ -421,7 +464,7 @@ def _run_report(args: argparse.Namespace) -> int:
                 "flags": r.reasons} for r in rows]  # fmt: skip
         print(json.dumps(doc, indent=2))
     else:
-        print(format_report(provenance, rows))
+        print(format_report(provenance, rows, top=args.top or len(rows)))
     if not args.no_figure:
         where = Path(args.adapter)
         figure = args.figure or (where if where.is_dir() else where.parent) / "lora_da_report.png"
@@ -457,6 +500,11 @@ def _run_tiny(args: argparse.Namespace) -> int:
 SUBCOMMANDS: dict[str, Subcommand] = {
     "init": Subcommand(
         "LoRA-DA init of a local HF causal LM -> PEFT adapter", _add_init_arguments, _run_init
+    ),
+    "plan": Subcommand(
+        "before an init: its passes, memory, time, and whether the data determines the subspace",
+        _add_plan_arguments,
+        _run_plan,
     ),
     "report": Subcommand(
         "per-layer diagnostics of a LoRA-DA adapter; exit 1 if a layer is flagged",
