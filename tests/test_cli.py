@@ -217,14 +217,14 @@ def _bad(workspace, tmp_path, capsys, jsonl: str | None, *extra) -> str:
         ('{"text": "ok"}\n{"body": "no text here"}\n', (), r"bad.jsonl:2: missing field 'text'"),
         ("", (), "no JSON records"),
         ("\n  \n", (), "no JSON records"),
-        ('{"text": "ok"}\nnot json\n', (), r"bad.jsonl:2: invalid JSON"),
+        ('{"text": "ok"}\nnot json\n', (), r"bad.jsonl:2:1: invalid JSON \(Expecting value\)"),
         ('{"text": 3}\n', (), "must be a string"),
         ('["text"]\n', (), "expected a JSON object"),
         ('{"text": ""}\n', (), "2 or more tokens"),
         (None, ("--rank", "1000"), "rank"),
         (None, ("--rank", "0"), "rank"),
         (None, ("--target-modules", "nonexistent_proj"), "nonexistent_proj"),
-        (None, ("--n-train", "0"), "n_train"),
+        (None, ("--n-train", "0"), "--n-train must be positive"),
     ],
     ids=[
         "missing-field", "empty", "blank", "invalid-json", "non-string", "not-object",
@@ -256,6 +256,7 @@ def test_every_subcommand_is_registered_in_the_parser():
     argv = {
         "init": ["--model", "m", "--data", "d", "--out", "o"],
         "make-tiny-model": ["dir"],
+        "plan": ["--model", "m", "--data", "d"],
         "report": ["adapter"],
     }
     for name in SUBCOMMANDS:
@@ -334,9 +335,9 @@ def test_init_overhead_float32_sums_control_is_in_force_and_then_undone():
     assert all(z.dtype == torch.float64 for z in plain.Z.values())
 
 
-# ----------------------------------------------------------------------------- CLI polish (issue 13)
+# ----------------------------------------------------------------------------- help
 
-OWN_SUBCOMMANDS = ("init", "report", "make-tiny-model")  # validate declares its own (H3's module)
+OWN_SUBCOMMANDS = ("init", "plan", "report", "make-tiny-model", "validate")
 
 
 def _subparser(name: str):
@@ -375,7 +376,7 @@ def test_help_imports_no_torch(argv):
     [("gpu", r"--device 'gpu' is not a torch device"), ("cuda", "CPU-only build")],
 )
 def test_bad_device_is_one_line_before_anything_is_loaded(
-    tmp_path, capsys, monkeypatch, device, message
+    workspace, tmp_path, capsys, monkeypatch, device, message
 ):
     import lora_da_ref.cli as cli
 
@@ -387,7 +388,7 @@ def test_bad_device_is_one_line_before_anything_is_loaded(
 
     monkeypatch.setattr(cli, "_load_model", must_not_load)
     monkeypatch.setattr(cli, "_load_tokenizer", must_not_load)
-    argv = ["init", "--model", str(tmp_path / "no-model"), "--data", str(tmp_path / "no.jsonl")]
+    argv = ["init", "--model", str(workspace / "model"), "--data", str(workspace / "calib.jsonl")]
     assert main([*argv, "--out", str(tmp_path / "a"), "--device", device]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and re.search(message, err), err
