@@ -143,7 +143,7 @@ def _flags(diag: Mapping[str, Any]) -> list[tuple[str, str, float]]:
     if precision is not None and not precision <= PRECISION_LIMIT:
         text = f"{key} {precision:.3g} rad > {PRECISION_LIMIT:g} (statistics dtype too coarse)"
         out.append(("precision", text, _decades(precision, PRECISION_LIMIT)))
-    ratio = _number(diag.get(SNR_RATIO))
+    ratio = _number(_with_snr_ratio(dict(diag)).get(SNR_RATIO))
     if ratio is not None and not ratio >= SNR_LIMIT + 1:
         text = f"SNR {ratio:.3g} < {SNR_LIMIT + 1:g} (‖ΔŴ‖² under twice its noise)"
         out.append(("snr", text, _decades(SNR_LIMIT + 1, ratio)))
