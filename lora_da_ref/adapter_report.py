@@ -18,13 +18,16 @@ A layer is **flagged** (exit status 1) when any of these holds:
 * ``precision``: ``precision_bound`` (a first-order bound on how far rounding the statistics to
   their dtype may rotate A0; ``precision_probe`` for inits that predate it) exceeds
   :data:`PRECISION_LIMIT` (1e-3 rad, the torch path's ``TRUST_RAD``);
-* ``snr``: the calibration signal-to-noise ratio (``calibration_snr``, or ``snr``) is below :data:`SNR_LIMIT` (1): the mean
-  gradient G is smaller than its own sampling noise;
+* ``snr``: the calibration SNR (``calibration_snr``, or ``snr``; signal/noise with signal =
+  ‖ΔŴ‖² − noise) is below :data:`SNR_LIMIT` (1): the mean gradient G is smaller than its own
+  sampling noise. The table shows it as ``snr_ratio = ‖ΔŴ‖²/noise`` (SNR + 1), which reads at
+  face value: 1 is pure noise, and the flag is below 2;
 * ``stability``: the split-half stability (1 = the two halves give the same subspace) is below
   :data:`STABILITY_LIMIT` (0.5).
 
 A solver fallback (LOBPCG did not converge and dense ``eigh`` was used) is shown but does not flag
-the layer: the fallback's answer is exact. Exit status 2 is a bad input (no ``lora_da.json``).
+the layer: the fallback's answer is exact. Flagged layers are listed worst first
+(:func:`flag_severity`: decades past the limit), then medians and counts per rule. Exit status 2 is a bad input (no ``lora_da.json``).
 No torch import; the PNG needs matplotlib (skipped with a note when it is not installed).
 """
 
@@ -33,6 +36,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import statistics as pystats
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,7 +48,9 @@ __all__ = [
     "SNR_LIMIT",
     "STABILITY_LIMIT",
     "LayerRow",
+    "figure_panels",
     "flag_reasons",
+    "flag_severity",
     "format_report",
     "load_rows",
     "write_figure",
@@ -57,8 +63,14 @@ PROVENANCE_FILE = "lora_da.json"
 # Shown in this order when present; any other numeric key starting with "cond" is added.
 _COLUMNS = (
     "damping", "cond", "solver", "iterations", "residual", "precision_bound", "precision_probe",
-    "calibration_snr", "snr", "split_angle_max", "stability",
+    "snr_ratio", "split_angle_max", "stability",
 )  # fmt: skip
+# The calibration SNR as a ratio, which a reader can take at face value: 1 is pure noise.
+SNR_RATIO = "snr_ratio"
+SNR_LEGEND = (
+    "snr_ratio = ‖ΔŴ‖²/noise (= calibration SNR + 1): 1 = pure noise; flagged below 2, where "
+    "the noise is more than half of ‖ΔŴ‖²"
+)
 PRECISION_LIMIT = 1e-3  # rad; the torch path's TRUST_RAD (lora_da_ref.torch.factors)
 _WARNING_KEYS = ("warning", "warnings", "flags")
 
@@ -89,7 +101,7 @@ def load_rows(path: str | Path) -> tuple[dict[str, Any], list[LayerRow]]:
         raise ValueError(f"{file}: no per-layer diagnostics ('layers' is missing or empty)")
     rows = []
     for name, diag in layers.items():
-        flat = _flatten(diag if isinstance(diag, Mapping) else {})
+        flat = _with_snr_ratio(_flatten(diag if isinstance(diag, Mapping) else {}))
         index = re.search(r"\.(\d+)\.", f".{name}.")
         row = LayerRow(name, name.rsplit(".", 1)[-1], int(index.group(1)) if index else None, flat)
         row.reasons = flag_reasons(flat)
@@ -99,39 +111,65 @@ def load_rows(path: str | Path) -> tuple[dict[str, Any], list[LayerRow]]:
 
 def flag_reasons(diag: Mapping[str, Any]) -> list[str]:
     """Why a layer is flagged (empty: not flagged); see the module docstring for the rules."""
-    reasons = []
+    return [text for _, text, _ in _flags(diag)]
+
+
+def flag_severity(diag: Mapping[str, Any]) -> float:
+    """How far the worst flag of a layer is past its limit, in decades (``log10`` of the ratio;
+    ``inf`` for a warning, a singular factor or a non-finite value; 0 when not flagged), so the
+    worst layers are listed first."""
+    return max((severity for _, _, severity in _flags(diag)), default=0.0)
+
+
+def _flags(diag: Mapping[str, Any]) -> list[tuple[str, str, float]]:
+    """(kind, reason, severity) of each rule the layer breaks."""
+    out = []
     residual = _number(diag.get("residual"))
     if "residual" in diag and diag["residual"] is not None:
         if residual is None or not math.isfinite(residual) or residual > RESIDUAL_LIMIT:
-            reasons.append(f"residual {diag['residual']} > {RESIDUAL_LIMIT:g}")
+            text = f"residual {_cell(diag['residual'])} > {RESIDUAL_LIMIT:g}"
+            out.append(("residual", text, _decades(residual, RESIDUAL_LIMIT)))
     for key in _WARNING_KEYS:
         if diag.get(key):
-            reasons.append(f"warning: {diag[key]}")
+            out.append(("warning", f"warning: {diag[key]}", math.inf))
     if diag.get("trustworthy") is False:
-        reasons.append("not trustworthy in the statistics dtype")
+        out.append(("warning", "not trustworthy in the statistics dtype", math.inf))
     for key, value in diag.items():
         number = _number(value)
         if key.startswith("cond") and number is not None and not math.isfinite(number):
-            reasons.append(f"{key} = {value}")
+            out.append(("cond", f"{key} = {value}", math.inf))
     key = "precision_bound" if "precision_bound" in diag else "precision_probe"  # older inits
     precision = _number(diag.get(key))
     if precision is not None and not precision <= PRECISION_LIMIT:
-        reasons.append(
-            f"{key} {precision:.2g} rad > {PRECISION_LIMIT:g} (statistics dtype too coarse)"
-        )
-    snr = _number(diag.get("calibration_snr", diag.get("snr")))
-    if snr is not None and not snr >= SNR_LIMIT:
-        reasons.append(f"snr {snr:.3g} < {SNR_LIMIT:g}")
+        text = f"{key} {precision:.3g} rad > {PRECISION_LIMIT:g} (statistics dtype too coarse)"
+        out.append(("precision", text, _decades(precision, PRECISION_LIMIT)))
+    ratio = _number(_with_snr_ratio(dict(diag)).get(SNR_RATIO))
+    if ratio is not None and not ratio >= SNR_LIMIT + 1:
+        text = f"SNR {ratio:.3g} < {SNR_LIMIT + 1:g} (‖ΔŴ‖² under twice its noise)"
+        out.append(("snr", text, _decades(SNR_LIMIT + 1, ratio)))
     stability = _number(diag.get("stability"))
     if stability is not None and not stability >= STABILITY_LIMIT:
-        reasons.append(f"stability {stability:.3g} < {STABILITY_LIMIT:g}")
-    return reasons
+        text = f"stability {stability:.3g} < {STABILITY_LIMIT:g}"
+        out.append(("stability", text, _decades(STABILITY_LIMIT, stability)))
+    return out
 
 
-def format_report(provenance: Mapping[str, Any], rows: list[LayerRow]) -> str:
-    """The text report: a header, one table per module type, the flagged layers, a verdict."""
+def _decades(big: float | None, small: float | None) -> float:
+    """``log10(big/small)``: how many decades a value is past its limit (inf when undefined)."""
+    if big is None or small is None or not (big > 0 and small > 0):
+        return math.inf
+    value = math.log10(big / small)
+    return value if math.isfinite(value) else math.inf
+
+
+def format_report(provenance: Mapping[str, Any], rows: list[LayerRow], top: int = 10) -> str:
+    """The text report: a header, one table per module type, the ``top`` worst flagged layers,
+    a summary (medians, flags by kind) and a verdict."""
     cols = _columns(rows)
-    lines = [_header(provenance, rows), ""]
+    lines = [_header(provenance, rows)]
+    if any(SNR_RATIO in r.values for r in rows):
+        lines.append(SNR_LEGEND)
+    lines.append("")
     for kind in dict.fromkeys(r.kind for r in rows):
         group = [r for r in rows if r.kind == kind]
         table = [["layer", *cols, "flag"]]
@@ -142,15 +180,37 @@ def format_report(provenance: Mapping[str, Any], rows: list[LayerRow]) -> str:
         lines.append(f"{kind} ({len(group)} layers)")
         lines += ["  " + "  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in table]
         lines.append("")
-    flagged = [r for r in rows if r.reasons]
-    for r in flagged:
+    flagged = sorted((r for r in rows if r.reasons), key=lambda r: -flag_severity(r.values))
+    if flagged:
+        lines.append(f"flagged layers, worst first ({min(top, len(flagged))} of {len(flagged)}):")
+    for r in flagged[:top]:
         lines.append(f"FLAGGED {r.name}: {'; '.join(r.reasons)}")
+    if len(flagged) > top:
+        lines.append(f"... and {len(flagged) - top} more (all of them: --top 0 or --json)")
     fallbacks = sum(1 for r in rows if r.values.get("fallback"))
     if fallbacks:
         lines.append(f"note: {fallbacks} layer(s) used the eigh fallback (exact; not flagged)")
+    lines += _summary(rows, cols)
     verdict = "FAIL" if flagged else "PASS"
     lines.append(f"{verdict}: {len(flagged)} of {len(rows)} layers flagged")
     return "\n".join(lines)
+
+
+def _summary(rows: list[LayerRow], cols: list[str]) -> list[str]:
+    """Medians of the numeric columns over all layers, and the flagged layers per rule."""
+    medians = []
+    for col in cols:
+        values = [v for r in rows if (v := _number(r.values.get(col))) is not None]
+        if values and not isinstance(rows[0].values.get(col), bool):
+            medians.append(f"{col} {_cell(pystats.median(values))}")
+    lines = [f"medians over {len(rows)} layers: {', '.join(medians)}"] if medians else []
+    kinds: dict[str, int] = {}
+    for r in rows:
+        for kind in dict.fromkeys(k for k, _, _ in _flags(r.values)):
+            kinds[kind] = kinds.get(kind, 0) + 1
+    if kinds:
+        lines.append("flags by rule: " + ", ".join(f"{k} {n}" for k, n in kinds.items()))
+    return lines
 
 
 def write_figure(rows: list[LayerRow], out: str | Path) -> Path | None:
@@ -165,8 +225,7 @@ def write_figure(rows: list[LayerRow], out: str | Path) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    metrics = [c for c in _columns(rows) if any(_number(r.values.get(c)) is not None for r in rows)]
-    metrics = metrics or ["iterations"]
+    metrics = figure_panels(rows) or ["iterations"]
     fig, axes = plt.subplots(len(metrics), 1, figsize=(7, 2.2 * len(metrics)), squeeze=False)
     for ax, metric in zip(axes[:, 0], metrics):
         for kind in dict.fromkeys(r.kind for r in rows):
@@ -181,8 +240,9 @@ def write_figure(rows: list[LayerRow], out: str | Path) -> Path | None:
         positive = [y for r in rows if (y := _number(r.values.get(metric))) is not None and y > 0]
         if positive and (metric == "residual" or max(positive) / min(positive) > 100):
             ax.set_yscale("log")
-        if metric == "residual":
-            ax.axhline(RESIDUAL_LIMIT, color="red", lw=0.8, ls="--", label="flag limit")
+        limit = {"residual": RESIDUAL_LIMIT, SNR_RATIO: SNR_LIMIT + 1}.get(metric)
+        if limit is not None:
+            ax.axhline(limit, color="red", lw=0.8, ls="--", label="flag limit")
         ax.set_ylabel(metric)
     axes[-1, 0].set_xlabel("layer index")
     axes[0, 0].legend(fontsize=7, ncol=4)
@@ -193,6 +253,26 @@ def write_figure(rows: list[LayerRow], out: str | Path) -> Path | None:
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out
+
+
+def figure_panels(rows: list[LayerRow]) -> list[str]:
+    """The diagnostics the PNG plots: the table's numeric columns that vary across layers (a
+    constant panel, e.g. the absolute damping or a fixed iteration count, says nothing)."""
+    return [c for c in _columns(rows) if _varies(rows, c)]
+
+
+def _varies(rows: list[LayerRow], col: str) -> bool:
+    """Whether a column's finite numbers differ across layers (a constant panel is dropped)."""
+    values = {v for r in rows if (v := _number(r.values.get(col))) is not None and math.isfinite(v)}
+    return len(values) > 1
+
+
+def _with_snr_ratio(flat: dict[str, Any]) -> dict[str, Any]:
+    """Add :data:`SNR_RATIO` = ‖ΔŴ‖²/noise (= calibration SNR + 1) when the init recorded it."""
+    snr = _number(flat.get("calibration_snr", flat.get("snr")))
+    if snr is not None:
+        flat[SNR_RATIO] = snr + 1.0
+    return flat
 
 
 def _flatten(diag: Mapping[str, Any]) -> dict[str, Any]:
@@ -235,7 +315,7 @@ def _cell(value: Any) -> str:
         return str(value)
     if isinstance(value, int):
         return str(value)
-    return f"{number:.2e}"
+    return f"{number:.3g}"  # 3 significant digits: the diagnostics are not known better
 
 
 def _mark(row: LayerRow) -> str:

@@ -32,12 +32,19 @@ import argparse
 import json
 import re
 import sys
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lora_da_ref._cli_checks import (
+    DefaultsHelpFormatter,
+    check_common,
+    check_model_dir,
+    parse_size,
+)
 from lora_da_ref.presets import DEFAULT_PRESET, PRESETS, Preset, get_preset
 
 __all__ = ["SUBCOMMANDS", "Subcommand", "main"]
@@ -61,16 +68,18 @@ MODEL_DTYPES = ("auto", "float32", "bfloat16", "float16")
 # ----------------------------------------------------------------------------- init
 
 
-def _add_init_arguments(p: argparse.ArgumentParser) -> None:
+def _add_source_arguments(p: argparse.ArgumentParser) -> None:
+    """The model, the data and the LoRA-DA settings: what ``init`` and ``plan`` share."""
     p.add_argument("--model", required=True, help="local directory of a HF causal LM + tokenizer")
     p.add_argument("--data", required=True, help='JSONL file, one {"text": ...} object per line')
-    p.add_argument("--out", required=True, help="adapter directory to write")
     p.add_argument("--rank", type=int, default=8, help="LoRA rank r")
     p.add_argument(
-        "--config",
+        "--preset",
+        "--config",  # its first name; kept so existing command lines run unchanged
+        dest="preset",
         choices=sorted(PRESETS),
         default=DEFAULT_PRESET,
-        help="preset: "
+        help="preset (--config is an alias): "
         + "; ".join(f"{name}: {preset.summary}" for name, preset in PRESETS.items()),
     )
     p.add_argument(
@@ -102,23 +111,38 @@ def _add_init_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--completion-field", default=None, help="JSONL field of the completion")
     p.add_argument(
-        "--offset",
-        choices=("none", "subtract"),
-        default="none",
-        help="none: start at W0 + s·A0B0; subtract: base weights become W0 − s·A0B0 and are saved "
-        "to OUT/base_model",
-    )
-    p.add_argument(
-        "--n-train", type=int, default=None, help="N, fine-tuning set size (default: 100000)"
-    )
-    p.add_argument(
-        "--lora-alpha", type=float, default=None, help="PEFT lora_alpha (default: the preset's)"
-    )
-    p.add_argument(
-        "--rslora",
-        action=argparse.BooleanOptionalAction,
+        "--n-train",
+        type=float,
         default=None,
-        help="PEFT use_rslora (default: the preset's)",
+        help="N, fine-tuning set size in the Fisher's units (default: 100000)",
+    )
+    p.add_argument(
+        "--damping",
+        type=float,
+        default=None,
+        help="damping of Z and Y before inverting (default: the preset's: 1e-2 relative; "
+        "official 1e-6 absolute)",
+    )
+    p.add_argument(
+        "--damping-scale",
+        choices=("relative", "absolute"),
+        default=None,
+        help="how --damping is read: relative = times tr(M)/d of each factor M; absolute = as "
+        "is (default: the preset's)",
+    )
+    p.add_argument(
+        "--layers-per-pass",
+        type=int,
+        default=None,
+        help="decoder layers per statistics pass (default: as many as --max-statistics-bytes "
+        "allows; one pass when all fit)",
+    )
+    p.add_argument(
+        "--max-statistics-bytes",
+        type=str,
+        default="auto",
+        help="memory budget of one pass's statistics: auto (half the available memory of the "
+        "device), none (no budget) or a size such as 500M or 8G (binary units)",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the solver's random start")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype of the statistics")
@@ -131,14 +155,36 @@ def _add_init_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def _add_init_arguments(p: argparse.ArgumentParser) -> None:
+    _add_source_arguments(p)
+    p.add_argument("--out", required=True, help="adapter directory to write")
+    p.add_argument(
+        "--offset",
+        choices=("none", "subtract"),
+        default="none",
+        help="none: start at W0 + s·A0B0; subtract: base weights become W0 − s·A0B0 and are saved "
+        "to OUT/base_model",
+    )
+    p.add_argument(
+        "--lora-alpha", type=float, default=None, help="PEFT lora_alpha (default: the preset's)"
+    )
+    p.add_argument(
+        "--rslora",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="PEFT use_rslora (default: the preset's)",
+    )
+
+
 def _run_init(args: argparse.Namespace) -> int:
     """Algorithm 1 on a local model, then a PEFT adapter holding (A0, B0) (Eq. 17)."""
-    device = _check_device(args.device)  # one-line error before any data or model is loaded
-    if (args.prompt_field is None) != (args.completion_field is None):
-        raise ValueError("give both --prompt-field and --completion-field, or neither")
+    check_common(args)  # every flag and path, before torch is imported
+    records = _read_records(args)
+    device = _check_device(args.device)  # one-line error before any model is loaded
     import torch
     from peft import get_peft_model
 
+    from lora_da_ref.torch.diagnostics import calibration_summary
     from lora_da_ref.torch.distributed import join_torchrun_group
     from lora_da_ref.torch.peft_init import get_lora_da_state_dict, initialize_lora_da_weights
 
@@ -146,24 +192,67 @@ def _run_init(args: argparse.Namespace) -> int:
     lora_config = _peft_config(args, config, preset)
     rank, world = join_torchrun_group()  # (0, 1) unless launched by torchrun
     tokenizer = _load_tokenizer(args.model)
-    batches, data = _calibration_batches(args, tokenizer)
+    batches, data = _calibration_batches(args, records, tokenizer)
     model = _load_model(args, device)
     # Under torchrun each rank takes every world-th batch; all ranks get the same factors.
-    state = get_lora_da_state_dict(
-        model, batches[rank::world], lora_config, config,
-        progress=not args.no_progress, data_description=data,
-    )  # fmt: skip
+    with _warnings_in_flag_names():
+        state = get_lora_da_state_dict(
+            model, batches[rank::world], lora_config, config,
+            progress=not args.no_progress, data_description=data,
+        )  # fmt: skip
     if rank != 0:
         return 0  # rank 0 writes the adapter
+    if args.no_progress:  # the pipeline prints it with the progress bar only; it matters without
+        summary = calibration_summary(state.factors)
+        if summary is not None:
+            print(summary, file=sys.stderr)
     torch.manual_seed(args.seed)  # PEFT's default init is overwritten, but keep it reproducible
     peft_model = get_peft_model(model, lora_config)
-    initialize_lora_da_weights(peft_model, lora_da_state=state, offset=args.offset)
+    with _warnings_in_flag_names():
+        initialize_lora_da_weights(peft_model, lora_da_state=state, offset=args.offset)
     out = _save(args, peft_model, tokenizer, state)
     print(
         f"lora-da: wrote a rank-{config.rank} LoRA-DA adapter for {len(state.factors)} modules "
         f"to {out}"
     )
     return 0
+
+
+# The library's warnings name Python arguments; from the command line they should name flags.
+_FLAG_NAMES = (
+    ("LoraDAConfig(dtype=torch.float64)", "--dtype float64"),
+    ("a larger damping", "a larger --damping"),
+    (
+        "Set lora_alpha/use_rslora as the preset does",
+        "Set --lora-alpha/--rslora as the preset does",
+    ),
+    ("(diagnostics['damping'], ['damping_raised'])", "(lora-da report: damping, damping_raised)"),
+    ("(diagnostics['precision_bound'])", "(lora-da report: precision_bound)"),
+)
+
+
+@contextmanager
+def _warnings_in_flag_names() -> Iterator[None]:
+    """Re-issue the warnings raised inside with the library's argument names replaced by the
+    command line's flags (same category and origin, so filters still apply)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        yield
+    for w in caught:
+        text = str(w.message)
+        for python, flag in _FLAG_NAMES:
+            text = text.replace(python, flag)
+        warnings.warn_explicit(text, w.category, w.filename, w.lineno)
+
+
+def _read_records(args: argparse.Namespace) -> list[tuple[str, ...]]:
+    """The data's fields, read and checked before torch is imported (:mod:`lora_da_ref.jsonl`)."""
+    from lora_da_ref.jsonl import read_jsonl_fields
+
+    fields = (args.text_field,)
+    if args.prompt_field is not None:
+        fields = (args.prompt_field, args.completion_field)
+    return read_jsonl_fields(args.data, fields, limit=args.samples)
 
 
 def _check_device(device: str) -> str:
@@ -195,29 +284,21 @@ def _check_device(device: str) -> str:
     return str(dev)
 
 
-def _calibration_batches(args: argparse.Namespace, tokenizer: Any) -> tuple[list, dict]:
-    from lora_da_ref.data import (
-        read_jsonl_pairs,
-        read_jsonl_texts,
-        tokenize_batches,
-        tokenize_prompt_completion,
-    )
+def _calibration_batches(
+    args: argparse.Namespace, records: list[tuple[str, ...]], tokenizer: Any
+) -> tuple[list, dict]:
+    from lora_da_ref.data import tokenize_batches, tokenize_prompt_completion
 
     sizes = {"max_length": args.max_length, "batch_size": args.batch_size}
     data: dict[str, Any] = {"file": str(args.data)}
     if args.prompt_field is not None:
-        pairs = read_jsonl_pairs(
-            args.data, prompt_field=args.prompt_field,
-            completion_field=args.completion_field, limit=args.samples,
-        )  # fmt: skip
+        pairs = [(prompt, completion) for prompt, completion in records]
         batches = tokenize_prompt_completion(tokenizer, pairs, **sizes)
         data |= {"prompt_field": args.prompt_field, "completion_field": args.completion_field}
-        data["texts"] = len(pairs)
     else:
-        texts = read_jsonl_texts(args.data, field=args.text_field, limit=args.samples)
-        batches = tokenize_batches(tokenizer, texts, **sizes)
-        data |= {"text_field": args.text_field, "texts": len(texts)}
-    data |= {"batches": len(batches), "max_length": args.max_length}
+        batches = tokenize_batches(tokenizer, [text for (text,) in records], **sizes)
+        data["text_field"] = args.text_field
+    data |= {"texts": len(records), "batches": len(batches), "max_length": args.max_length}
     return batches, data
 
 
@@ -226,24 +307,21 @@ def _lora_da_config(args: argparse.Namespace) -> tuple[Any, Preset]:
 
     from lora_da_ref.torch.config import LoraDAConfig
 
-    preset = get_preset(args.config)
+    preset = get_preset(args.preset)
     overrides: dict[str, Any] = {"rank": args.rank, "seed": args.seed}
     overrides["diagnostics"] = args.diagnostics
     overrides["dtype"] = getattr(torch, args.dtype)
-    if args.n_train is not None:
-        overrides["n_train"] = args.n_train
+    overrides["max_statistics_bytes"] = parse_size(args.max_statistics_bytes)
+    for field in ("n_train", "damping", "damping_scale", "layers_per_pass"):
+        if getattr(args, field) is not None:
+            overrides[field] = getattr(args, field)
     return LoraDAConfig.preset(preset.name, **overrides), preset
 
 
 def _load_tokenizer(model_dir: str) -> Any:
     from transformers import AutoTokenizer
 
-    path = Path(model_dir)
-    if not (path / "config.json").is_file():
-        raise ValueError(
-            f"--model {path}: not a local Hugging Face model directory (no config.json)"
-        )
-    return AutoTokenizer.from_pretrained(path)
+    return AutoTokenizer.from_pretrained(check_model_dir(model_dir))
 
 
 def _load_model(args: argparse.Namespace, device: str) -> Any:
@@ -275,16 +353,10 @@ def _peft_config(args: argparse.Namespace, config: Any, preset: Preset) -> Any:
     """The adapter's LoraConfig: the single source of rank, targets, alpha and rsLoRA."""
     from peft import LoraConfig
 
-    from lora_da_ref.torch.config import DEFAULT_TARGETS
-
     alpha = args.lora_alpha if args.lora_alpha is not None else preset.lora_alpha
     alpha = float(config.rank) if alpha is None else alpha
     rslora = preset.use_rslora if args.rslora is None else args.rslora
-    targets: Any = list(args.target_modules or DEFAULT_TARGETS)
-    if len(targets) == 1 and (
-        targets[0] == "all-linear" or re.search(r"[\\^$*+?()\[\]|{}]", targets[0])
-    ):
-        targets = targets[0]  # PEFT: a str is "all-linear" or a full-match regex
+    targets = _target_spec(args.target_modules)
     return LoraConfig(
         r=config.rank,
         lora_alpha=alpha,
@@ -293,6 +365,19 @@ def _peft_config(args: argparse.Namespace, config: Any, preset: Preset) -> Any:
         lora_dropout=0.0,
         task_type="CAUSAL_LM",
     )
+
+
+def _target_spec(target_modules: list[str] | None) -> Any:
+    """``--target-modules`` as PEFT reads it: a list of suffixes, or one str that is
+    "all-linear" or a full-match regex."""
+    from lora_da_ref.torch.config import DEFAULT_TARGETS
+
+    targets: Any = list(target_modules or DEFAULT_TARGETS)
+    if len(targets) == 1 and (
+        targets[0] == "all-linear" or re.search(r"[\\^$*+?()\[\]|{}]", targets[0])
+    ):
+        targets = targets[0]
+    return targets
 
 
 def _save(args: argparse.Namespace, peft_model: Any, tokenizer: Any, state: Any) -> Path:
@@ -319,6 +404,39 @@ def _save(args: argparse.Namespace, peft_model: Any, tokenizer: Any, state: Any)
     return out
 
 
+# ----------------------------------------------------------------------------- plan
+
+
+def _add_plan_arguments(p: argparse.ArgumentParser) -> None:
+    _add_source_arguments(p)
+    p.add_argument(
+        "--probe-sequences",
+        type=int,
+        default=16,
+        help="sequences of the probe that is timed and gives the calibration SNR",
+    )
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+
+
+def _run_plan(args: argparse.Namespace) -> int:
+    """Passes, memory, time and the calibration SNR at the data's size, from a small probe."""
+    check_common(args)
+    records = _read_records(args)
+    device = _check_device(args.device)
+    from lora_da_ref.plan import format_plan, make_plan
+    from lora_da_ref.torch.targets import find_target_modules
+
+    config, _ = _lora_da_config(args)
+    tokenizer = _load_tokenizer(args.model)
+    batches, _ = _calibration_batches(args, records, tokenizer)
+    model = _load_model(args, device)
+    targets = find_target_modules(model, _target_spec(args.target_modules))
+    with _warnings_in_flag_names():
+        plan = make_plan(model, batches, targets, config, args.probe_sequences)
+    print(json.dumps(plan.to_json(), indent=2) if args.json else format_plan(plan))
+    return 0
+
+
 # ----------------------------------------------------------------------------- report
 
 
@@ -331,6 +449,9 @@ def _add_report_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--no-figure", action="store_true", help="do not write the PNG")
     p.add_argument("--json", action="store_true", help="print the rows and flags as JSON")
+    p.add_argument(
+        "--top", type=int, default=10, help="list this many flagged layers, worst first (0: all)"
+    )
 
 
 def _run_report(args: argparse.Namespace) -> int:
@@ -343,7 +464,7 @@ def _run_report(args: argparse.Namespace) -> int:
                 "flags": r.reasons} for r in rows]  # fmt: skip
         print(json.dumps(doc, indent=2))
     else:
-        print(format_report(provenance, rows))
+        print(format_report(provenance, rows, top=args.top or len(rows)))
     if not args.no_figure:
         where = Path(args.adapter)
         figure = args.figure or (where if where.is_dir() else where.parent) / "lora_da_report.png"
@@ -380,6 +501,11 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     "init": Subcommand(
         "LoRA-DA init of a local HF causal LM -> PEFT adapter", _add_init_arguments, _run_init
     ),
+    "plan": Subcommand(
+        "before an init: its passes, memory, time, and whether the data determines the subspace",
+        _add_plan_arguments,
+        _run_plan,
+    ),
     "report": Subcommand(
         "per-layer diagnostics of a LoRA-DA adapter; exit 1 if a layer is flagged",
         _add_report_arguments,
@@ -388,28 +514,12 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     "make-tiny-model": Subcommand(
         "write a tiny random LLaMA + tokenizer (demo)", _add_tiny_arguments, _run_tiny
     ),
-    "validate": Subcommand(  # lazy import: lora_da_ref.validate imports torch
+    "validate": Subcommand(  # its arguments are torch-free; running it imports torch
         "production path vs exact Fisher/Ω/A0, per layer (see lora_da_ref.validate)",
-        lambda p: __import__("lora_da_ref.validate", fromlist=["x"]).add_arguments(p),
-        lambda a: __import__("lora_da_ref.validate", fromlist=["x"]).run(a),
+        lambda p: __import__("lora_da_ref._validate_args", fromlist=["x"]).add_arguments(p),
+        lambda a: __import__("lora_da_ref.torch.validation.cli", fromlist=["x"]).run(a),
     ),
 }
-
-
-class _HelpFormatter(argparse.HelpFormatter):
-    """Every option's help ends with its default (unless None, i.e. required or 'not set')."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        if (
-            "%(default)" in text
-            or "(default" in text
-            or action.default in (None, argparse.SUPPRESS)
-        ):
-            return text
-        if not action.option_strings:
-            return text
-        return f"{text} (default: %(default)s)"
 
 
 ALL = "*"
@@ -417,27 +527,72 @@ ALL = "*"
 
 def build_parser(command: str = ALL) -> argparse.ArgumentParser:
     """The parser; only ``command``'s arguments are declared (all of them for ``ALL``, none for
-    ``""``), so ``lora-da --help`` imports nothing heavy (``validate`` declares its own)."""
+    ``""``), so ``lora-da --help`` imports nothing heavy."""
     parser = argparse.ArgumentParser(
         prog="lora-da", description="LoRA-DA: data-aware LoRA initialisation."
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, cmd in SUBCOMMANDS.items():
         p = sub.add_parser(
-            name, help=cmd.help, description=cmd.help, formatter_class=_HelpFormatter
+            name, help=cmd.help, description=cmd.help, formatter_class=DefaultsHelpFormatter
         )
         if command in (ALL, name):
             cmd.add_arguments(p)
     return parser
 
 
+def _version() -> str:
+    """The installed distribution's version; a source checkout that is not installed says so."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("lora_da_ref")
+    except PackageNotFoundError:
+        return "(not installed)"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``lora-da``; bad input (ValueError, OSError such as a missing file) prints one line and returns 2."""
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv[0] if argv and argv[0] in SUBCOMMANDS else ""
+    hint = _misplaced_option(command, argv)
+    if hint is not None:
+        print(f"lora-da{' ' + command if command else ''}: error: {hint}", file=sys.stderr)
+        return BAD_INPUT
     args = build_parser(command).parse_args(argv)
     try:
         return SUBCOMMANDS[args.command].run(args)
     except (ValueError, OSError) as err:  # user input: bad values, missing or unreadable files
         print(f"lora-da {args.command}: error: {err}", file=sys.stderr)
         return BAD_INPUT
+
+
+def _misplaced_option(command: str, argv: list[str]) -> str | None:
+    """A hint when an option is given where it does not belong (before the subcommand, or to a
+    subcommand that does not take it), instead of argparse's bare usage line."""
+    owners = _option_owners()
+    for word in argv:
+        if word in ("--", "-h", "--help", "--version"):
+            return None  # help and version answer as usual; after "--" words are not options
+        option = word.split("=", 1)[0]
+        takes = owners.get(option)
+        if not option.startswith("--") or takes is None or command in takes:
+            continue
+        where = " or ".join(f"lora-da {c} {option} ..." for c in takes)
+        if not command:
+            return f"{option} is an option of a subcommand; put it after one: {where}"
+        return f"{option} is not an option of {command}; it belongs to {where}"
+    return None
+
+
+def _option_owners() -> dict[str, list[str]]:
+    """``{option string: the subcommands that declare it}``, from the parsers themselves."""
+    owners: dict[str, list[str]] = {}
+    choices = next(a for a in build_parser()._actions if a.dest == "command").choices
+    for name, sub in choices.items():
+        for action in sub._actions:
+            for option in action.option_strings:
+                if option not in ("-h", "--help"):
+                    owners.setdefault(option, []).append(name)
+    return owners

@@ -6,9 +6,10 @@ them from a JSONL file, one JSON object per line with the text under a field (de
 
     {"text": "The quick brown fox jumps over the lazy dog."}
 
-and tokenises them into the batches ``init_lora_da`` consumes: dicts of ``input_ids``,
-``attention_mask`` and ``labels`` (``labels = input_ids`` with padding set to ``-100``, so only
-real tokens enter the empirical Fisher, as the official code's HF mean token cross-entropy).
+(:mod:`lora_da_ref.jsonl`, torch-free, re-exported here) and tokenises them into the batches
+``init_lora_da`` consumes: dicts of ``input_ids``, ``attention_mask`` and ``labels``
+(``labels = input_ids`` with padding set to ``-100``, so only real tokens enter the empirical
+Fisher, as the official code's HF mean token cross-entropy).
 
 The last section builds a tiny random-weight LLaMA and a byte-level BPE tokenizer without any
 download, for the README's runnable example and for the tests.
@@ -16,12 +17,13 @@ download, for the README's runnable example and for the tests.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from lora_da_ref.jsonl import read_jsonl_pairs, read_jsonl_texts
 
 __all__ = [
     "IGNORE_INDEX",
@@ -36,90 +38,6 @@ __all__ = [
 ]
 
 IGNORE_INDEX = -100  # HF's CrossEntropyLoss ignore_index: masked label positions.
-
-
-# ----------------------------------------------------------------------------- JSONL reading
-
-
-def read_jsonl_texts(
-    path: str | Path, *, field: str = "text", limit: int | None = None
-) -> list[str]:
-    """Texts of the calibration set ``S``: ``record[field]`` of each JSONL line, in file order.
-
-    Args:
-        path: a ``.jsonl`` file, one JSON object per non-blank line.
-        field: the key holding the text.
-        limit: keep only the first ``limit`` records (the official code uses the first 256).
-
-    Raises:
-        FileNotFoundError: ``path`` does not exist.
-        ValueError: a line is not a JSON object, lacks ``field``, has a non-string value, or the
-            file holds no records.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"calibration data file not found: {path}")
-    if limit is not None and limit <= 0:
-        raise ValueError(f"limit must be positive, got {limit}")
-    texts: list[str] = []
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            texts.append(_text_of_line(line, lineno, path, field))
-            if limit is not None and len(texts) >= limit:
-                break
-    if not texts:
-        raise ValueError(f"{path}: no JSON records found (the file is empty or blank)")
-    return texts
-
-
-def read_jsonl_pairs(
-    path: str | Path,
-    *,
-    prompt_field: str = "prompt",
-    completion_field: str = "completion",
-    limit: int | None = None,
-) -> list[tuple[str, str]]:
-    """``(prompt, completion)`` pairs of a JSONL file (e.g. ``{"prompt": ..., "completion": ...}``).
-
-    Same rules and errors as :func:`read_jsonl_texts`, for both fields.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"calibration data file not found: {path}")
-    if limit is not None and limit <= 0:
-        raise ValueError(f"limit must be positive, got {limit}")
-    pairs: list[tuple[str, str]] = []
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            prompt = _text_of_line(line, lineno, path, prompt_field)
-            pairs.append((prompt, _text_of_line(line, lineno, path, completion_field)))
-            if limit is not None and len(pairs) >= limit:
-                break
-    if not pairs:
-        raise ValueError(f"{path}: no JSON records found (the file is empty or blank)")
-    return pairs
-
-
-def _text_of_line(line: str, lineno: int, path: Path, field: str) -> str:
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}:{lineno}: invalid JSON ({err.msg})") from err
-    if not isinstance(record, dict):
-        raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
-    if field not in record:
-        keys = ", ".join(sorted(record)) or "none"
-        raise ValueError(f"{path}:{lineno}: missing field {field!r} (keys present: {keys})")
-    text = record[field]
-    if not isinstance(text, str):
-        raise ValueError(
-            f"{path}:{lineno}: field {field!r} must be a string, got {type(text).__name__}"
-        )
-    return text
 
 
 # ----------------------------------------------------------------------------- tokenisation

@@ -1,4 +1,4 @@
-"""Regime map — when does LoRA-DA beat LoRA-One? Shift size × calibration size (issue 11).
+"""Regime map — when does LoRA-DA beat LoRA-One? Shift size × calibration size.
 
 Claim 14 (``proofs_check.calibration_noise``): the plug-in ``ΔŴ = −Ĵ⁻¹Ĝ`` from ``|S|`` calibration
 pairs carries noise of covariance ≈ ``J⁻¹/|S|``, so ``E[Ω̂] ≈ (1/N − 1/|S|) Σ_i J⁻¹_[i] − ΔWΔWᵀ``.

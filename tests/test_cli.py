@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import os
 import re
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,11 +17,10 @@ from peft import AutoPeftModelForCausalLM, PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lora_da_ref.cli import SUBCOMMANDS, build_parser, main
-from lora_da_ref.data import TINY_TEXTS, tiny_llama, tokenize_batches
+from lora_da_ref.data import TINY_TEXTS, tokenize_batches
 from lora_da_ref.torch.adapter import lora_modules
 from lora_da_ref.torch.config import LoraDAConfig
 from lora_da_ref.torch.init import find_target_modules, init_lora_da
-from lora_da_ref.torch.statistics import collect_statistics
 from tests.report import allclose_report
 
 # PEFT 0.21 calls a transformers-5 deprecated property on every wrap; not ours to fix.
@@ -217,14 +213,14 @@ def _bad(workspace, tmp_path, capsys, jsonl: str | None, *extra) -> str:
         ('{"text": "ok"}\n{"body": "no text here"}\n', (), r"bad.jsonl:2: missing field 'text'"),
         ("", (), "no JSON records"),
         ("\n  \n", (), "no JSON records"),
-        ('{"text": "ok"}\nnot json\n', (), r"bad.jsonl:2: invalid JSON"),
+        ('{"text": "ok"}\nnot json\n', (), r"bad.jsonl:2:1: invalid JSON \(Expecting value\)"),
         ('{"text": 3}\n', (), "must be a string"),
         ('["text"]\n', (), "expected a JSON object"),
         ('{"text": ""}\n', (), "2 or more tokens"),
         (None, ("--rank", "1000"), "rank"),
         (None, ("--rank", "0"), "rank"),
         (None, ("--target-modules", "nonexistent_proj"), "nonexistent_proj"),
-        (None, ("--n-train", "0"), "n_train"),
+        (None, ("--n-train", "0"), "--n-train must be positive"),
     ],
     ids=[
         "missing-field", "empty", "blank", "invalid-json", "non-string", "not-object",
@@ -256,6 +252,7 @@ def test_every_subcommand_is_registered_in_the_parser():
     argv = {
         "init": ["--model", "m", "--data", "d", "--out", "o"],
         "make-tiny-model": ["dir"],
+        "plan": ["--model", "m", "--data", "d"],
         "report": ["adapter"],
     }
     for name in SUBCOMMANDS:
@@ -271,9 +268,9 @@ def test_python_dash_m_entry_point_runs():
         assert name in proc.stdout
 
 
-# ----------------------------------------------------------------------------- CLI polish (issue 13)
+# ----------------------------------------------------------------------------- help
 
-OWN_SUBCOMMANDS = ("init", "report", "make-tiny-model")  # validate declares its own (H3's module)
+OWN_SUBCOMMANDS = ("init", "plan", "report", "make-tiny-model", "validate")
 
 
 def _subparser(name: str):
@@ -312,7 +309,7 @@ def test_help_imports_no_torch(argv):
     [("gpu", r"--device 'gpu' is not a torch device"), ("cuda", "CPU-only build")],
 )
 def test_bad_device_is_one_line_before_anything_is_loaded(
-    tmp_path, capsys, monkeypatch, device, message
+    workspace, tmp_path, capsys, monkeypatch, device, message
 ):
     import lora_da_ref.cli as cli
 
@@ -324,7 +321,7 @@ def test_bad_device_is_one_line_before_anything_is_loaded(
 
     monkeypatch.setattr(cli, "_load_model", must_not_load)
     monkeypatch.setattr(cli, "_load_tokenizer", must_not_load)
-    argv = ["init", "--model", str(tmp_path / "no-model"), "--data", str(tmp_path / "no.jsonl")]
+    argv = ["init", "--model", str(workspace / "model"), "--data", str(workspace / "calib.jsonl")]
     assert main([*argv, "--out", str(tmp_path / "a"), "--device", device]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and re.search(message, err), err
@@ -484,3 +481,124 @@ def test_flag_rules(diag, flagged):
     from lora_da_ref.adapter_report import _flatten, flag_reasons
 
     assert bool(flag_reasons(_flatten(diag))) is flagged
+
+
+# ----------------------------------------------------------------------------- plan, warnings
+
+
+def test_plan_extrapolates_the_probe_snr_as_the_noise_law_says():
+    """SNR(S) = (‖ΔŴ‖² − noise_probe)/(noise_probe·|S_probe|/|S|): the signal does not shrink with
+    |S|, the noise does. Breaks if the noise is subtracted at the full size instead."""
+    from lora_da_ref.plan import size_for_snr, snr_at_size
+
+    signal, noise, size, full = 3.0, 2.0, 8.0, 40.0
+    probe_snr = (signal + noise - noise) / noise  # as calibration_snr: delta_sq = signal + noise
+    assert snr_at_size(probe_snr, size, full) == pytest.approx(signal / (noise * size / full))
+    need = size_for_snr(probe_snr, size)
+    assert snr_at_size(probe_snr, size, need) == pytest.approx(1.0)
+    assert size_for_snr(-0.5, size) == math.inf  # no signal seen: no size can be predicted
+
+
+def test_plan_on_the_tiny_model(workspace, tmp_path, capsys):
+    from lora_da_ref.plan import _units
+    from lora_da_ref.torch.memory import statistics_bytes
+
+    data = tmp_path / "calib.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in TINY_TEXTS * 8))
+    argv = ["plan", "--model", str(workspace / "model"), "--data", str(data)]
+    argv += ["--max-length", str(MAX_LENGTH), "--probe-sequences", "8", "--no-progress"]
+    assert main([*argv, "--json", "--layers-per-pass", "1"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    model = AutoModelForCausalLM.from_pretrained(workspace / "model")
+    targets = find_target_modules(model, list(LoraDAConfig().target_modules))
+    per_module = statistics_bytes(targets, LoraDAConfig())
+    assert plan["passes"] == [1] * N_LAYERS and plan["targets"] == 7 * N_LAYERS
+    assert plan["statistics_bytes"] == sum(b.total for b in per_module.values())
+    layer0 = sum(b.total for n, b in per_module.items() if ".layers.0." in n)
+    layer1 = plan["statistics_bytes"] - layer0
+    assert plan["peak_bytes"] == max(layer0, layer1)
+    assert plan["sequences"] == 40 and plan["probe_sequences"] == 8 and plan["seconds"] > 0
+    # The data's |S| is counted as the pass counts it: the probe's equals its diagnostics'.
+    tok = AutoTokenizer.from_pretrained(workspace / "model")
+    batches = tokenize_batches(tok, list(TINY_TEXTS * 8), max_length=MAX_LENGTH)
+    assert _units(batches[:8], LoraDAConfig())[2] == pytest.approx(plan["probe_sample_size"])
+    assert _units(batches, LoraDAConfig())[2] == pytest.approx(plan["sample_size"])
+    ratio = plan["sample_size"] / plan["probe_sample_size"]
+    for m in plan["snr"]:
+        assert m["snr"] == pytest.approx(m["probe_snr"] * ratio), m
+    assert {m["kind"] for m in plan["snr"]} == {"q_proj", "k_proj", "v_proj", "o_proj",
+                                                "gate_proj", "up_proj", "down_proj"}  # fmt: skip
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "probe SNR" in text and "at 40 sequences" in text
+
+
+def test_calibration_summary_is_printed_without_progress(workspace, tmp_path, capsys):
+    assert _init(workspace, tmp_path / "adapter") == 0  # _init passes --no-progress
+    assert "LoRA-DA calibration:" in capsys.readouterr().err
+
+
+def test_warnings_from_the_cli_name_its_flags(workspace, tmp_path, monkeypatch):
+    """The pipeline's precision warning names Python arguments; the CLI's names --dtype and
+    --damping (the warning is forced by a precision bound past the limit on one layer)."""
+    import lora_da_ref.torch.peft_init as peft_init
+    from lora_da_ref.torch.pipeline import warn_untrusted
+
+    real = peft_init.get_lora_da_state_dict
+
+    def imprecise(*args, **kwargs):
+        state = real(*args, **kwargs)
+        name = next(iter(state.factors))
+        state.factors[name].diagnostics["precision_bound"] = 0.1
+        warn_untrusted(state.factors)
+        return state
+
+    monkeypatch.setattr(peft_init, "get_lora_da_state_dict", imprecise)
+    with pytest.warns(RuntimeWarning) as record:
+        assert _init(workspace, tmp_path / "adapter") == 0
+    texts = [str(w.message) for w in record if "A0" in str(w.message)]
+    assert texts and all("--dtype float64" in t and "--damping" in t for t in texts), texts
+    assert not any("LoraDAConfig(" in t for t in texts), texts
+
+
+def test_new_flags_reach_the_config(workspace, tmp_path):
+    out = tmp_path / "adapter"
+    flags = ["--preset", "official", "--damping", "0.05", "--damping-scale", "relative"]
+    flags += ["--layers-per-pass", "1", "--max-statistics-bytes", "1G", "--n-train", "5000.5"]
+    assert _init(workspace, out, *flags) == 0
+    config = json.loads((out / "lora_da.json").read_text())["config"]
+    assert (config["damping"], config["damping_scale"]) == (0.05, "relative")
+    assert config["layers_per_pass"] == 1 and config["max_statistics_bytes"] == 2**30
+    assert config["n_train"] == 5000.5 and config["solver"] == "lobpcg"
+
+
+def test_report_ranks_flags_summarises_and_reads_snr_as_a_ratio(workspace, tmp_path, capsys):
+    from lora_da_ref.adapter_report import figure_panels, load_rows
+
+    out = tmp_path / "adapter"
+    assert _init(workspace, out) == 0
+    meta = json.loads((out / "lora_da.json").read_text())
+    layers = meta["layers"]
+    for diag in layers.values():
+        diag["calibration_snr"] = 3.0  # ratio 4: not flagged
+        diag["residual"] = 1.2345678901234567e-9
+        diag["damping"] = {"Z": 1e-6, "Y": 1e-6}  # absolute damping: the same in every layer
+    layers["model.layers.0.mlp.up_proj"]["calibration_snr"] = 0.5  # ratio 1.5: 0.12 decades
+    layers["model.layers.1.mlp.down_proj"]["residual"] = 0.5  # 2.7 decades past 1e-3
+    layers["model.layers.0.self_attn.q_proj"]["calibration_snr"] = -0.9  # ratio 0.1: 1.3
+    (out / "lora_da.json").write_text(json.dumps(meta))
+    capsys.readouterr()
+    assert main(["report", str(out), "--no-figure", "--top", "2"]) == 1
+    text = capsys.readouterr().out
+    assert "1.23e-09" in text and "1.2345678901" not in text  # 3 significant digits
+    assert "snr_ratio = ‖ΔŴ‖²/noise" in text and "flagged below 2" in text
+    flagged = [line.split(":")[0] for line in text.splitlines() if line.startswith("FLAGGED")]
+    assert flagged == ["FLAGGED model.layers.1.mlp.down_proj",
+                       "FLAGGED model.layers.0.self_attn.q_proj"]  # fmt: skip
+    assert "... and 1 more" in text
+    assert "medians over 14 layers:" in text and "snr_ratio 4" in text
+    assert "flags by rule: snr 2, residual 1" in text
+    _, rows = load_rows(out)
+    panels = figure_panels(rows)
+    assert "residual" in panels and "snr_ratio" in panels
+    assert not any(p.startswith("damping") for p in panels)  # constant: the panel says nothing

@@ -1,0 +1,274 @@
+"""``lora-da plan``: what an init will cost and whether the data can determine its subspace,
+measured on a small probe before the full pass.
+
+**Memory and passes.** From the target shapes alone (:mod:`lora_da_ref.torch.memory`): the bytes
+of every layer's statistics, the layers per pass the budget allows, and the peak (the largest
+pass's statistics).
+
+**Time.** One statistics pass over the first ``probe`` sequences, on the first pass's targets, and
+the solves of those targets, are timed. Each pass re-runs the model forward and backward over the
+whole data, so the statistics time scales with the tokens and the number of passes:
+``t_stats ≈ t_probe · tokens(S)/tokens(probe) · passes``; a solve does not depend on the data
+size, so ``t_solve ≈ t_probe_solve · targets/probed targets``. Rough: the probe includes one-time
+costs, so small models are over-estimated.
+
+**Calibration SNR at the full size.** The probe's factors carry the plug-in diagnostics
+(:mod:`lora_da_ref.torch.diagnostics`): ``delta_sq = ‖ΔŴ‖²``, ``noise = tr(Σ_i Ĵ⁻¹_[i])/|S|`` and
+``calibration_snr = (delta_sq − noise)/noise``. With ``ΔŴ = ΔW + E``, ``E‖E‖² = noise``, the
+expected ``‖ΔŴ‖²`` is ``‖ΔW‖² + noise``: the probe's signal is ``delta_sq − noise_probe``, and it
+does not depend on |S|, while the noise falls as ``1/|S|``: ``noise(S) = noise_probe · |S_probe|/|S|``.
+Hence
+
+    SNR(S) = (delta_sq − noise_probe) / (noise_probe · |S_probe|/|S|) = SNR_probe · |S|/|S_probe|,
+
+linear in |S|, and ``SNR(S) ≥ 1`` (signal ≥ noise, i.e. ``E‖ΔŴ‖² ≥ 2·noise``) needs
+
+    |S| ≥ |S_probe| / SNR_probe          (only when SNR_probe > 0: else no signal was seen).
+
+|S| is in the Fisher's units (``W²/|P|``, :func:`~lora_da_ref.torch.diagnostics.fisher_units`),
+computed for the data from its token counts; it is converted to sequences at the data's mean
+length. Reported per module type as the median over the probed layers (the map is monotone, so
+the median of the extrapolation is the extrapolation of the median). The probe's own noise
+estimate is noisy too: read the needed size as an order of magnitude.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics as pystats
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+__all__ = ["ModuleSNR", "Plan", "format_plan", "make_plan", "size_for_snr", "snr_at_size"]
+
+SNR_NEEDED = 1.0  # signal = noise; the report flags below it as well
+
+
+def snr_at_size(snr: float, size: float, target_size: float) -> float:
+    """The plug-in SNR at ``|S| = target_size`` from one measured at ``|S| = size`` (module
+    docstring: the signal is fixed, the noise ∝ 1/|S|, so the SNR is linear in |S|)."""
+    return snr * target_size / size
+
+
+def size_for_snr(snr: float, size: float, want: float = SNR_NEEDED) -> float:
+    """The |S| at which the SNR measured at ``size`` reaches ``want``; ``inf`` when no signal
+    was measured (``snr <= 0``: more data at this rate would not show one)."""
+    return size * want / snr if snr > 0 else math.inf
+
+
+@dataclass
+class ModuleSNR:
+    """One module type's median plug-in SNR: on the probe, extrapolated to the data, and the
+    sequences the data would need for SNR 1."""
+
+    kind: str
+    layers: int
+    probe_snr: float
+    snr: float
+    sequences_needed: float
+
+
+@dataclass
+class Plan:
+    """Everything ``lora-da plan`` reports (sizes in bytes, times in seconds)."""
+
+    targets: int
+    layers: int
+    passes: list[int]  # layers per pass
+    statistics_bytes: int
+    peak_bytes: int
+    budget_bytes: int | None
+    sequences: int
+    tokens: int
+    sample_size: float  # |S| of the data, Fisher units
+    probe_sequences: int
+    probe_sample_size: float
+    probe_targets: int
+    statistics_seconds: float
+    solve_seconds: float
+    device: str
+    snr: list[ModuleSNR] = field(default_factory=list)
+
+    @property
+    def seconds(self) -> float:
+        return self.statistics_seconds + self.solve_seconds
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "seconds": self.seconds, "verdict": verdict(self)}
+
+
+def make_plan(
+    model: Any, batches: list[dict], targets: Mapping[str, Any], config: Any, probe: int
+) -> Plan:
+    """Plan an init of ``model`` on ``batches`` (module docstring), probing the first ``probe``
+    sequences. ``config`` is the init's :class:`~lora_da_ref.torch.config.LoraDAConfig`."""
+    from lora_da_ref.torch.memory import (
+        _layer_key,
+        layer_passes,
+        resolve_layers_per_pass,
+        statistics_budget,
+        statistics_bytes,
+    )
+
+    device = next(model.parameters()).device
+    names = list(targets)
+    per_module = statistics_bytes(targets, config)
+    passes = layer_passes(names, resolve_layers_per_pass(targets, config, device))
+    peak = max(sum(per_module[n].total for n in chunk) for chunk in passes)
+    probe_batches = _first_sequences(batches, probe)
+    probe_config = config.replace(diagnostics="cheap") if config.diagnostics == "off" else config
+    chunk = {n: targets[n] for n in passes[0]}
+    t_stats, t_solve, factors = _probe(model, probe_batches, chunk, probe_config)
+    seqs, tokens, size = _units(batches, config)
+    _, probe_tokens, _ = _units(probe_batches, config)
+    sample = [f.diagnostics["sample_size"] for f in factors.values()]
+    probe_size = sample[0] if sample else math.nan
+    plan = Plan(
+        targets=len(names),
+        layers=len({_layer_key(n) for n in names}),
+        passes=[len({_layer_key(n) for n in c}) for c in passes],
+        statistics_bytes=sum(b.total for b in per_module.values()),
+        peak_bytes=peak,
+        budget_bytes=statistics_budget(config, device),
+        sequences=seqs,
+        tokens=tokens,
+        sample_size=size,
+        probe_sequences=_units(probe_batches, config)[0],
+        probe_sample_size=probe_size,
+        probe_targets=len(chunk),
+        statistics_seconds=t_stats * tokens / probe_tokens * len(passes),
+        solve_seconds=t_solve * len(names) / len(chunk),
+        device=str(device),
+    )
+    plan.snr = _module_snr(factors, plan)
+    return plan
+
+
+def _probe(model: Any, batches: list[dict], chunk: dict, config: Any) -> tuple[float, float, dict]:
+    from lora_da_ref.torch.pipeline import solve_layers
+    from lora_da_ref.torch.statistics import collect_statistics
+
+    t0 = time.perf_counter()
+    stats = collect_statistics(model, batches, chunk, config, progress=False)
+    t1 = time.perf_counter()
+    factors = solve_layers(stats, list(chunk), config)
+    return t1 - t0, time.perf_counter() - t1, factors
+
+
+def _first_sequences(batches: list[dict], count: int) -> list[dict]:
+    """The first ``count`` sequences, as batches (the last one cut)."""
+    out, left = [], count
+    for batch in batches:
+        if left <= 0:
+            break
+        rows = int(batch["input_ids"].shape[0])
+        out.append(batch if rows <= left else {k: v[:left] for k, v in batch.items()})
+        left -= rows
+    return out
+
+
+def _units(batches: list[dict], config: Any) -> tuple[int, int, float]:
+    """(sequences with a loss token, statistics positions |P|, |S| = W²/|P| in the Fisher's
+    units), counted as the statistics pass counts them."""
+    from lora_da_ref.torch.diagnostics import fisher_units
+    from lora_da_ref.torch.statistics import token_masks
+
+    sequences = loss = positions = attention = 0
+    for batch in batches:
+        for row in range(int(batch["input_ids"].shape[0])):
+            one = {k: v[row : row + 1] for k, v in batch.items()}
+            mask, n_loss = token_masks(one, config.replace(token_mask="attention"))
+            sequences += n_loss > 0
+            loss += n_loss
+            attention += int(mask.sum())
+    positions = loss if config.token_mask == "labels" else attention
+    size = fisher_units(config, sequences=sequences, loss_tokens=loss, attention_tokens=attention)
+    return sequences, positions, size
+
+
+def _module_snr(factors: Mapping[str, Any], plan: Plan) -> list[ModuleSNR]:
+    kinds: dict[str, list[float]] = {}
+    for name, f in factors.items():
+        snr = f.diagnostics.get("calibration_snr")
+        if snr is not None:
+            kinds.setdefault(name.rsplit(".", 1)[-1], []).append(float(snr))
+    out = []
+    for kind, values in kinds.items():
+        probe = pystats.median(values)
+        need = size_for_snr(probe, plan.probe_sample_size)
+        out.append(
+            ModuleSNR(
+                kind,
+                len(values),
+                probe,
+                snr_at_size(probe, plan.probe_sample_size, plan.sample_size),
+                need * plan.sequences / plan.sample_size,
+            )
+        )
+    return out
+
+
+def verdict(plan: Plan) -> str:
+    """One plain sentence: can this data determine LoRA-DA's subspace?"""
+    if not plan.snr:
+        return "no calibration SNR was measured"
+    low = [m for m in plan.snr if not m.snr >= SNR_NEEDED]
+    blind = [m.kind for m in low if not math.isfinite(m.sequences_needed)]
+    need = max((m.sequences_needed for m in low), default=0.0)
+    more = f"it would need about {_count(need)} sequences" if math.isfinite(need) else ""
+    if blind:
+        more = (
+            f"the probe saw no signal above the noise in {', '.join(blind)}, so no data size "
+            "can be predicted (a larger --probe-sequences may show one)"
+        )
+    if len(low) == len(plan.snr):
+        return (
+            f"at {plan.sequences} sequences the median SNR of every module type is below 1: "
+            f"LoRA-DA's subspace is not determined by this data; {more}"
+        )
+    if low:
+        kinds = ", ".join(m.kind for m in low)
+        return (
+            f"at {plan.sequences} sequences the median SNR of {kinds} is below 1: their "
+            f"subspace is not determined by this data; {more}"
+        )
+    return f"at {plan.sequences} sequences every module type has median SNR >= 1"
+
+
+def format_plan(plan: Plan) -> str:
+    """The text ``lora-da plan`` prints."""
+    budget = "none" if plan.budget_bytes is None else _bytes(plan.budget_bytes)
+    lines = [
+        f"lora-da plan: {plan.targets} target modules in {plan.layers} layers; data "
+        f"{plan.sequences} sequences, {plan.tokens} statistics positions (|S| = "
+        f"{plan.sample_size:.3g} in the Fisher's units)",
+        f"memory: statistics {_bytes(plan.statistics_bytes)} in all, budget {budget}: "
+        f"{len(plan.passes)} pass(es) of {', '.join(map(str, plan.passes))} layers, "
+        f"peak {_bytes(plan.peak_bytes)}",
+        f"time (rough, from a probe of {plan.probe_sequences} sequences and {plan.probe_targets} "
+        f"targets on {plan.device}): statistics {plan.statistics_seconds:.3g} s, solves "
+        f"{plan.solve_seconds:.3g} s, total about {plan.seconds:.3g} s",
+        f"calibration SNR = signal/noise, signal = ‖ΔŴ‖² − noise, noise ∝ 1/|S| (median over "
+        f"layers; probe |S| = {plan.probe_sample_size:.3g}):",
+    ]
+    table = [["module", "probe SNR", f"SNR at {plan.sequences} seq", "seq for SNR 1"]]
+    for m in plan.snr:
+        need = _count(m.sequences_needed) if math.isfinite(m.sequences_needed) else "no signal"
+        table.append([m.kind, f"{m.probe_snr:.3g}", f"{m.snr:.3g}", need])
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    lines += ["  " + "  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in table]
+    lines.append(verdict(plan))
+    return "\n".join(lines)
+
+
+def _count(value: float) -> str:
+    return f"{math.ceil(value):,}"
+
+
+def _bytes(n: float) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.3g} {unit}"
+    return f"{int(n)} B"
