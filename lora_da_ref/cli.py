@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lora_da_ref._cli_checks import (
+from lora_da_ref.cli_checks import (
     DefaultsHelpFormatter,
     check_common,
     check_model_dir,
@@ -174,6 +174,21 @@ def _add_init_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="PEFT use_rslora (default: the preset's)",
     )
+    saved = p.add_mutually_exclusive_group()
+    saved.add_argument(
+        "--save-statistics",
+        metavar="DIR",
+        default=None,
+        help="write each pass's statistics to DIR as it completes (resume an interrupted run "
+        "with --resume DIR; lora-da report --full reads them)",
+    )
+    saved.add_argument(
+        "--resume",
+        metavar="DIR",
+        default=None,
+        help="continue an init whose statistics were saved to DIR (--save-statistics): the "
+        "saved passes are read, the missing ones run and saved; same model, data and settings",
+    )
 
 
 def _run_init(args: argparse.Namespace) -> int:
@@ -195,13 +210,19 @@ def _run_init(args: argparse.Namespace) -> int:
     batches, data = _calibration_batches(args, records, tokenizer)
     model = _load_model(args, device)
     # Under torchrun each rank takes every world-th batch; all ranks get the same factors.
+    statistics_dir = args.resume or args.save_statistics
+    if statistics_dir is not None and world > 1:
+        raise ValueError("--save-statistics/--resume run in one process, not under torchrun")
     with _warnings_in_flag_names():
         state = get_lora_da_state_dict(
             model, batches[rank::world], lora_config, config,
             progress=not args.no_progress, data_description=data,
+            statistics_dir=statistics_dir, resume=args.resume is not None,
         )  # fmt: skip
     if rank != 0:
         return 0  # rank 0 writes the adapter
+    if statistics_dir is not None:  # where lora-da report --full finds them
+        state.provenance["statistics_dir"] = str(Path(statistics_dir).resolve())
     if args.no_progress:  # the pipeline prints it with the progress bar only; it matters without
         summary = calibration_summary(state.factors)
         if summary is not None:
@@ -452,12 +473,21 @@ def _add_report_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--top", type=int, default=10, help="list this many flagged layers, worst first (0: all)"
     )
+    p.add_argument(
+        "--full",
+        action="store_true",
+        help="first compute the full diagnostics (split-half solves, precision probe) from the "
+        "statistics the init saved (lora-da init --save-statistics), without a new pass, and "
+        "add them to ADAPTER/lora_da.json",
+    )
 
 
 def _run_report(args: argparse.Namespace) -> int:
     """Per-layer diagnostics table by module type, a PNG, exit 1 if any layer is flagged."""
     from lora_da_ref.adapter_report import format_report, load_rows, write_figure
 
+    if args.full:
+        _add_full_diagnostics(args.adapter)
     provenance, rows = load_rows(args.adapter)
     if args.json:
         doc = [{"name": r.name, "kind": r.kind, "index": r.index, **r.values,
@@ -472,6 +502,34 @@ def _run_report(args: argparse.Namespace) -> int:
         note = f"figure: {written}" if written else "figure skipped: matplotlib is not installed"
         print(f"lora-da report: {note}", file=sys.stderr)
     return 1 if any(r.reasons for r in rows) else 0
+
+
+def _add_full_diagnostics(adapter: str) -> None:
+    """The full diagnostics of every layer from the statistics the init saved, merged into the
+    adapter's lora_da.json (the init's own per-layer entries are kept)."""
+    from lora_da_ref.adapter_report import PROVENANCE_FILE
+
+    where = Path(adapter)
+    path = where / PROVENANCE_FILE if where.is_dir() else where
+    if not path.is_file():
+        raise ValueError(f"{path}: no {PROVENANCE_FILE} (not an adapter written by lora-da init)")
+    provenance = json.loads(path.read_text())
+    statistics_dir = provenance.get("statistics_dir")
+    if statistics_dir is None or not Path(statistics_dir).is_dir():
+        raise ValueError(
+            f"{path}: no saved statistics (statistics_dir: {statistics_dir!r}); run lora-da init "
+            "with --save-statistics DIR to keep them"
+        )
+    from lora_da_ref.torch.store import full_diagnostics
+
+    ranks = {n: int(d.get("rank", provenance["config"]["rank"]))
+             for n, d in provenance["layers"].items()}  # fmt: skip
+    full = full_diagnostics(statistics_dir, provenance["config"], ranks)
+    for name, values in full.items():
+        provenance["layers"].setdefault(name, {}).update(values)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(provenance, indent=2))
+    tmp.replace(path)
 
 
 # ----------------------------------------------------------------------------- make-tiny-model
@@ -516,7 +574,7 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     ),
     "validate": Subcommand(  # its arguments are torch-free; running it imports torch
         "production path vs exact Fisher/Ω/A0, per layer (see lora_da_ref.validate)",
-        lambda p: __import__("lora_da_ref._validate_args", fromlist=["x"]).add_arguments(p),
+        lambda p: __import__("lora_da_ref.validate_args", fromlist=["x"]).add_arguments(p),
         lambda a: __import__("lora_da_ref.torch.validation.cli", fromlist=["x"]).run(a),
     ),
 }

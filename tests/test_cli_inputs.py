@@ -132,7 +132,7 @@ def test_config_is_an_alias_of_preset_and_version_answers():
 
 
 def test_size_parser():
-    from lora_da_ref._cli_checks import parse_size
+    from lora_da_ref.cli_checks import parse_size
 
     assert parse_size("auto") == "auto" and parse_size("None") is None
     assert parse_size("500M") == 500 * 2**20 and parse_size("8G") == 8 * 2**30
@@ -168,8 +168,8 @@ def test_validate_arguments_match_the_torch_parser():
     """The torch-free parser repeats the torch modules' defaults and choices: they must agree."""
     import argparse
 
-    from lora_da_ref._validate_args import build_parser
     from lora_da_ref.torch.validation.cli import build_parser as torch_parser
+    from lora_da_ref.validate_args import build_parser
 
     def actions(parser: argparse.ArgumentParser) -> dict:
         return {a.dest: (a.option_strings, a.default, a.choices, a.nargs, a.type)

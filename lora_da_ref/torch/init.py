@@ -13,6 +13,7 @@ The result is float32 on CPU, ``A`` (d_in, r) and ``B`` (r, d_out); PEFT's
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
@@ -23,6 +24,7 @@ from lora_da_ref.torch.distributed import DataParallel, resolve_process_group
 from lora_da_ref.torch.factors import layer_factors, layer_seed
 from lora_da_ref.torch.pipeline import SingleProcess, Strategy, run_pipeline
 from lora_da_ref.torch.statistics import Batch, LossFn
+from lora_da_ref.torch.store import StatisticsStore, statistics_key
 from lora_da_ref.torch.targets import find_target_modules
 
 if TYPE_CHECKING:
@@ -39,6 +41,8 @@ def init_lora_da(
     loss_fn: LossFn | None = None,
     progress: bool = True,
     process_group: ProcessGroup | None = None,
+    statistics_dir: str | os.PathLike[str] | None = None,
+    resume: bool = False,
 ) -> dict[str, LoraFactors]:
     """LoRA-DA factors for every target ``nn.Linear`` of ``model`` (Algorithm 1, Theorem 4.2).
 
@@ -56,6 +60,11 @@ def init_lora_da(
             default group when one is initialised. Then ``batches`` is this rank's shard and
             every rank returns the factors of the union of the shards
             (:mod:`lora_da_ref.torch.distributed`).
+        statistics_dir: save each pass's statistics there as it completes
+            (:mod:`lora_da_ref.torch.store`; one process only); with ``resume`` first read the
+            passes already saved there by an interrupted run with the same model, data and
+            statistics settings (bit-identical factors). Without ``resume`` a directory that
+            already holds saved passes is refused.
 
     Returns:
         ``{module name: LoraFactors}`` in model order, ``A`` (d_in, r), ``B`` (r, d_out).
@@ -68,8 +77,15 @@ def init_lora_da(
     _check_rank(config.rank, targets)
     group = resolve_process_group(process_group)
     strategy: Strategy = SingleProcess() if group is None else DataParallel(group)
+    store = None
+    if statistics_dir is not None:
+        if group is not None:
+            raise ValueError("statistics_dir is for a single process, not a process group")
+        batches = strategy.prepare(batches)
+        key = statistics_key(config, targets, batches)
+        store = StatisticsStore(statistics_dir, key, resume=resume)
     return run_pipeline(
-        model, batches, targets, config, strategy, loss_fn=loss_fn, progress=progress
+        model, batches, targets, config, strategy, loss_fn=loss_fn, progress=progress, store=store
     )
 
 

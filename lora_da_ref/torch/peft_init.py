@@ -37,6 +37,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import platform
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
@@ -115,6 +116,8 @@ def get_lora_da_state_dict(
     loss_fn: LossFn | None = None,
     progress: bool = True,
     data_description: str | Mapping[str, Any] | None = None,
+    statistics_dir: str | os.PathLike[str] | None = None,
+    resume: bool = False,
 ) -> LoraDAState:
     """LoRA-DA factors for the modules ``peft_config`` targets (Algorithm 1), before wrapping.
 
@@ -128,7 +131,8 @@ def get_lora_da_state_dict(
             (:data:`lora_da_ref.presets.PRESETS`), or ``None`` for ``"default"``
             (``LoraDAConfig()``). Its ``rank`` and ``target_modules`` are
             replaced by ``peft_config``'s.
-        loss_fn, progress: as :func:`~lora_da_ref.torch.init.init_lora_da`.
+        loss_fn, progress, statistics_dir, resume: as :func:`~lora_da_ref.torch.init.init_lora_da`
+            (each pass's statistics saved to ``statistics_dir``; ``resume`` continues there).
         data_description: free text or a dict recorded in the provenance.
 
     Returns:
@@ -139,10 +143,11 @@ def get_lora_da_state_dict(
             (DoRA, ``target_parameters``), a targeted weight is non-finite, or what
             :func:`init_lora_da` raises. TypeError: ``peft_config`` is not a ``LoraConfig``.
     """
+    store = {"statistics_dir": statistics_dir, "resume": resume}
     if _is_peft(model):
         return _state_for_peft_model(
             model, dataloader, config, adapter_name, loss_fn, progress, data_description,
-            peft_config=peft_config,
+            peft_config=peft_config, store=store,
         )  # fmt: skip
     peft_config = _check_lora_config(peft_config)
     targets = _peft_targets(model, peft_config)
@@ -152,7 +157,7 @@ def get_lora_da_state_dict(
     scalings = {name: _scaling(peft_config, name, ranks[name]) for name in targets}
     return _compute_state(
         model, targets, ranks, scalings, dataloader, config, peft_config,
-        loss_fn, progress, data_description,
+        loss_fn, progress, data_description, store,
     )  # fmt: skip
 
 
@@ -369,6 +374,7 @@ def _state_for_peft_model(
     data_description: Any,
     *,
     peft_config: Any = None,
+    store: Mapping[str, Any] | None = None,
 ) -> LoraDAState:
     layers = lora_modules(peft_model, adapter_name)
     peft_config = peft_config or peft_model.peft_config[adapter_name]
@@ -383,7 +389,7 @@ def _state_for_peft_model(
     with _base_layers_in_place(base, layers):
         return _compute_state(
             base, bases, ranks, scalings, dataloader, config, peft_config,
-            loss_fn, progress, data_description,
+            loss_fn, progress, data_description, store,
         )  # fmt: skip
 
 
@@ -414,6 +420,7 @@ def _compute_state(
     loss_fn: LossFn | None,
     progress: bool,
     data_description: Any,
+    store: Mapping[str, Any] | None = None,
 ) -> LoraDAState:
     config, preset = resolve_config(config)
     _warn_ignored_fields(config, peft_config)
@@ -421,10 +428,15 @@ def _compute_state(
     _warn_on_preset_scaling(preset, scalings, ranks)
     batches = _batches(dataloader)
     factors: dict[str, LoraFactors] = {}
+    store = dict(store or {})
+    if store.get("statistics_dir") is not None and len(set(ranks.values())) > 1:
+        raise ValueError("statistics_dir needs one rank for every layer (no rank_pattern)")
     for r in sorted(set(ranks.values())):  # one statistics pass per distinct rank
         names = tuple(n for n in targets if ranks[n] == r)
         resolved = config.replace(rank=r, target_modules=names)
-        factors |= init_lora_da(model, batches, resolved, loss_fn=loss_fn, progress=progress)
+        factors |= init_lora_da(
+            model, batches, resolved, loss_fn=loss_fn, progress=progress, **store
+        )
     order = {n: i for i, n in enumerate(targets)}
     factors = dict(sorted(factors.items(), key=lambda kv: order[kv[0]]))
     for name, f in factors.items():

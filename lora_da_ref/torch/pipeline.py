@@ -45,6 +45,7 @@ from lora_da_ref.torch.statistics import (
     accumulate_statistics,
     finalize,
 )
+from lora_da_ref.torch.store import StatisticsStore
 from lora_da_ref.torch.threads import one_blas_thread, one_scipy_blas_thread
 
 __all__ = [
@@ -141,8 +142,11 @@ def run_pipeline(
     *,
     loss_fn: LossFn | None = None,
     progress: bool = True,
+    store: StatisticsStore | None = None,
 ) -> dict[str, LoraFactors]:
-    """collect → reduce → solve → gather for each layer group (module docstring).
+    """collect → reduce → solve → gather for each layer group (module docstring); with a
+    ``store`` (:mod:`lora_da_ref.torch.store`, one process only) each pass's statistics are
+    read from it when saved, else saved to it as the pass completes.
 
     Returns ``{name: LoraFactors}`` in model order, ``A`` (d_in, r), ``B`` (r, d_out).
     """
@@ -156,9 +160,15 @@ def run_pipeline(
             chunk = {name: targets[name] for name in names}
             layers = len({_layer_key(n) for n in names})
             bar.stage(f"statistics, pass {i + 1}/{len(plan)} ({layers} layers)")
-            sums = strategy.collect(model, batches, chunk, config, loss_fn, bar)
-            stats = strategy.reduce(sums, chunk, config)
-            del sums
+            stats = None if store is None else store.load(i, names)
+            if stats is None:
+                sums = strategy.collect(model, batches, chunk, config, loss_fn, bar)
+                stats = strategy.reduce(sums, chunk, config)
+                del sums
+                if store is not None:
+                    store.save(i, names, stats)
+            else:
+                bar.step(len(batches))  # a pass saved by an earlier run
             owners = strategy.plan(chunk, stats.group_of, config)
             mine = [n for n in chunk if owners[n] == strategy.rank]
             bar.stage(f"solves, pass {i + 1}/{len(plan)}" if len(plan) > 1 else "solves")

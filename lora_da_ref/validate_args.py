@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from lora_da_ref._cli_checks import DefaultsHelpFormatter
+from lora_da_ref.cli_checks import DefaultsHelpFormatter
 
 __all__ = ["add_arguments", "build_parser"]
 
