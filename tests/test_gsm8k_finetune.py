@@ -186,8 +186,13 @@ def test_grid_extends_past_an_edge_winner(tmp_path):
 
     exp.row = fake_row
     lr, edge = exp.select("lora")
-    assert lr == pytest.approx(2.5e-5) and not edge  # 1e-4 → 5e-5 → 2.5e-5 (interior win)
-    assert sorted({x for x, _ in tried}) == pytest.approx([2.5e-5, 5e-5, 1e-4, 2e-4, 4e-4])
+    # 1e-4 wins at the edge → 5e-5 → 2.5e-5 → 1.25e-5, which loses: 2.5e-5 is now interior
+    assert lr == pytest.approx(2.5e-5) and not edge
+    assert sorted({x for x, _ in tried}) == pytest.approx([1.25e-5, 2.5e-5, 5e-5, 1e-4, 2e-4, 4e-4])
+    tried.clear()
+    exp.sizes = replace(sizes, max_extend=1)  # the extension budget is respected
+    assert exp.select("lora") == (pytest.approx(5e-5), True)
+    assert len({x for x, _ in tried}) == 4
     assert {s for _, s in tried} == {0, 1}
     assert gf.lr_key(2e-4 * 2) == gf.lr_key(4e-4)
 
@@ -203,6 +208,11 @@ def test_paired_bootstrap():
     assert same == (0.0, 0.0, 0.0)  # paired: identical runs have no spread at all
     shifted = gf.paired_bootstrap(base + 0.1 * counts, counts, base, counts, reps=200)
     np.testing.assert_allclose(shifted, 0.1, atol=1e-12)  # +0.1 per token: exactly 0.1
+    other = base * rng.uniform(0.5, 1.5, size=base.shape)
+    token_weighted = np.mean(other.sum(1) / counts.sum(1)) - np.mean(base.sum(1) / counts.sum(1))
+    assert gf.paired_bootstrap(other, counts, base, counts, reps=10)[0] == pytest.approx(
+        token_weighted, rel=1e-12
+    )  # the loss of a run is token-weighted over problems, as the headline number
     noisy = base * rng.uniform(0.9, 1.0, size=base.shape)
     diff, lo, hi = gf.paired_bootstrap(noisy, counts, base, counts, reps=500)
     assert lo < diff < hi < 0  # uniformly lower loss: the interval excludes 0
