@@ -18,8 +18,9 @@ Every choice below is fixed before any result is looked at (docs/gsm8k_finetune.
   held-out 1100–1318); ``tokenize_gsm8k`` (``Question: …\\nAnswer: `` + worked answer + EOS,
   labels −100 on the prompt), cut to the last ``prompt_tokens`` prompt tokens and the first
   ``completion_tokens`` completion tokens. The cut is the CPU budget: a training step costs
-  ~20 ms per token on 2 shared cores (``--probe``), so the full sequences (median 63 + 114
-  tokens) would not fit the grid in 8 hours; the sequences are shortened before the seeds are cut.
+  ~10 ms per token on one core (``--probe``: 5.9 s per step of 8 × 72 tokens), so the full
+  sequences (median 63 + 114 tokens) and a full epoch would not fit the grid in about 8 hours;
+  the sequences and the steps are cut, the seeds are not (docs/gsm8k_finetune.md, "Cost").
 * **training** (identical for every method): AdamW, weight decay 0, batch ``batch`` (8)
   sequences, the gradient of the batch's token-mean completion loss, gradient clipping at norm
   1.0, a linear warm-up over 3 % of the steps (at least one) then cosine decay to 0
@@ -118,7 +119,7 @@ class Sizes:
     prompt_tokens: int = 24  # keep the last this many prompt tokens
     completion_tokens: int = 48  # keep the first this many completion tokens
     fit: int = 1000  # fit problems in the training pool
-    steps: int = 32  # 256 problems: a quarter epoch (the CPU budget; module docstring)
+    steps: int = 32  # 256 of the 1000 fit problems, a quarter epoch (the CPU budget)
     batch: int = 8
     n_calib: int = 256
     val: int = 64  # the first 64 validation problems
@@ -133,7 +134,9 @@ class Sizes:
 
     def tag(self) -> str:
         """A short hash of everything a run's result depends on (rows of other sizes never mix)."""
-        keep = {k: v for k, v in asdict(self).items() if k not in ("seeds", "max_extend")}
+        # seeds, extension budget and generation size change no training run
+        skip = ("seeds", "max_extend", "gen", "gen_tokens")
+        keep = {k: v for k, v in asdict(self).items() if k not in skip}
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:10]
 
 
@@ -981,17 +984,25 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p.add_argument("--quick", action="store_true", help="CI-sized run (not a result)")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (see the docs: 1)")
     p.add_argument("--out", type=Path, default=None, help=f"default {DEFAULT_OUT}[_quick]")
     p.add_argument("--cache-dir", default=None, help="SmolLM2 cache (default: load_smollm2's)")
     p.add_argument("--merge", nargs="+", type=Path, default=None, help="copy these DIRs' rows")
     p.add_argument("--summarize", action="store_true", help="only build tables from the rows")
     p.add_argument("--probe", action="store_true", help="time a step and the evaluations")
     p.add_argument("--steps", type=int, default=None, help="override the sizes' steps")
+    p.add_argument("--seeds", type=int, default=None, help="seeds at the chosen rate")
+    p.add_argument("--gen", type=int, default=None, help="held-out problems to generate (0: none)")
     args = p.parse_args(argv)
     sizes = QUICK if args.quick else FULL
     if args.steps is not None:
         sizes = replace(sizes, steps=args.steps)
+    if args.gen is not None:
+        sizes = replace(sizes, gen=args.gen)
+    if args.seeds is not None:
+        if args.seeds < sizes.select_seeds:
+            raise ValueError(f"--seeds must be >= {sizes.select_seeds} (the selection seeds)")
+        sizes = replace(sizes, seeds=args.seeds)
     out = args.out or Path(f"{DEFAULT_OUT}{'_quick' if args.quick else ''}")
     if args.merge:
         print(json.dumps(merge_rows(args.merge, out)))

@@ -291,5 +291,5 @@ def test_experiment_end_to_end_selects_on_validation_only(tiny, tmp_path, monkey
 
 @pytest.mark.slow
 def test_quick_run_on_smollm2(tmp_path):
-    result = gf.main(["--quick", "--out", str(tmp_path), "--threads", "2"])
+    result = gf.main(["--quick", "--out", str(tmp_path)])
     assert set(result["methods"]) == set(gf.METHODS)
