@@ -291,5 +291,11 @@ def test_experiment_end_to_end_selects_on_validation_only(tiny, tmp_path, monkey
 
 @pytest.mark.slow
 def test_quick_run_on_smollm2(tmp_path):
-    result = gf.main(["--quick", "--out", str(tmp_path)])
-    assert set(result["methods"]) == set(gf.METHODS)
+    """The real model end to end for the methods without a LoRA-DA solve: 630 float64 solves
+    on SmolLM2's 210 layers take ~30 min on one core whatever the sizes (the tiny-model test
+    above runs every method)."""
+    methods = ["lora", "pissa", "lora_one"]
+    result = gf.main(["--quick", "--out", str(tmp_path), "--methods", *methods])
+    assert set(result["methods"]) == set(methods)
+    for m, e in result["methods"].items():
+        assert math.isfinite(e["heldout_mean"]) and len(e["seeds"]) == gf.QUICK.seeds, m
