@@ -2,7 +2,7 @@
 
 Usage::
 
-    python benchmarks/gsm8k_finetune.py [--methods ...] [--device cpu|cuda] [--threads 2]
+    python benchmarks/gsm8k_finetune.py [--methods ...] [--device cpu|cuda] [--threads 1] [--seeds 3]
         [--out benchmarks/results/gsm8k_finetune] [--quick]      # run what is missing, resumable
     python benchmarks/gsm8k_finetune.py --probe                  # time one step and one eval
     python benchmarks/gsm8k_finetune.py --merge DIR [DIR ...]    # copy other machines' rows in

@@ -75,3 +75,21 @@ def test_quick_run_writes_files(tmp_path):
     assert set(summary["methods"]) == set(rr.METHODS)
     for path in (res.png, res.csv, *res.extra_csv):
         assert path.stat().st_size > 0
+
+
+def test_split_mean_cos2_lies_between_the_extreme_angles(tiny):
+    """``split_mean_cos2`` (the one key added to calibration_diagnostics for this study) is the
+    mean of cos² over the principal angles: between cos² of the largest and of the smallest."""
+    from lora_da_ref.torch import LoraDAConfig, find_target_modules
+    from lora_da_ref.torch.diagnostics import calibration_diagnostics
+    from lora_da_ref.torch.factors import kfac_fisher
+
+    model, examples = tiny
+    targets = find_target_modules(model, rr.PROJECTIONS)
+    config = LoraDAConfig(rank=4, target_modules=rr.PROJECTIONS, diagnostics="full", n_train=10.0)
+    _, stats = next(rr.prefix_statistics(model, examples, targets, config, (8,)))
+    for name in targets:
+        d = calibration_diagnostics(stats, name, config, kfac_fisher(stats, name, config))
+        lo, hi = math.cos(d["split_angle_max"]) ** 2, math.cos(d["split_angle_min"]) ** 2
+        assert lo - 1e-12 <= d["split_mean_cos2"] <= hi + 1e-12, (name, d)
+        assert d["split_mean_cos2"] < hi - 1e-6 or lo > hi - 1e-6  # a mean, not the maximum
