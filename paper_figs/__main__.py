@@ -1,4 +1,4 @@
-"""``python -m paper_figs {fig3,fig2,fig4,table7,fisher_samples,init_time,regime,fig2_lr,all} --out DIR [--quick]``.
+"""``python -m paper_figs {fig3,fig2,fig4,table7,fisher_samples,init_time,regime,fig2_lr,real_regime,all} --out DIR [--quick]``.
 
 Each item writes ``DIR/<item>.png`` and ``DIR/<item>.csv`` (the plotted numbers) and prints a
 one-line summary. ``--quick`` is the small variant the tests run; ``--seeds`` overrides the number
@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
 ITEMS = ("fig3", "fig2", "fig4", "table7", "fisher_samples", "init_time")
 # Items not in ``all`` (minutes even with --quick; tested in their own test module).
-EXTRA_ITEMS = ("regime", "fig2_lr")
+EXTRA_ITEMS = ("regime", "fig2_lr", "real_regime")
 
 
 def run_item(name: str, out: Path, quick: bool = False, seeds: int | None = None) -> ItemResult:

@@ -34,7 +34,8 @@ gradient weights): ``Cov(Ĝ_h) ∝ 1/w_h`` for independent halves gives
 
 **Split-half stability of A0**: A0 of each half (Ω from ``Ĝ_h`` with the shared ``Ĵ``, the
 configured β, α, N, σ-normalisation and solver): the largest and smallest principal angles
-between the two r-dimensional subspaces (radians; π/2 = orthogonal), and the regret of half 1's
+between the two r-dimensional subspaces (radians; π/2 = orthogonal), the mean of their squared
+cosines (``split_mean_cos2``: 1 = the same subspace, r/d on average for two random ones), and the regret of half 1's
 A under half 2's Ω, ``tr(A₁ᵀΩ₂A₁) − tr(A₂ᵀΩ₂A₂)`` (Eq. 8; ≥ 0 up to the solver's accuracy),
 also relative to ``r·‖Ω₂‖₂``. The halves' Ω omit the official σ-normalisation (``Ω/σ_h²``,
 ``normalize_delta``), which changes neither A nor the relative regret: ``split_regret`` is in
@@ -135,7 +136,8 @@ def calibration_diagnostics(
     ``ΔŴ = −Ĵ⁻¹Ĝ`` when the caller has it (the solve does), else it is solved here. Keys:
     ``calibration_snr``, ``calibration_noise``, ``delta_sq``, ``sample_size``, and when both
     halves have data ``split_noise``, ``split_snr``; with ``split_solves`` also
-    ``split_angle_max``, ``split_angle_min``, ``split_regret``, ``split_rel_regret``.
+    ``split_angle_max``, ``split_angle_min``, ``split_mean_cos2``, ``split_regret``,
+    ``split_rel_regret``.
 
     Cost: the trace of the block sum (the solve's Ω holds it), and one Fisher solve for the odd
     half (ΔŴ is linear in Ĝ, so the even half's is ``(W·ΔŴ − w_odd·ΔŴ_odd)/w_even``); with
@@ -198,6 +200,7 @@ def _stability(omegas: list[Tensor], name: str, config: LoraDAConfig) -> dict[st
     return {
         "split_angle_max": float(angles.max()),
         "split_angle_min": float(angles.min()),
+        "split_mean_cos2": float(torch.cos(angles).square().mean()),  # random subspaces: r/d
         "split_regret": regret,
         "split_rel_regret": regret / scale if scale > 0 else math.nan,
     }

@@ -1,0 +1,301 @@
+"""benchmarks/gsm8k_finetune.py: loss, initialisations and controls, selection, bootstrap, resume.
+
+The fast tests use a random tiny LLaMA and the tiny tokenizer on the real GSM8K split; the run
+on SmolLM2 itself (``--quick``) is marked slow.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location(
+    "gsm8k_finetune", ROOT / "benchmarks/gsm8k_finetune.py"
+)
+gf = importlib.util.module_from_spec(_spec)
+sys.modules["gsm8k_finetune"] = gf
+_spec.loader.exec_module(gf)
+
+CPU = torch.device("cpu")
+TINY = replace(gf.QUICK, n_calib=3, fit=6, heldout=4, gen=2, seeds=2, select_seeds=2)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from lora_da_ref.data import build_tiny_tokenizer, tiny_llama
+
+    model = tiny_llama(0, hidden=32, layers=2, heads=4).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    tok = build_tiny_tokenizer()
+    return model, tok, gf.load_data(tok, TINY)
+
+
+# ----------------------------------------------------------------------------- loss
+
+
+def test_token_losses_are_hf_losses_per_sequence(tiny):
+    model, _, data = tiny
+    examples = data["fit"][:3]
+    batch = gf.pad_batch(examples, CPU)  # padded: unequal lengths
+    sums, n = gf.token_losses(model, batch)
+    for i, e in enumerate(examples):
+        ref = model(**gf.as_batch(e, CPU)).loss
+        torch.testing.assert_close(sums[i] / n[i], ref, rtol=1e-5, atol=1e-6)
+        assert int(n[i]) == int((e["labels"] != gf.IGNORE).sum())  # every label is predicted
+    scores = gf.per_problem(model, examples, CPU)
+    assert scores["count"] == n.tolist()
+    np.testing.assert_allclose(scores["sum"], sums.tolist(), rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- initialisations
+
+
+def test_data_aware_presets_equal_init_lora_da(tiny):
+    """One statistics pass for three presets gives what init_lora_da gives for each."""
+    from lora_da_ref.torch import LoraDAConfig, init_lora_da
+    from lora_da_ref.torch.diagnostics import fisher_units
+
+    model, _, data = tiny
+    calib = data["fit"][: TINY.n_calib]
+    n_counts = gf.counts(data["fit"])
+    got = gf.data_aware(model, calib, n_counts, TINY, CPU)
+    n_train = fisher_units(LoraDAConfig(), **n_counts)
+    assert got["info"]["n_train_fisher_units"] == pytest.approx(n_train)
+    configs = {
+        "lora_da_official": LoraDAConfig.official(n_train=n_train),
+        "lora_da_default": LoraDAConfig(n_train=n_train),
+        "lora_da_debiased": LoraDAConfig(n_train=n_train, estimator="debiased"),
+    }
+    batches = [gf.as_batch(e, CPU) for e in calib]
+    for method, config in configs.items():
+        config = config.replace(rank=gf.RANK, target_modules=gf.TARGETS, seed=0)
+        ref = init_lora_da(model, batches, config, loss_fn=gf.mean_loss, progress=False)
+        for name, f in ref.items():
+            torch.testing.assert_close(
+                got[method][name].A @ got[method][name].B, f.A @ f.B, rtol=1e-4, atol=1e-7
+            )
+    default, debiased = got["lora_da_default"], got["lora_da_debiased"]
+    assert any(
+        not torch.allclose(default[n].A @ default[n].B, debiased[n].A @ debiased[n].B)
+        for n in default
+    )  # the debiased estimator changes something
+
+
+def test_controls_differ_from_their_partners_in_the_subspace_only(tiny):
+    from lora_da_ref.torch import LoraDAConfig, collect_statistics, find_target_modules
+    from lora_da_ref.torch.baselines import lora_one
+    from lora_da_ref.torch.factors import solve_layer
+
+    model, _, data = tiny
+    calib = data["fit"][: TINY.n_calib]
+    got = gf.data_aware(model, calib, gf.counts(data["fit"]), TINY, CPU)
+    batches = [gf.as_batch(e, CPU) for e in calib]
+    targets = find_target_modules(model, gf.TARGETS)
+    config = LoraDAConfig(
+        rank=gf.RANK, target_modules=gf.TARGETS, seed=0, n_train=got["info"]["n_train_fisher_units"]
+    )
+    stats = collect_statistics(
+        model, batches, targets, config, loss_fn=gf.mean_loss, progress=False
+    )
+    one = lora_one(
+        model,
+        batches,
+        rank=gf.RANK,
+        target_modules=gf.TARGETS,
+        stable_gamma=gf.GAMMA_ONE,
+        loss_fn=gf.mean_loss,
+    )
+    g_da, g_one = math.sqrt(gf.GAMMA_DA), math.sqrt(gf.GAMMA_ONE)
+    for name in targets:
+        sol = solve_layer(stats, name, config, probe=False)
+        A0, delta = sol.eig.vectors.double(), sol.delta_w.double()
+        # random_A@da_scale: Eq. (17) at LoRA-DA's scale, only the subspace is random
+        for seed in range(TINY.seeds):
+            f = got["random_A@da_scale"][seed][name]
+            Q = f.A.double() * g_da
+            torch.testing.assert_close(
+                Q.mT @ Q, torch.eye(gf.RANK, dtype=torch.float64), atol=1e-5, rtol=0
+            )
+            torch.testing.assert_close(f.B.double(), Q.mT @ delta / g_da, rtol=1e-4, atol=1e-6)
+        assert not torch.allclose(
+            got["random_A@da_scale"][0][name].A, got["random_A@da_scale"][1][name].A
+        )  # redrawn
+        # da_subspace@one_scale: LoRA-One's A B = P Pᵀ(−∇L)/(S0 γ) with P → A0; the statistics'
+        # G is LoRA-One's gradient, so putting P back reproduces lora_one exactly
+        neg = -stats.G[name].double()
+        s0 = float(torch.linalg.svdvals(neg)[0])
+        f = got["da_subspace@one_scale"][name]
+        torch.testing.assert_close(
+            (f.A @ f.B).double(), A0 @ A0.mT @ neg / (s0 * g_one**2), rtol=1e-4, atol=1e-9
+        )
+        P = torch.linalg.svd(neg)[0][:, : gf.RANK]
+        ref = one[name]
+        torch.testing.assert_close(
+            (ref.A @ ref.B).double(), P @ P.mT @ neg / (s0 * g_one**2), rtol=1e-3, atol=1e-9
+        )
+        # column norms: the control's are LoRA-One's (√(S_r/S0)/√γ₁)
+        torch.testing.assert_close(f.A.norm(dim=0), ref.A.norm(dim=0), rtol=1e-4, atol=1e-7)
+
+
+def test_every_method_trains_with_rslora_alpha_16(tiny, tmp_path):
+    from lora_da_ref.torch.adapter import lora_modules
+
+    model, _, data = tiny
+    inits = gf.Inits(model, data, TINY, CPU, tmp_path)
+    for method in gf.METHODS:
+        factors, offset = inits.factors(method, 0)
+        layers = lora_modules(gf.build(model, factors, offset, 0))
+        assert {layer.scaling["default"] for layer in layers.values()} == {gf.SCALING}, method
+        assert offset == ("subtract" if method == "pissa" else "none")
+
+
+# ----------------------------------------------------------------------------- selection
+
+
+def test_select_lr_uses_the_mean_over_seeds():
+    assert gf.select_lr({1e-4: [2.0, 2.0], 2e-4: [1.0, 2.4], 4e-4: [1.8, 1.8]}) == (2e-4, False)
+    assert gf.select_lr({1e-4: [2.0, 2.0], 2e-4: [1.0, math.inf], 4e-4: [1.8, 1.8]}) == (
+        4e-4,
+        True,
+    )  # one diverged seed disqualifies the rate
+    assert gf.select_lr({1e-4: [1.0, 1.0], 2e-4: [1.0, 1.0]}) == (1e-4, True)  # tie: smaller
+    with pytest.raises(ValueError, match="diverged"):
+        gf.select_lr({1e-4: [math.nan], 2e-4: [math.inf]})
+
+
+def test_grid_extends_past_an_edge_winner(tmp_path):
+    optimum = 3e-5  # validation loss |log(lr/optimum)|: the minimum lies below the grid
+    sizes = replace(TINY, lr_grid=(1e-4, 2e-4, 4e-4), select_seeds=2, max_extend=3)
+    exp = gf.Experiment.__new__(gf.Experiment)
+    exp.sizes = sizes
+    tried = []
+
+    def fake_row(method, lr, seed):
+        tried.append((lr, seed))
+        return {"val_loss": abs(math.log(lr / optimum))}
+
+    exp.row = fake_row
+    lr, edge = exp.select("lora")
+    # 1e-4 wins at the edge → 5e-5 → 2.5e-5 → 1.25e-5, which loses: 2.5e-5 is now interior
+    assert lr == pytest.approx(2.5e-5) and not edge
+    assert sorted({x for x, _ in tried}) == pytest.approx([1.25e-5, 2.5e-5, 5e-5, 1e-4, 2e-4, 4e-4])
+    tried.clear()
+    exp.sizes = replace(sizes, max_extend=1)  # the extension budget is respected
+    assert exp.select("lora") == (pytest.approx(5e-5), True)
+    assert len({x for x, _ in tried}) == 4
+    assert {s for _, s in tried} == {0, 1}
+    assert gf.lr_key(2e-4 * 2) == gf.lr_key(4e-4)
+
+
+# ----------------------------------------------------------------------------- statistics
+
+
+def test_paired_bootstrap():
+    rng = np.random.default_rng(0)
+    counts = rng.integers(5, 20, size=(3, 50)).astype(float)
+    base = counts * rng.uniform(1.0, 2.0, size=(3, 50))
+    same = gf.paired_bootstrap(base, counts, base, counts, reps=200)
+    assert same == (0.0, 0.0, 0.0)  # paired: identical runs have no spread at all
+    shifted = gf.paired_bootstrap(base + 0.1 * counts, counts, base, counts, reps=200)
+    np.testing.assert_allclose(shifted, 0.1, atol=1e-12)  # +0.1 per token: exactly 0.1
+    other = base * rng.uniform(0.5, 1.5, size=base.shape)
+    token_weighted = np.mean(other.sum(1) / counts.sum(1)) - np.mean(base.sum(1) / counts.sum(1))
+    assert gf.paired_bootstrap(other, counts, base, counts, reps=10)[0] == pytest.approx(
+        token_weighted, rel=1e-12
+    )  # the loss of a run is token-weighted over problems, as the headline number
+    noisy = base * rng.uniform(0.9, 1.0, size=base.shape)
+    diff, lo, hi = gf.paired_bootstrap(noisy, counts, base, counts, reps=500)
+    assert lo < diff < hi < 0  # uniformly lower loss: the interval excludes 0
+    acc, se = gf.accuracy_se([[True, False, False, False], [True, True, False, False]])
+    assert acc == pytest.approx(3 / 8) and se == pytest.approx(np.std([1, 0.5, 0, 0], ddof=1) / 2)
+    assert gf.extract_answer("so 3+4=7\n#### 1,234 apples") == "1234"
+    assert gf.extract_answer("no final answer") is None
+
+
+# ----------------------------------------------------------------------------- resume and merge
+
+
+def test_rows_resume_and_merge(tiny, tmp_path, monkeypatch):
+    model, tok, data = tiny
+    sizes = replace(TINY, lr_grid=(1e-3,), seeds=1, select_seeds=1, max_extend=0)
+    exp = gf.Experiment(model, tok, data, sizes, CPU, tmp_path / "a", lambda m: None)
+    calls = []
+    real_train = gf.train
+    monkeypatch.setattr(gf, "train", lambda *a: calls.append(a[3]) or real_train(*a))
+    row = exp.row("lora", 1e-3, 0)
+    assert calls == [1e-3] and math.isfinite(row["val_loss"])
+    files = [p.name for p in (tmp_path / "a" / "rows").iterdir()]
+    assert files == [gf.file_name("lora", 1e-3, 0, sizes) + ".json"]  # no temporary file left
+    again = gf.Experiment(model, tok, data, sizes, CPU, tmp_path / "a", lambda m: None)
+    assert again.row("lora", 1e-3, 0) == row and calls == [1e-3]  # resumed, not retrained
+    other = gf.Experiment(
+        model, tok, data, replace(sizes, steps=3), CPU, tmp_path / "a", lambda m: None
+    )
+    other.row("lora", 1e-3, 0)  # other sizes: the old row does not count, nor is it replaced
+    assert calls == [1e-3, 1e-3] and exp.row("lora", 1e-3, 0) == row
+    # merge: copies new rows, accepts identical ones, refuses a different result for one run
+    b = gf.Experiment(model, tok, data, sizes, CPU, tmp_path / "b", lambda m: None)
+    b.row("lora", 1e-3, 0)
+    b.row("pissa", 1e-3, 0)
+    assert gf.merge_rows([tmp_path / "b"], tmp_path / "c") == {"rows": 2, "heldout": 0}
+    assert gf.merge_rows([tmp_path / "b"], tmp_path / "c") == {"rows": 0, "heldout": 0}
+    path = tmp_path / "b" / "rows" / (gf.file_name("pissa", 1e-3, 0, sizes) + ".json")
+    bad = json.loads(path.read_text())
+    bad["val_loss"] += 1.0
+    path.write_text(json.dumps(bad))
+    with pytest.raises(ValueError, match="two results"):
+        gf.merge_rows([tmp_path / "b"], tmp_path / "c")
+
+
+def test_experiment_end_to_end_selects_on_validation_only(tiny, tmp_path, monkeypatch):
+    """Every method runs, the held-out split is read only after the rate is chosen, and
+    ``summarize`` writes its files with a bootstrap interval for each method against LoRA."""
+    model, tok, data = tiny
+    held = id(data["heldout"])
+    order: list[str] = []
+    real = gf.per_problem
+    monkeypatch.setattr(
+        gf,
+        "per_problem",
+        lambda m, ex, d: order.append("heldout" if id(ex) == held else "val") or real(m, ex, d),
+    )
+    exp = gf.Experiment(model, tok, data, TINY, CPU, tmp_path, lambda m: None)
+    for method in gf.METHODS:
+        order.clear()
+        exp.method(method)
+        n_val = len(TINY.lr_grid) * TINY.select_seeds * TINY.curve_points
+        assert order[:n_val] == ["val"] * n_val and "heldout" in order, (method, order)
+    result = gf.summarize(tmp_path, TINY)
+    assert set(result["methods"]) == set(gf.METHODS)
+    for m, e in result["methods"].items():
+        assert len(e["seeds"]) == TINY.seeds and math.isfinite(e["heldout_mean"])
+        if m != gf.BASELINE:
+            lo, hi = e["diff_to_lora"]["ci95"]
+            assert lo <= e["diff_to_lora"]["diff"] <= hi
+    for f in ("summary.json", "table.csv", "curves.csv", "curves.png"):
+        assert (tmp_path / f).stat().st_size > 0
+
+
+# ----------------------------------------------------------------------------- the real run
+
+
+@pytest.mark.slow
+def test_quick_run_on_smollm2(tmp_path):
+    """The real model end to end for the methods without a LoRA-DA solve: 630 float64 solves
+    on SmolLM2's 210 layers take ~30 min on one core whatever the sizes (the tiny-model test
+    above runs every method)."""
+    methods = ["lora", "pissa", "lora_one"]
+    result = gf.main(["--quick", "--out", str(tmp_path), "--methods", *methods])
+    assert set(result["methods"]) == set(methods)
+    for m, e in result["methods"].items():
+        assert math.isfinite(e["heldout_mean"]) and len(e["seeds"]) == gf.QUICK.seeds, m
