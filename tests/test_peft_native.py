@@ -279,7 +279,7 @@ def test_bad_inputs_are_named_and_leave_the_model_unchanged(batches):
         initialize_lora_da_weights(pm)
     with pytest.raises(ValueError, match="unknown LoRA-DA preset"):
         initialize_lora_da_weights(pm, batches, "fancy")
-    with pytest.raises(TypeError, match="not a single batch"):
+    with pytest.raises(TypeError, match="not a single dict"):
         initialize_lora_da_weights(pm, batches[0], progress=False)
     with pytest.raises(TypeError, match="LoraDAState"):
         initialize_lora_da_weights(pm, lora_da_state={"a": 1})

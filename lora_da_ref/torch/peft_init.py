@@ -59,7 +59,7 @@ from lora_da_ref.torch.adapter import (
 )
 from lora_da_ref.torch.config import LoraDAConfig, LoraFactors, preset_of
 from lora_da_ref.torch.init import init_lora_da
-from lora_da_ref.torch.statistics import LossFn
+from lora_da_ref.torch.statistics import LossFn, materialise_batches
 
 __all__ = [
     "PROVENANCE_FILE",
@@ -419,7 +419,9 @@ def _compute_state(
     _warn_ignored_fields(config, peft_config)
     _check_finite_weights(targets)
     _warn_on_preset_scaling(preset, scalings, ranks)
-    batches = _batches(dataloader)
+    # checked here once (the provenance counts them); whether they may be empty (a shard of a
+    # distributed run) is init_lora_da's decision, made by its strategy
+    batches = materialise_batches(dataloader, allow_empty=True)
     factors: dict[str, LoraFactors] = {}
     for r in sorted(set(ranks.values())):  # one statistics pass per distinct rank
         names = tuple(n for n in targets if ranks[n] == r)
@@ -530,20 +532,9 @@ def _check_finite_weights(targets: Mapping[str, nn.Linear]) -> None:
             raise ValueError(f"{name}.weight has non-finite entries (NaN or inf)")
 
 
-def _batches(dataloader: Any) -> list[Any]:
-    if dataloader is None:
-        raise ValueError("dataloader is required (or pass lora_da_state)")
-    if isinstance(dataloader, Mapping):
-        raise TypeError("dataloader must be an iterable of batches, not a single batch")
-    return [
-        dict(b) if isinstance(b, Mapping) and not isinstance(b, dict) else b for b in dataloader
-    ]
-
-
 def _describe(batches: list[Any], description: Any) -> dict[str, Any]:
     data: dict[str, Any] = {"batches": len(batches)}
-    ids = [b.get("input_ids") for b in batches if isinstance(b, Mapping)]
-    ids = [t for t in ids if isinstance(t, torch.Tensor)]
+    ids = [b["input_ids"] for b in batches if b.get("input_ids") is not None]
     if ids:
         data["sequences"] = sum(int(t.shape[0]) if t.ndim > 1 else 1 for t in ids)
     if isinstance(description, Mapping):

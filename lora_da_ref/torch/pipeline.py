@@ -44,6 +44,7 @@ from lora_da_ref.torch.statistics import (
     LossFn,
     accumulate_statistics,
     finalize,
+    materialise_batches,
 )
 from lora_da_ref.torch.threads import one_blas_thread, one_scipy_blas_thread
 
@@ -67,7 +68,9 @@ class Strategy(Protocol):
     rank: int
 
     def prepare(self, batches: Iterable[Batch]) -> list[Batch]:
-        """This process's batches, materialised once (re-used by every layer group's pass)."""
+        """This process's batches, checked and materialised once
+        (:func:`~lora_da_ref.torch.statistics.materialise_batches`; re-used by every layer
+        group's pass)."""
 
     def collect(
         self, model: nn.Module, batches: list[Batch], targets: Targets, config: LoraDAConfig,
@@ -99,12 +102,7 @@ class SingleProcess:
     rank = 0
 
     def prepare(self, batches: Iterable[Batch]) -> list[Batch]:
-        if isinstance(batches, dict):
-            raise TypeError("batches must be an iterable of dicts, not a single dict")
-        batches = list(batches)
-        if not batches:
-            raise ValueError("batches is empty: LoRA-DA needs calibration data")
-        return batches
+        return materialise_batches(batches)  # all the data: not empty
 
     def collect(
         self, model: nn.Module, batches: list[Batch], targets: Targets, config: LoraDAConfig,

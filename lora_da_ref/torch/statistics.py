@@ -57,6 +57,7 @@ from lora_da_ref.torch.progress import RunProgress
 
 __all__ = [
     "IGNORE_INDEX",
+    "CalibrationBatches",
     "KFACStatistics",
     "KFACSums",
     "accumulate_statistics",
@@ -156,6 +157,8 @@ def finalize(sums: KFACSums) -> KFACStatistics:
     """
     if getattr(sums, "_finalized", False):
         raise RuntimeError("these KFACSums were already finalized (finalize divides in place)")
+    if sums.batches + sums.skipped_batches == 0:  # every shard of a distributed run was empty
+        raise ValueError(EMPTY_BATCHES)
     if sums.tokens == 0 or sums.loss_tokens == 0:
         raise ValueError("the calibration batches contain no unmasked tokens")
     sums._finalized = True  # type: ignore[attr-defined]
@@ -192,6 +195,7 @@ def collect_statistics(
     progress: bool = True,
 ) -> KFACStatistics:
     """Algorithm 1, step 1: ``finalize(accumulate_statistics(...))``."""
+    batches = materialise_batches(batches)  # the whole calibration set: not empty
     return finalize(
         accumulate_statistics(model, batches, targets, config, loss_fn=loss_fn, progress=progress)
     )
@@ -208,8 +212,10 @@ def accumulate_statistics(
 ) -> KFACSums:
     """Sums and counts for ``targets`` (name → module) in one pass over ``batches``; the model is
     restored on exit. Which targets share a pass is the pipeline's plan
-    (:func:`lora_da_ref.torch.memory.resolve_layers_per_pass`), not this function's."""
-    batches = materialise_batches(batches)
+    (:func:`lora_da_ref.torch.memory.resolve_layers_per_pass`), not this function's.
+    ``batches`` may be empty (a shard of a distributed run); they are checked once
+    (:func:`materialise_batches`), not again when the pipeline hands on checked ones."""
+    batches = materialise_batches(batches, allow_empty=True)
     loss_fn = default_loss_fn if loss_fn is None else loss_fn
     bar = RunProgress.of(progress, len(batches))
     try:
@@ -274,9 +280,7 @@ def token_masks(batch: Batch, config: LoraDAConfig) -> tuple[Tensor, int]:
 
 def _masks(batch: Batch, config: LoraDAConfig) -> tuple[Tensor, Tensor]:
     """(statistics positions P, loss tokens), both bool (batch, seq); see :func:`token_masks`."""
-    labels, attention = batch.get("labels"), batch.get("attention_mask")
-    if labels is None and attention is None:
-        raise ValueError("each batch needs 'labels' or 'attention_mask' to select tokens")
+    labels, attention = batch.get("labels"), batch.get("attention_mask")  # one is there (checked)
     attention = None if attention is None else attention.bool()
     loss_mask = attention if labels is None else _shifted_label_mask(labels, config.label_shift)
     if labels is not None and attention is not None:
@@ -288,7 +292,10 @@ def _masks(batch: Batch, config: LoraDAConfig) -> tuple[Tensor, Tensor]:
 
 
 def prepare_batch(
-    batch: object, device: torch.device, config: LoraDAConfig, model: nn.Module | None = None
+    batch: Mapping[str, Any],
+    device: torch.device,
+    config: LoraDAConfig,
+    model: nn.Module | None = None,
 ) -> Batch:
     """One calibration batch as the pass uses it: a plain ``dict`` (from any ``Mapping``, e.g.
     ``transformers.BatchEncoding``), its tensors on ``device``, and ``labels[t + label_shift]``
@@ -300,26 +307,11 @@ def prepare_batch(
     (0 on the pads), as ``generate`` does: every token keeps the position it has without padding.
     Otherwise the model numbers the pads too, and RoPE sees every position shifted: the same
     function in exact arithmetic (RoPE is relative), but float32 rounding then differs with the
-    padding side (measured on SmolLM2: 1.5e-6 relative in Y, 1.7e-6 in G)."""
-    if not isinstance(batch, Mapping):
-        hint = (
-            " (a single batch passed as `batches`? wrap it in a list)"
-            if isinstance(batch, str)
-            else ""
-        )
-        raise TypeError(
-            "each batch must be a Mapping of tensors (a dict or a transformers BatchEncoding), "
-            f"got {type(batch).__name__}{hint}"
-        )
-    out = dict(batch)
-    for key in ("input_ids", "attention_mask", "labels"):
-        value = out.get(key)
-        if value is not None and not isinstance(value, Tensor):
-            raise TypeError(
-                f"batch[{key!r}] is a {type(value).__name__}, not a tensor "
-                "(tokenize with return_tensors='pt', or collate with a DataCollator)"
-            )
-    out = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in out.items()}
+    padding side (measured on SmolLM2: 1.5e-6 relative in Y, 1.7e-6 in G).
+
+    ``batch`` is one of the batches :func:`materialise_batches` checked: nothing is checked here,
+    per batch and per pass."""
+    out = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in dict(batch).items()}
     labels, attention = out.get("labels"), out.get("attention_mask")
     if labels is not None and attention is not None and labels.shape == attention.shape:
         shift, length = config.label_shift, labels.shape[-1]
@@ -346,17 +338,74 @@ def _takes_position_ids(model: nn.Module) -> bool:
         return False
 
 
-def materialise_batches(batches: Iterable[Batch]) -> list[Batch]:
-    """``batches`` as a list, read once: any iterable (a list, a generator, a ``DataLoader``;
-    a shuffling DataLoader would give other batches on the next pass) of ``Mapping`` batches."""
-    if isinstance(batches, Mapping | Tensor | str):
-        raise TypeError(
-            f"batches must be an iterable of batches (a list, a DataLoader), not a single "
-            f"{type(batches).__name__}: wrap one batch in a list"
+class CalibrationBatches(list):
+    """The calibration batches after :func:`materialise_batches`: a list, read once and checked,
+    so that an entry point handing them on (the pipeline to the statistics pass) is not checked
+    again."""
+
+
+EMPTY_BATCHES = "batches is empty: the initialisation needs calibration data"
+# The batch keys whose values must be tensors: the pass reads them itself.
+TENSOR_KEYS = ("input_ids", "attention_mask", "labels")
+
+
+def materialise_batches(
+    batches: Iterable[Batch], *, allow_empty: bool = False
+) -> CalibrationBatches:
+    """``batches`` read once into a list and checked: THE check of the calibration data, called
+    once by every public entry point (the per-batch code only moves tensors to the device), so
+    each kind of bad input gets one message wherever it is passed.
+
+    ``batches``: any iterable (a list, a generator, a ``DataLoader``; a shuffling DataLoader
+    would give other batches on the next pass) of ``Mapping`` batches (a dict, a transformers
+    ``BatchEncoding``) whose ``input_ids``, ``attention_mask`` and ``labels``, where present,
+    are tensors, with ``labels`` or ``attention_mask`` (they select the tokens).
+    ``allow_empty``: a shard of a distributed run may be empty (the union may not: ``finalize``
+    counts it). Already checked batches (:class:`CalibrationBatches`) are returned as they are.
+    """
+    if not isinstance(batches, CalibrationBatches):
+        if isinstance(batches, Mapping | Tensor | str):
+            raise TypeError(
+                f"batches must be an iterable of batches (a list, a DataLoader), not a single "
+                f"{type(batches).__name__}: wrap one batch in a list"
+            )
+        if not isinstance(batches, Iterable):
+            raise TypeError(
+                f"batches must be an iterable of batches (a list, a DataLoader), "
+                f"got {type(batches).__name__}"
+            )
+        batches = CalibrationBatches(batches)
+        for index, batch in enumerate(batches):
+            _check_batch(batch, index)
+    if not batches and not allow_empty:
+        raise ValueError(EMPTY_BATCHES)
+    return batches
+
+
+def _check_batch(batch: object, index: int) -> None:
+    if not isinstance(batch, Mapping):
+        hint = (
+            " (a single batch passed as `batches`? wrap it in a list)"
+            if isinstance(batch, str)
+            else ""
         )
-    if not isinstance(batches, Iterable):
-        raise TypeError(f"batches must be an iterable of batches, got {type(batches).__name__}")
-    return batches if isinstance(batches, list) else list(batches)
+        raise TypeError(
+            f"batch {index} is a {type(batch).__name__}: each batch must be a Mapping of tensors "
+            f"(a dict or a transformers BatchEncoding){hint}"
+        )
+    for key in TENSOR_KEYS:
+        value = batch.get(key)
+        if value is not None and not (isinstance(value, Tensor) and value.ndim >= 1):
+            kind = "0-d tensor" if isinstance(value, Tensor) else type(value).__name__
+            raise TypeError(
+                f"batch {index}: {key!r} is a {kind}, not a tensor with a batch or sequence "
+                "dimension (tokenize with return_tensors='pt', or collate with a DataCollator)"
+            )
+    if batch.get("labels") is None and batch.get("attention_mask") is None:
+        raise ValueError(
+            f"batch {index} has neither 'labels' nor 'attention_mask': each batch needs one to "
+            "select its tokens"
+        )
 
 
 def _shifted_label_mask(labels: Tensor, shift: int) -> Tensor:
