@@ -107,9 +107,9 @@ def test_layers_per_pass_holds_one_group_of_statistics_at_a_time(llama, monkeypa
         events.append(("pass", {n.split(".self_attn")[0].split(".mlp")[0] for n in sums.G}))
         return sums
 
-    def solve(stats, name, config, z_factors=None):
+    def solve(stats, name, config, z_factors=None, **kw):
         events.append(("solve", name))
-        return real_layer(stats, name, config, z_factors)
+        return real_layer(stats, name, config, z_factors, **kw)
 
     monkeypatch.setattr(pipeline, "accumulate_statistics", collect)
     monkeypatch.setattr(pipeline, "layer_factors", solve)

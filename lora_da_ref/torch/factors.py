@@ -250,11 +250,15 @@ def solve_layer(
     z_factors: dict[str, CholeskyFactor] | None = None,
     *,
     probe: bool = True,
+    rank: int | None = None,
 ) -> LayerSolution:
     """Steps 2–5 of Algorithm 1 for one layer, keeping every intermediate, with the diagnostics
     of ``config.diagnostics``: ``"cheap"`` adds the calibration SNR (plug-in and split-half
     noise) and :func:`precision_bound`; ``"full"`` also the split-half solves and, when
-    ``probe``, :func:`precision_probe`."""
+    ``probe``, :func:`precision_probe`. ``rank``: this layer's r (a PEFT ``rank_pattern``),
+    ``config.rank`` when ``None``; the statistics do not depend on it."""
+    if rank is not None and rank != config.rank:
+        config = config.replace(rank=rank)  # every use below (A0, split halves, probe) is r
     J = kfac_fisher(stats, name, config, z_factors)
     size = plug_in_sample_size(stats) if config.estimator != "plugin" else None
     guide = layer_guidance(J, stats.G[name].to(SOLVE_DTYPE), config, name, size)
@@ -279,9 +283,12 @@ def layer_factors(
     name: str,
     config: LoraDAConfig,
     z_factors: dict[str, CholeskyFactor] | None = None,
+    *,
+    rank: int | None = None,
 ) -> LoraFactors:
-    """Steps 2–5 of Algorithm 1 for one layer → :class:`LoraFactors` (float32, CPU)."""
-    return solve_layer(stats, name, config, z_factors).factors()
+    """Steps 2–5 of Algorithm 1 for one layer → :class:`LoraFactors` (float32, CPU); ``rank``
+    as :func:`solve_layer`."""
+    return solve_layer(stats, name, config, z_factors, rank=rank).factors()
 
 
 def lora_da_init(

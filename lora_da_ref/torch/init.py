@@ -13,7 +13,7 @@ The result is float32 on CPU, ``A`` (d_in, r) and ``B`` (r, d_out); PEFT's
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
 
 from torch import nn
@@ -21,7 +21,7 @@ from torch import nn
 from lora_da_ref.torch.config import LoraDAConfig, LoraFactors
 from lora_da_ref.torch.distributed import DataParallel, resolve_process_group
 from lora_da_ref.torch.factors import layer_factors, layer_seed
-from lora_da_ref.torch.pipeline import SingleProcess, Strategy, run_pipeline
+from lora_da_ref.torch.pipeline import SingleProcess, Strategy, layer_ranks, run_pipeline
 from lora_da_ref.torch.statistics import Batch, LossFn
 from lora_da_ref.torch.targets import find_target_modules
 
@@ -39,6 +39,7 @@ def init_lora_da(
     loss_fn: LossFn | None = None,
     progress: bool = True,
     process_group: ProcessGroup | None = None,
+    ranks: Mapping[str, int] | None = None,
 ) -> dict[str, LoraFactors]:
     """LoRA-DA factors for every target ``nn.Linear`` of ``model`` (Algorithm 1, Theorem 4.2).
 
@@ -56,6 +57,8 @@ def init_lora_da(
             default group when one is initialised. Then ``batches`` is this rank's shard and
             every rank returns the factors of the union of the shards
             (:mod:`lora_da_ref.torch.distributed`).
+        ranks: ``{module name: r}`` for targets whose rank differs from ``config.rank`` (a PEFT
+            ``rank_pattern``); the statistics do not depend on r, so one pass serves every rank.
 
     Returns:
         ``{module name: LoraFactors}`` in model order, ``A`` (d_in, r), ``B`` (r, d_out).
@@ -65,11 +68,12 @@ def init_lora_da(
         raise TypeError(f"config must be a LoraDAConfig, got {type(config).__name__}")
     _refuse_lora_layers(model)
     targets = find_target_modules(model, config.target_modules)
-    _check_rank(config.rank, targets)
+    ranks = layer_ranks(targets, config, ranks)
+    _check_ranks(ranks, targets)
     group = resolve_process_group(process_group)
     strategy: Strategy = SingleProcess() if group is None else DataParallel(group)
     return run_pipeline(
-        model, batches, targets, config, strategy, loss_fn=loss_fn, progress=progress
+        model, batches, targets, config, strategy, loss_fn=loss_fn, progress=progress, ranks=ranks
     )
 
 
@@ -90,8 +94,11 @@ def _refuse_lora_layers(model: nn.Module) -> None:
         )
 
 
-def _check_rank(rank: int, targets: dict[str, nn.Linear]) -> None:
+def _check_ranks(ranks: Mapping[str, int], targets: dict[str, nn.Linear]) -> None:
     for name, m in targets.items():
+        rank = ranks[name]
+        if not 1 <= rank:
+            raise ValueError(f"rank {rank} of {name!r} must be at least 1")
         if rank > min(m.in_features, m.out_features):
             raise ValueError(
                 f"rank {rank} exceeds min(d_in, d_out) = {min(m.in_features, m.out_features)} of {name!r}"

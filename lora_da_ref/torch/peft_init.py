@@ -422,18 +422,15 @@ def _compute_state(
     # checked here once (the provenance counts them); whether they may be empty (a shard of a
     # distributed run) is init_lora_da's decision, made by its strategy
     batches = materialise_batches(dataloader, allow_empty=True)
-    factors: dict[str, LoraFactors] = {}
-    for r in sorted(set(ranks.values())):  # one statistics pass per distinct rank
-        names = tuple(n for n in targets if ranks[n] == r)
-        resolved = config.replace(rank=r, target_modules=names)
-        factors |= init_lora_da(model, batches, resolved, loss_fn=loss_fn, progress=progress)
-    order = {n: i for i, n in enumerate(targets)}
-    factors = dict(sorted(factors.items(), key=lambda kv: order[kv[0]]))
+    resolved = config.replace(target_modules=tuple(targets), rank=max(ranks.values()))
+    # one statistics pass for every rank of a rank_pattern: the statistics do not depend on r
+    factors = init_lora_da(
+        model, batches, resolved, loss_fn=loss_fn, progress=progress, ranks=ranks
+    )
     for name, f in factors.items():
         f.diagnostics[FINGERPRINT_KEY] = weight_fingerprint(targets[name].weight)
         f.diagnostics["scaling"] = scalings[name]
         f.diagnostics["rank"] = ranks[name]
-    resolved = config.replace(target_modules=tuple(targets), rank=max(ranks.values()))
     data = _describe(batches, data_description)
     provenance = lora_da_provenance(
         resolved, factors, preset=preset, model=model, data=data, peft=_peft_info(peft_config)

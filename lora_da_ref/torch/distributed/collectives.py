@@ -8,6 +8,7 @@ Paper orientation: ``A`` (d_in, r), ``B`` (r, d_out).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import MISSING, fields
 from functools import partial
 from typing import Any
@@ -127,16 +128,16 @@ def broadcast_factors(
     mine: dict[str, LoraFactors],
     owners: dict[str, int],
     targets: dict[str, nn.Linear],
-    r: int,
+    ranks: Mapping[str, int],
     group: dist.ProcessGroup,
 ) -> dict[str, LoraFactors]:
     """Every owner broadcasts its layers' ``A`` (d_in, r), ``B`` (r, d_out), eigenvalues (r,) in
-    one flat float32 buffer; the diagnostics follow as objects."""
+    one flat float32 buffer (``r = ranks[name]``); the diagnostics follow as objects."""
     arrays: dict[str, list[Tensor]] = {}
     for src in range(dist.get_world_size(group)):
         names = [n for n in targets if owners[n] == src]
         if names:
-            arrays |= _broadcast_layers(mine, names, targets, r, src, group)
+            arrays |= _broadcast_layers(mine, names, targets, ranks, src, group)
     diagnostics = _gather_diagnostics(mine, owners, group)
     return {n: LoraFactors(*arrays[n], diagnostics[n]) for n in targets}
 
@@ -145,14 +146,18 @@ def _broadcast_layers(
     mine: dict[str, LoraFactors],
     names: list[str],
     targets: dict[str, nn.Linear],
-    r: int,
+    ranks: Mapping[str, int],
     src: int,
     group: dist.ProcessGroup,
 ) -> dict[str, list[Tensor]]:
     shapes = [
         shape
         for n in names
-        for shape in ((targets[n].in_features, r), (r, targets[n].out_features), (r,))
+        for shape in (
+            (targets[n].in_features, ranks[n]),
+            (ranks[n], targets[n].out_features),
+            (ranks[n],),
+        )
     ]
     sizes = [_numel(shape) for shape in shapes]
     device = comm_device(group)

@@ -11,7 +11,7 @@ rank.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from contextlib import AbstractContextManager
 
 import torch.distributed as dist
@@ -90,9 +90,9 @@ class DataParallel:
 
     def gather(
         self, mine: dict[str, LoraFactors], owners: dict[str, int], targets: Targets,
-        config: LoraDAConfig,
+        ranks: Mapping[str, int],
     ) -> dict[str, LoraFactors]:  # fmt: skip
-        return broadcast_factors(mine, owners, targets, config.rank, self.group)
+        return broadcast_factors(mine, owners, targets, ranks, self.group)
 
 
 def init_lora_da_distributed(
