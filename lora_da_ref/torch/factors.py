@@ -32,7 +32,6 @@ where it exceeds :data:`TRUST_RAD`. The ``"full"`` diagnostics add ``precision_p
 from __future__ import annotations
 
 import math
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -40,11 +39,9 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor
 
-from lora_da_ref.torch.blas import gram_lower
 from lora_da_ref.torch.config import LoraDAConfig, LoraFactors
 from lora_da_ref.torch.diagnostics import (
     calibration_diagnostics,
-    calibration_noise,
     plug_in_sample_size,
     principal_angles,
 )
@@ -55,29 +52,23 @@ from lora_da_ref.torch.fisher import (
     damped_cholesky,
     relative_damping,
 )
-from lora_da_ref.torch.guidance import fisher_gradient, guidance_matrix
-from lora_da_ref.torch.solvers import EigenResult, smallest_eigenpairs
+from lora_da_ref.torch.guidance import Guidance, fisher_gradient, guidance_matrix, layer_guidance
+from lora_da_ref.torch.solvers import EigenResult, layer_seed, smallest_eigenpairs
 from lora_da_ref.torch.statistics import KFACStatistics
 
 __all__ = [
     "SOLVE_DTYPE",
     "TRUST_RAD",
     "UNSCALED_B0_KEY",
-    "Guidance",
     "LayerSolution",
-    "estimator_weights",
-    "guidance_from_delta",
     "kfac_fisher",
     "layer_factors",
-    "layer_guidance",
-    "layer_seed",
     "lora_da_init",
     "precision_bound",
     "precision_probe",
     "requested_damping",
     "rounding_floor",
     "solve_layer",
-    "top_singular_value",
     "untrusted_layers",
 ]
 
@@ -86,19 +77,6 @@ SOLVE_DTYPE = torch.float64  # every solve, whatever the statistics dtype
 # Diagnostics key: True when B0 = A0ᵀΔŴ is neither σ-normalised nor γ-scaled (apply_lora_da warns).
 UNSCALED_B0_KEY = "unscaled_B0"
 TRUST_RAD = 1e-3  # a layer whose precision_bound exceeds this is reported as not trustworthy
-
-
-@dataclass
-class Guidance:
-    """ΔW (d1, d2) (divided by σ when normalising), Ω (d1, d1) and σ (1.0 when not normalising);
-    ``Ω = variance_coefficient · Σ_i J⁻¹_[i] − bias_weight · ΔWΔWᵀ`` (the coefficient is
-    ``β/(N σ²)``, the weights those of ``config.estimator``)."""
-
-    delta_w: Tensor
-    omega: Tensor
-    sigma: float
-    variance_coefficient: float = math.nan
-    bias_weight: float = math.nan
 
 
 @dataclass
@@ -191,58 +169,6 @@ def rounding_floor(M: Tensor, dtype: torch.dtype) -> float:
     return torch.finfo(dtype).eps / 2 * max(trace, 0.0)
 
 
-def layer_guidance(
-    J: FisherMatrix,
-    G: Tensor,
-    config: LoraDAConfig,
-    name: str = "W",
-    sample_size: float | None = None,
-) -> Guidance:
-    """Eqs. (21) and (19) with the config's β, α, N, estimator and σ-normalisation, for any
-    Fisher ``J`` (K-FAC or dense), G (d1, d2); ``sample_size``: |S| (needed unless
-    ``config.estimator == "plugin"``)."""
-    return guidance_from_delta(J, fisher_gradient(J, G), config, name, sample_size)
-
-
-def guidance_from_delta(
-    J: FisherMatrix,
-    delta_w: Tensor,
-    config: LoraDAConfig,
-    name: str = "W",
-    sample_size: float | None = None,
-) -> Guidance:
-    """Eq. (19) and the σ-normalisation from a given unnormalised ``ΔW`` (d1, d2)."""
-    beta, alpha = estimator_weights(J, delta_w, config, sample_size)
-    sigma = top_singular_value(delta_w, name) if config.normalize_delta else 1.0
-    delta_w = delta_w / sigma
-    omega = guidance_matrix(
-        J, delta_w, config.n_train, variance_weight=beta / sigma**2, bias_weight=alpha
-    )  # (d1, d1)
-    return Guidance(delta_w, omega, sigma, beta / sigma**2 / config.n_train, alpha)
-
-
-def estimator_weights(
-    J: FisherMatrix, delta_w: Tensor, config: LoraDAConfig, sample_size: float | None
-) -> tuple[float, float]:
-    """(β, α) of Eq. (19) for ``config.estimator`` (:class:`LoraDAConfig`), from the
-    unnormalised ``ΔŴ`` (d1, d2) and |S|: ``"plugin"`` (β, α); ``"debiased"``
-    (β(1 + N/|S|), α); ``"damped"`` (β, α·max(0, 1 − tr(Σ_i Ĵ⁻¹_[i])/(|S|‖ΔŴ‖²)))."""
-    beta, alpha = config.variance_weight, config.bias_weight
-    if config.estimator == "plugin":
-        return beta, alpha
-    if sample_size is None or not sample_size > 0:
-        raise ValueError(
-            f"estimator={config.estimator!r} needs the calibration sample size |S| > 0, "
-            f"got {sample_size!r}"
-        )
-    if config.estimator == "debiased":
-        return beta * (1.0 + config.n_train / sample_size), alpha
-    noise = calibration_noise(J, sample_size)  # tr(Σ_i Ĵ⁻¹_[i])/|S|
-    signal = float((delta_w * delta_w).sum())
-    fraction = max(0.0, 1.0 - noise / signal) if signal > 0 else 0.0
-    return beta, alpha * fraction
-
-
 def solve_layer(
     stats: KFACStatistics,
     name: str,
@@ -322,24 +248,6 @@ def lora_da_init(
     omega = guidance_matrix(J, delta, n, variance_weight=variance_weight, bias_weight=bias_weight)
     A0 = smallest_eigenpairs(omega, r, solver=solver, **solver_options).vectors  # (d1, r)
     return A0, A0.mT @ delta  # (r, d2)
-
-
-def top_singular_value(delta_w: Tensor, name: str = "W") -> float:
-    """σ_max(ΔW) as √λ_max of the smaller Gram matrix: 2–6× faster than a full SVD here, and as
-    accurate for the top singular value (λ_max of MᵀM has relative error O(eps))."""
-    small = delta_w.mT if delta_w.shape[0] >= delta_w.shape[1] else delta_w  # (k, ·), k ≤ ·
-    gram = gram_lower(small)  # its lower triangle is all eigvalsh reads
-    sigma = math.sqrt(max(float(torch.linalg.eigvalsh(gram, UPLO="L")[-1]), 0.0))
-    if not math.isfinite(sigma) or sigma <= 0.0:
-        raise ValueError(
-            f"cannot normalise ΔW of {name!r}: its top singular value is {sigma} (zero gradient?)"
-        )
-    return sigma
-
-
-def layer_seed(seed: int, name: str) -> int:
-    """A per-layer seed, stable across processes (no Python hash randomisation)."""
-    return (int(seed) * 1_000_003 + zlib.crc32(name.encode())) % (2**63 - 1)
 
 
 def precision_probe(

@@ -20,7 +20,7 @@ from torch import nn
 
 from lora_da_ref.torch.config import LoraDAConfig, LoraFactors
 from lora_da_ref.torch.distributed import DataParallel, resolve_process_group
-from lora_da_ref.torch.factors import layer_factors, layer_seed
+from lora_da_ref.torch.factors import layer_factors
 from lora_da_ref.torch.pipeline import SingleProcess, Strategy, layer_ranks, run_pipeline
 from lora_da_ref.torch.statistics import Batch, LossFn
 from lora_da_ref.torch.targets import find_target_modules
@@ -28,7 +28,7 @@ from lora_da_ref.torch.targets import find_target_modules
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
 
-__all__ = ["find_target_modules", "init_lora_da", "layer_factors", "layer_seed"]
+__all__ = ["find_target_modules", "init_lora_da", "layer_factors"]
 
 
 def init_lora_da(

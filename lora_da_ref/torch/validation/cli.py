@@ -10,6 +10,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from lora_da_ref.data import read_jsonl_texts, tokenize_batches
 from lora_da_ref.torch.targets import find_target_modules
 from lora_da_ref.torch.validation.cases import BUILTIN_CASES, ValidationCase
 from lora_da_ref.torch.validation.compare import DEFAULT_RANK, METHODS, validate
@@ -127,8 +128,6 @@ def _choose_layers(model: nn.Module, layers: list[str] | None, default: list[str
 
 def _hf_case(args: argparse.Namespace) -> ValidationCase:
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from lora_da_ref.data import read_jsonl_texts, tokenize_batches
 
     texts = read_jsonl_texts(args.data, limit=args.samples)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
