@@ -248,7 +248,10 @@ def _entry_points(model, cfg, targets):
 
 
 def _distributed_entry_points(model, cfg, targets, group):
-    from lora_da_ref.torch import collect_statistics_distributed, init_lora_da_distributed
+    from lora_da_ref.torch.distributed import (
+        collect_statistics_distributed,
+        init_lora_da_distributed,
+    )
 
     return {
         "init_lora_da_distributed": lambda b: init_lora_da_distributed(

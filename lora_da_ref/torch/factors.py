@@ -24,8 +24,9 @@ A0 (radians; :func:`precision_bound`, no extra solve); :func:`untrusted_layers` 
 where it exceeds :data:`TRUST_RAD`. The ``"full"`` diagnostics add ``precision_probe``
 (:func:`precision_probe`: one perturbed re-solve per layer).
 
-:func:`lora_da_init` is the same map from ``(J, G, n, r)`` with the NumPy reference's signature
-(:func:`lora_da_ref.initializers.lora_da_init`); :func:`solve_layer` keeps every intermediate
+:func:`init_lora_da_layer` is the same map from ``(J, G, n, r)`` for one layer, with the NumPy
+reference's signature (:func:`lora_da_ref.initializers.lora_da_init`; the whole model is
+:func:`lora_da_ref.torch.init.init_lora_da`); :func:`solve_layer` keeps every intermediate
 (:class:`LayerSolution`) for validation; :func:`layer_factors` returns what the pipeline stores.
 """
 
@@ -61,9 +62,9 @@ __all__ = [
     "TRUST_RAD",
     "UNSCALED_B0_KEY",
     "LayerSolution",
+    "init_lora_da_layer",
     "kfac_fisher",
     "layer_factors",
-    "lora_da_init",
     "precision_bound",
     "precision_probe",
     "requested_damping",
@@ -217,7 +218,7 @@ def layer_factors(
     return solve_layer(stats, name, config, z_factors, rank=rank).factors()
 
 
-def lora_da_init(
+def init_lora_da_layer(
     J: FisherMatrix | Tensor,
     G: Tensor,
     n: int,
@@ -229,8 +230,9 @@ def lora_da_init(
     solver: str = "eigh",
     **solver_options: Any,
 ) -> tuple[Tensor, Tensor]:
-    """LoRA-DA initialisation, Theorem 4.1 / 4.2 and Eq. (17); the torch twin of
-    :func:`lora_da_ref.initializers.lora_da_init` (same arguments, same return).
+    """LoRA-DA initialisation of ONE layer, Theorem 4.1 / 4.2 and Eq. (17); the torch twin of
+    :func:`lora_da_ref.initializers.lora_da_init` (same arguments, same return). The whole model
+    (statistics, then this map per layer) is :func:`lora_da_ref.torch.init.init_lora_da`.
 
     ``ΔW = −J⁻¹G`` (Eq. 21) unless ``delta_w`` is given; Ω from Eq. (19); ``A0`` = the r smallest
     eigenvectors of Ω (Eqs. 5–8); ``B0 = A0ᵀΔW`` (Eq. 17).
