@@ -95,7 +95,7 @@ def _stages(model, shard, targets, config, group) -> dict[str, float]:
     t["solve_s"] = time.perf_counter() - start
     if group is not None:
         start = time.perf_counter()
-        D.broadcast_factors(mine, owners, targets, config.rank, group)
+        D.broadcast_factors(mine, owners, targets, dict.fromkeys(targets, config.rank), group)
         t["broadcast_s"] = time.perf_counter() - start
     start = time.perf_counter()
     init_lora_da(model, shard, config, progress=False, process_group=group)

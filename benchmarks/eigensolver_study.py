@@ -126,8 +126,8 @@ def llama_rows(hidden: int, max_iter: int) -> list[dict[str, Any]]:
     """Ω of every linear layer of a random 2-layer LLaMA, official preset statistics (float64
     here, so the float32/float64 solver columns isolate the solver), exact space by eigh."""
     from lora_da_ref.data import tiny_llama
-    from lora_da_ref.torch.factors import layer_guidance  # the production Ω of a layer
     from lora_da_ref.torch.fisher import KroneckerFisher
+    from lora_da_ref.torch.guidance import layer_guidance  # the production Ω of a layer
     from lora_da_ref.torch.init import find_target_modules
     from lora_da_ref.torch.statistics import collect_statistics
     from lora_da_ref.validate import METHODS

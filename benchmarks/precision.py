@@ -69,13 +69,8 @@ def make_batches(tok: Any, texts: list[str], batch_size: int, max_len: int) -> l
 
 
 def config_of(preset: str, dtype: torch.dtype) -> LoraDAConfig:
-    make = {
-        "default": LoraDAConfig,
-        "paper": LoraDAConfig.paper_literal,
-        "official": LoraDAConfig.official,
-    }
-    # the calibration diagnostics do not touch A0 or B0: off, to save their solves
-    return make[preset](dtype=dtype, diagnostics="off")
+    # the cheap tier: the precision bound (the split-half solves and the probe cost 3 solves)
+    return LoraDAConfig.preset(preset, dtype=dtype, diagnostics="cheap")
 
 
 def _angle(A: torch.Tensor, B: torch.Tensor) -> float:

@@ -78,17 +78,25 @@ def add_sums(total: Any, part: Any) -> Any:
     """``total + part`` of two ``KFACSums`` over disjoint sequences (every field is additive)."""
     if total is None:
         return part
-    for kind in ("Z", "Y", "G"):
+    for kind in ("Z", "Y", "G", "G_odd"):
         for k, v in getattr(part, kind).items():
             getattr(total, kind)[k].add_(v)
-    for k in ("tokens", "loss_tokens", "gradient_weight", "split_weight", "sequences", "batches"):
+    for k in (
+        "tokens",
+        "loss_tokens",
+        "gradient_weight",
+        "split_weight",
+        "sequences",
+        "batches",
+        "skipped_batches",
+    ):
         setattr(total, k, getattr(total, k) + getattr(part, k))
     return total
 
 
 def prefix_statistics(model: Any, examples: list, targets: dict, config: Any, sizes: tuple):
     """Yield ``(|S|, KFACStatistics of the first |S| examples)`` from one chunked pass."""
-    from lora_da_ref.torch import accumulate_statistics, finalize
+    from lora_da_ref.torch.statistics import accumulate_statistics, finalize
 
     if any(s % 2 for s in sizes[:-1]):
         raise ValueError(f"chunk boundaries must be even (split-half parity): {sizes}")

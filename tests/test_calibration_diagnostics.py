@@ -298,7 +298,8 @@ def _spd(rng, d):
 
 
 def test_estimators_need_a_sample_size():
-    from lora_da_ref.torch.factors import estimator_weights, kfac_fisher
+    from lora_da_ref.torch.factors import kfac_fisher
+    from lora_da_ref.torch.guidance import estimator_weights
 
     stats = KFACStatistics({"g": torch.eye(3)}, {"m": torch.eye(2)}, {"m": torch.ones(3, 2)},
                            {"m": "g"}, 5, 5, 1, 1, gradient_weight=0.0)  # fmt: skip

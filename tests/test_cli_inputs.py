@@ -164,15 +164,19 @@ def test_paper_figs_help_lists_every_item_in_plain_words():
     assert "(default: False)" in proc.stdout  # --quick shows its default
 
 
-def test_validate_arguments_match_the_torch_parser():
-    """The torch-free parser repeats the torch modules' defaults and choices: they must agree."""
-    import argparse
+def test_validate_arguments_match_the_torch_constants():
+    """The torch-free parser repeats the torch modules' choices and defaults (it is declared
+    before torch loads): they must agree with BUILTIN_CASES, DEFAULT_RANK, METHODS, PARTS and
+    SmolLM2Options."""
+    from lora_da_ref import validate_args as v
+    from lora_da_ref.torch.validation.cases import BUILTIN_CASES
+    from lora_da_ref.torch.validation.compare import DEFAULT_RANK, METHODS
+    from lora_da_ref.torch.validation.smollm2 import PARTS, SmolLM2Options
 
-    from lora_da_ref.torch.validation.cli import build_parser as torch_parser
-    from lora_da_ref.validate_args import build_parser
-
-    def actions(parser: argparse.ArgumentParser) -> dict:
-        return {a.dest: (a.option_strings, a.default, a.choices, a.nargs, a.type)
-                for a in parser._actions}  # fmt: skip
-
-    assert actions(build_parser()) == actions(torch_parser())
+    assert set(v.BUILTIN_CASES) == set(BUILTIN_CASES) and v.DEFAULT_RANK == DEFAULT_RANK
+    assert set(v.METHODS) == set(METHODS) and tuple(v.PARTS) == tuple(PARTS)
+    for name, value in v.SMOLLM2.items():
+        assert getattr(SmolLM2Options, name) == value, name
+    defaults = {a.dest: a.default for a in v.build_parser()._actions}
+    assert defaults["texts"] == SmolLM2Options.texts
+    assert defaults["layers_per_pass"] == SmolLM2Options.layers_per_pass

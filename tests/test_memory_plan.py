@@ -20,11 +20,13 @@ from tests.torch_cases import LLAMA_TARGETS, llama_batches, single_thread, tiny_
 
 
 def _held_bytes(sums) -> dict[str, int]:
-    """Bytes of the running sums a pass returns, per kind."""
-    return {
+    """Bytes of the running sums a pass returns, per kind (``G`` with the split ``G_odd``)."""
+    held = {
         kind: sum(t.numel() * t.element_size() for t in getattr(sums, kind).values())
-        for kind in ("Z", "Y", "G")
+        for kind in ("Z", "Y", "G", "G_odd")
     }
+    held["G"] += held.pop("G_odd")
+    return held
 
 
 @pytest.mark.parametrize("output_factor", ["full", "diagonal"])
@@ -48,9 +50,10 @@ def test_finalize_reuses_the_sums_memory_and_refuses_twice():
     cfg = LoraDAConfig(rank=2)
     targets = find_target_modules(model, LLAMA_TARGETS)
     sums = accumulate_statistics(model, llama_batches(), targets, cfg, progress=False)
-    pointers = {t.data_ptr() for kind in ("Z", "Y", "G") for t in getattr(sums, kind).values()}
+    kinds = ("Z", "Y", "G", "G_odd")
+    pointers = {t.data_ptr() for kind in kinds for t in getattr(sums, kind).values()}
     stats = finalize(sums)
-    for kind in ("Z", "Y", "G"):
+    for kind in ("Z", "Y", "G", "G_split"):
         assert all(t.data_ptr() in pointers for t in getattr(stats, kind).values()), kind
     with pytest.raises(RuntimeError, match="already finalized"):
         finalize(sums)

@@ -153,6 +153,30 @@ def test_rank_pattern_is_honoured(batches):
     assert state.layers["model.layers.0.mlp.down_proj"]["scaling"] == pytest.approx(4 / 2)
 
 
+def test_rank_pattern_costs_one_statistics_pass(batches):
+    """Three distinct ranks, one pass over the batches (counted by a forward hook on the
+    embeddings): the statistics do not depend on r. The factors are those of one init per rank,
+    bit for bit."""
+    pattern = {"q_proj": 2, "down_proj": 3}
+    model = make_tiny_llama(0)
+    forwards = []
+    hook = model.model.embed_tokens.register_forward_hook(lambda *_: forwards.append(1))
+    try:
+        state = get_lora_da_state_dict(model, batches, _lora(rank_pattern=pattern), progress=False)
+    finally:
+        hook.remove()
+    assert len(forwards) == len(batches), f"{len(forwards)} forwards for {len(batches)} batches"
+    names = {r: [n for n in state.factors if state.layers[n]["rank"] == r] for r in (2, 3, RANK)}
+    assert all(names.values()), names
+    for r, group in names.items():
+        config = LoraDAConfig(rank=r, target_modules=tuple(group))
+        want = init_lora_da(make_tiny_llama(0), batches, config, progress=False)
+        for name in group:
+            got = state.factors[name]
+            assert got.A.shape[1] == r
+            assert torch.equal(got.A, want[name].A) and torch.equal(got.B, want[name].B), name
+
+
 # ----------------------------------------------------------------------------- presets
 
 
@@ -279,7 +303,7 @@ def test_bad_inputs_are_named_and_leave_the_model_unchanged(batches):
         initialize_lora_da_weights(pm)
     with pytest.raises(ValueError, match="unknown LoRA-DA preset"):
         initialize_lora_da_weights(pm, batches, "fancy")
-    with pytest.raises(TypeError, match="not a single batch"):
+    with pytest.raises(TypeError, match="not a single dict"):
         initialize_lora_da_weights(pm, batches[0], progress=False)
     with pytest.raises(TypeError, match="LoraDAState"):
         initialize_lora_da_weights(pm, lora_da_state={"a": 1})

@@ -14,7 +14,7 @@ import lora_da_ref.eigen as np_eigen
 import lora_da_ref.fisher as np_fisher
 import lora_da_ref.initializers as np_init
 from lora_da_ref.linalg import principal_angles
-from lora_da_ref.torch import KroneckerFisher, LoraDAConfig, find_target_modules, lora_da_init
+from lora_da_ref.torch import KroneckerFisher, LoraDAConfig, find_target_modules, init_lora_da_layer
 from lora_da_ref.torch.pipeline import SingleProcess, run_pipeline, solve_layers, solve_workers
 from lora_da_ref.torch.solvers import smallest_eigenpairs
 from lora_da_ref.torch.statistics import KFACStatistics, KFACSums, accumulate_statistics
@@ -46,11 +46,12 @@ def _problem(d1=7, d2=4, seed=0):
     return Y, Z, rng.standard_normal((d1, d2))
 
 
-def test_lora_da_init_torch_equals_numpy():
-    """STYLE.md's four lines: the same (J, G, n, r) through both lora_da_init."""
+def test_init_lora_da_layer_torch_equals_numpy_lora_da_init():
+    """STYLE.md's four lines: the same (J, G, n, r) through the NumPy lora_da_init and its
+    torch twin init_lora_da_layer."""
     Y, Z, G = _problem()
     A, B = np_init.lora_da_init(np_fisher.KroneckerFisher(Y, Z), G, 50, 3)
-    At, Bt = lora_da_init(
+    At, Bt = init_lora_da_layer(
         KroneckerFisher(*map(torch.from_numpy, (Y, Z))), torch.from_numpy(G), 50, 3
     )
     assert principal_angles(At.numpy(), A).max() < F64_RAD
@@ -92,7 +93,7 @@ class _TwoShards(SingleProcess):
             accumulate_statistics(model, part, targets, config, loss_fn=loss_fn, progress=False)
             for part in (batches[::2], batches[1::2])
         )
-        for kind in ("Z", "Y", "G"):
+        for kind in ("Z", "Y", "G", "G_odd"):
             for key, value in getattr(b, kind).items():
                 getattr(a, kind)[key] = getattr(a, kind)[key] + value
         for f in dataclasses.fields(KFACSums):
@@ -204,3 +205,19 @@ def test_automatic_solve_workers():
         torch.set_num_threads(threads)
     with pytest.raises(ValueError, match="solve_workers"):
         LoraDAConfig(solve_workers=0)
+
+
+def test_the_one_layer_call_is_the_numpy_twin_and_not_the_model_call():
+    """The whole-model call and the one-layer call have names that cannot be confused, and the
+    one-layer call takes the NumPy reference's arguments, by the same names."""
+    import inspect
+
+    import lora_da_ref.torch as public
+    from lora_da_ref.initializers import lora_da_init
+
+    assert {"init_lora_da", "init_lora_da_layer"} <= set(public.__all__)
+    assert "lora_da_init" not in public.__all__  # the anagram of init_lora_da
+    assert all(hasattr(public, name) for name in public.__all__)
+    ours = list(inspect.signature(public.init_lora_da_layer).parameters)
+    theirs = list(inspect.signature(lora_da_init).parameters)
+    assert ours[: len(theirs)] == theirs, (ours, theirs)

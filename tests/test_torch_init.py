@@ -107,9 +107,9 @@ def test_layers_per_pass_holds_one_group_of_statistics_at_a_time(llama, monkeypa
         events.append(("pass", {n.split(".self_attn")[0].split(".mlp")[0] for n in sums.G}))
         return sums
 
-    def solve(stats, name, config, z_factors=None):
+    def solve(stats, name, config, z_factors=None, **kw):
         events.append(("solve", name))
-        return real_layer(stats, name, config, z_factors)
+        return real_layer(stats, name, config, z_factors, **kw)
 
     monkeypatch.setattr(pipeline, "accumulate_statistics", collect)
     monkeypatch.setattr(pipeline, "layer_factors", solve)
@@ -428,7 +428,7 @@ def test_cuda_bf16_official_preset_is_finite_and_deterministic():
 @pytest.mark.parametrize("shape", [(7, 3), (3, 7), (5, 5)])
 def test_top_singular_value_matches_svd(shape):
     """σ_max from the Gram matrix (used by normalize_delta) equals the SVD's, float64 and float32."""
-    from lora_da_ref.torch.factors import top_singular_value as _top_singular_value
+    from lora_da_ref.torch.guidance import top_singular_value as _top_singular_value
 
     for dtype, rtol in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
         M = torch.randn(*shape, generator=torch.Generator().manual_seed(1), dtype=dtype)

@@ -13,13 +13,12 @@ from lora_da_ref.linalg import principal_angles
 from lora_da_ref.torch import (
     DenseFisher,
     KroneckerFisher,
-    damped_cholesky,
     fisher_gradient,
     guidance_matrix,
     inverse_fisher_block_sum,
     smallest_eigvecs,
 )
-from lora_da_ref.torch.fisher import unvec, vec
+from lora_da_ref.torch.fisher import damped_cholesky, unvec, vec
 from tests.report import allclose_report
 from tests.torch_cases import single_thread  # noqa: F401  (autouse fixture)
 

@@ -7,8 +7,14 @@ import pytest
 import torch
 
 from lora_da_ref.linalg import principal_angles
-from lora_da_ref.torch import SOLVERS, smallest_eigenpairs
-from lora_da_ref.torch.solvers import default_tol, fix_signs, relative_residual, torch_lobpcg
+from lora_da_ref.torch.solvers import (
+    SOLVERS,
+    default_tol,
+    fix_signs,
+    relative_residual,
+    smallest_eigenpairs,
+    torch_lobpcg,
+)
 from tests.torch_cases import single_thread  # noqa: F401  (autouse fixture)
 
 # Davis–Kahan sin Θ theorem: sin θ_max ≤ ‖ΩA − AΛ‖_F / δ, δ = λ_{r+1} − λ_r (exact spectrum).

@@ -452,8 +452,7 @@ def test_token_masks_shift_and_attention():
         {"attention_mask": batch["attention_mask"]}, LoraDAConfig.paper_literal()
     )
     assert positions.tolist() == [[True, True, True, False]] and T == 3
-    with pytest.raises(ValueError, match="labels' or 'attention_mask"):
-        token_masks({"input_ids": torch.zeros(1, 3)}, LoraDAConfig.paper_literal())
+    # a batch with neither is refused once, by the batch check, before any pass (test_inputs.py)
 
 
 def test_sums_then_finalize_is_the_seam():
@@ -464,7 +463,7 @@ def test_sums_then_finalize_is_the_seam():
     targets = find_target_modules(model, LLAMA_TARGETS)
     a = accumulate_statistics(model, batches[:2], targets, cfg, progress=False)
     b = accumulate_statistics(model, batches[2:], targets, cfg, progress=False)
-    for kind in ("Z", "Y", "G"):
+    for kind in ("Z", "Y", "G", "G_odd"):
         for k, v in getattr(a, kind).items():
             v += getattr(b, kind)[k]
     a.tokens += b.tokens
@@ -642,3 +641,24 @@ def test_gram_sums_in_panels_then_mirrored_are_the_full_products(d):
     assert got is store["Z"] and torch.equal(got, got.mT)
     rel = float((got - expected).abs().max() / expected.abs().max())
     assert rel <= 1e-6, rel
+
+
+def test_split_sums_are_the_even_and_the_odd_sequences_own_sums():
+    """With split sums, ``G`` is the gradient sum of the even-numbered sequences and ``G_odd``
+    that of the odd-numbered ones, each (d_in, d_out): bit for bit the sums of a pass over
+    those sequences alone (batch size 1: the same products, added in the same order)."""
+    from lora_da_ref.torch.statistics import accumulate_statistics
+
+    model = tiny_llama()
+    targets = find_target_modules(model, LLAMA_TARGETS)
+    rows = llama_batches(n_batches=5, batch=1)
+    split = LoraDAConfig.paper_literal(diagnostics="cheap")
+    plain = split.replace(diagnostics="off")
+    sums = accumulate_statistics(model, rows, targets, split, progress=False)
+    even = accumulate_statistics(model, rows[0::2], targets, plain, progress=False)
+    odd = accumulate_statistics(model, rows[1::2], targets, plain, progress=False)
+    assert set(sums.G_odd) == set(sums.G) == set(targets) and not even.G_odd
+    for name, m in targets.items():
+        assert sums.G[name].shape == sums.G_odd[name].shape == (m.in_features, m.out_features)
+        assert torch.equal(sums.G[name], even.G[name]), name
+        assert torch.equal(sums.G_odd[name], odd.G[name]), name

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from lora_da_ref.torch.adapter import FINGERPRINT_KEY, weight_fingerprint
 from lora_da_ref.torch.config import LoraFactors
 from lora_da_ref.torch.statistics import (
+    TENSOR_KEYS,
     Batch,
     LossFn,
     default_loss_fn,
@@ -108,7 +109,8 @@ def lora_one(
         ``stable_gamma`` and the weight fingerprint.
 
     Raises:
-        TypeError: ``batches`` is a single dict or a batch is not a Mapping of tensors.
+        TypeError, ValueError: bad batches, as every entry point
+            (:func:`~lora_da_ref.torch.statistics.materialise_batches`).
         ValueError: no sequences, a bad ``rank``/``stable_gamma``, no matching target, a
             sequence with a non-finite loss (e.g. no label token), a zero gradient.
     """
@@ -178,31 +180,25 @@ def sequence_mean_gradient(
             # autograd.grad leaves every .grad untouched
             for name, g in zip(weights, torch.autograd.grad(loss, list(weights.values()))):
                 sums[name] += g.float()  # (d_out, d_in)
-    if n == 0:
-        raise ValueError("batches is empty: LoRA-One needs calibration sequences")
+    if n == 0:  # non-empty batches of zero rows
+        raise ValueError("the batches hold no sequences: LoRA-One needs calibration sequences")
     return {name: (s / n).T for name, s in sums.items()}, n
 
 
 def _sequences(batches: list[Batch]) -> Iterator[dict[str, Any]]:
-    """Every row of every batch as a batch of one, its padding removed."""
+    """Every row of every batch (checked by ``materialise_batches``) as a batch of one, its
+    padding removed."""
     for index, batch in enumerate(batches):
-        if not isinstance(batch, Mapping):
-            raise TypeError(
-                f"batch {index} is a {type(batch).__name__}; each batch must be a Mapping of "
-                "tensors (a dict or a transformers BatchEncoding)"
-            )
-        rows = _rows(batch, index)
+        rows = _rows(batch)
         for i in range(rows):
             yield _unpadded({k: _row(v, i, rows) for k, v in batch.items()}, index)
 
 
-def _rows(batch: Mapping[str, Any], index: int) -> int:
-    first = batch.get("input_ids", batch.get("labels"))
-    if not isinstance(first, Tensor) or first.ndim < 1:
-        raise TypeError(
-            f"batch {index} needs 'input_ids' or 'labels' as a tensor with a batch dimension"
-        )
-    return first.shape[0]
+def _rows(batch: Mapping[str, Any]) -> int:
+    """The batch's rows: the first dimension of its token tensors (labels or attention_mask is
+    there, checked)."""
+    key = next(k for k in TENSOR_KEYS if batch.get(k) is not None)
+    return batch[key].shape[0]
 
 
 def _row(value: Any, i: int, rows: int) -> Any:

@@ -54,13 +54,12 @@ from torch import Tensor
 
 from lora_da_ref.torch.config import LoraDAConfig, LoraFactors
 from lora_da_ref.torch.fisher import FisherMatrix
-from lora_da_ref.torch.guidance import fisher_gradient
-from lora_da_ref.torch.solvers import smallest_eigenpairs
+from lora_da_ref.torch.guidance import calibration_noise, fisher_gradient, guidance_from_delta
+from lora_da_ref.torch.solvers import layer_seed, smallest_eigenpairs
 from lora_da_ref.torch.statistics import KFACStatistics
 
 __all__ = [
     "calibration_diagnostics",
-    "calibration_noise",
     "calibration_summary",
     "fisher_units",
     "plug_in_sample_size",
@@ -97,11 +96,6 @@ def fisher_units(
     weight = loss_tokens if config.gradient_weight == "token" else sequences
     positions = loss_tokens if config.token_mask == "labels" else attention_tokens
     return weight**2 / positions
-
-
-def calibration_noise(J: FisherMatrix, sample_size: float) -> float:
-    """``tr(Σ_i Ĵ⁻¹_[i]) / |S|``: the expected ``‖ΔŴ − ΔW‖²_F`` from calibration noise (claim 14)."""
-    return float(J.inverse_block_sum().diagonal().sum()) / sample_size
 
 
 def principal_angles(A1: Tensor, A2: Tensor) -> Tensor:
@@ -157,8 +151,6 @@ def calibration_diagnostics(
     }
     if name not in stats.G_split:
         return out
-    from lora_da_ref.torch.factors import guidance_from_delta  # (factors imports this module)
-
     w1, w2 = stats.split_weights  # (even, odd)
     odd = fisher_gradient(J, stats.G_split[name].to(dtype))  # ΔŴ of the odd half
     even = (delta * (w1 + w2) - odd * w2) / w1  # ΔŴ is linear in Ĝ (= ΔŴ of the even half)
@@ -186,8 +178,6 @@ def _snr(signal: float, noise: float) -> float:
 
 
 def _stability(omegas: list[Tensor], name: str, config: LoraDAConfig) -> dict[str, float]:
-    from lora_da_ref.torch.factors import layer_seed
-
     options = {"seed": layer_seed(config.seed, name), **config.solver_options}
     A = []
     for omega in omegas:

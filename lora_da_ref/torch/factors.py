@@ -24,15 +24,15 @@ A0 (radians; :func:`precision_bound`, no extra solve); :func:`untrusted_layers` 
 where it exceeds :data:`TRUST_RAD`. The ``"full"`` diagnostics add ``precision_probe``
 (:func:`precision_probe`: one perturbed re-solve per layer).
 
-:func:`lora_da_init` is the same map from ``(J, G, n, r)`` with the NumPy reference's signature
-(:func:`lora_da_ref.initializers.lora_da_init`); :func:`solve_layer` keeps every intermediate
+:func:`init_lora_da_layer` is the same map from ``(J, G, n, r)`` for one layer, with the NumPy
+reference's signature (:func:`lora_da_ref.initializers.lora_da_init`; the whole model is
+:func:`lora_da_ref.torch.init.init_lora_da`); :func:`solve_layer` keeps every intermediate
 (:class:`LayerSolution`) for validation; :func:`layer_factors` returns what the pipeline stores.
 """
 
 from __future__ import annotations
 
 import math
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -40,11 +40,9 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor
 
-from lora_da_ref.torch.blas import gram_lower
 from lora_da_ref.torch.config import LoraDAConfig, LoraFactors
 from lora_da_ref.torch.diagnostics import (
     calibration_diagnostics,
-    calibration_noise,
     plug_in_sample_size,
     principal_angles,
 )
@@ -55,29 +53,23 @@ from lora_da_ref.torch.fisher import (
     damped_cholesky,
     relative_damping,
 )
-from lora_da_ref.torch.guidance import fisher_gradient, guidance_matrix
-from lora_da_ref.torch.solvers import EigenResult, smallest_eigenpairs
+from lora_da_ref.torch.guidance import Guidance, fisher_gradient, guidance_matrix, layer_guidance
+from lora_da_ref.torch.solvers import EigenResult, layer_seed, smallest_eigenpairs
 from lora_da_ref.torch.statistics import KFACStatistics
 
 __all__ = [
     "SOLVE_DTYPE",
     "TRUST_RAD",
     "UNSCALED_B0_KEY",
-    "Guidance",
     "LayerSolution",
-    "estimator_weights",
-    "guidance_from_delta",
+    "init_lora_da_layer",
     "kfac_fisher",
     "layer_factors",
-    "layer_guidance",
-    "layer_seed",
-    "lora_da_init",
     "precision_bound",
     "precision_probe",
     "requested_damping",
     "rounding_floor",
     "solve_layer",
-    "top_singular_value",
     "untrusted_layers",
 ]
 
@@ -86,19 +78,6 @@ SOLVE_DTYPE = torch.float64  # every solve, whatever the statistics dtype
 # Diagnostics key: True when B0 = A0ᵀΔŴ is neither σ-normalised nor γ-scaled (apply_lora_da warns).
 UNSCALED_B0_KEY = "unscaled_B0"
 TRUST_RAD = 1e-3  # a layer whose precision_bound exceeds this is reported as not trustworthy
-
-
-@dataclass
-class Guidance:
-    """ΔW (d1, d2) (divided by σ when normalising), Ω (d1, d1) and σ (1.0 when not normalising);
-    ``Ω = variance_coefficient · Σ_i J⁻¹_[i] − bias_weight · ΔWΔWᵀ`` (the coefficient is
-    ``β/(N σ²)``, the weights those of ``config.estimator``)."""
-
-    delta_w: Tensor
-    omega: Tensor
-    sigma: float
-    variance_coefficient: float = math.nan
-    bias_weight: float = math.nan
 
 
 @dataclass
@@ -191,58 +170,6 @@ def rounding_floor(M: Tensor, dtype: torch.dtype) -> float:
     return torch.finfo(dtype).eps / 2 * max(trace, 0.0)
 
 
-def layer_guidance(
-    J: FisherMatrix,
-    G: Tensor,
-    config: LoraDAConfig,
-    name: str = "W",
-    sample_size: float | None = None,
-) -> Guidance:
-    """Eqs. (21) and (19) with the config's β, α, N, estimator and σ-normalisation, for any
-    Fisher ``J`` (K-FAC or dense), G (d1, d2); ``sample_size``: |S| (needed unless
-    ``config.estimator == "plugin"``)."""
-    return guidance_from_delta(J, fisher_gradient(J, G), config, name, sample_size)
-
-
-def guidance_from_delta(
-    J: FisherMatrix,
-    delta_w: Tensor,
-    config: LoraDAConfig,
-    name: str = "W",
-    sample_size: float | None = None,
-) -> Guidance:
-    """Eq. (19) and the σ-normalisation from a given unnormalised ``ΔW`` (d1, d2)."""
-    beta, alpha = estimator_weights(J, delta_w, config, sample_size)
-    sigma = top_singular_value(delta_w, name) if config.normalize_delta else 1.0
-    delta_w = delta_w / sigma
-    omega = guidance_matrix(
-        J, delta_w, config.n_train, variance_weight=beta / sigma**2, bias_weight=alpha
-    )  # (d1, d1)
-    return Guidance(delta_w, omega, sigma, beta / sigma**2 / config.n_train, alpha)
-
-
-def estimator_weights(
-    J: FisherMatrix, delta_w: Tensor, config: LoraDAConfig, sample_size: float | None
-) -> tuple[float, float]:
-    """(β, α) of Eq. (19) for ``config.estimator`` (:class:`LoraDAConfig`), from the
-    unnormalised ``ΔŴ`` (d1, d2) and |S|: ``"plugin"`` (β, α); ``"debiased"``
-    (β(1 + N/|S|), α); ``"damped"`` (β, α·max(0, 1 − tr(Σ_i Ĵ⁻¹_[i])/(|S|‖ΔŴ‖²)))."""
-    beta, alpha = config.variance_weight, config.bias_weight
-    if config.estimator == "plugin":
-        return beta, alpha
-    if sample_size is None or not sample_size > 0:
-        raise ValueError(
-            f"estimator={config.estimator!r} needs the calibration sample size |S| > 0, "
-            f"got {sample_size!r}"
-        )
-    if config.estimator == "debiased":
-        return beta * (1.0 + config.n_train / sample_size), alpha
-    noise = calibration_noise(J, sample_size)  # tr(Σ_i Ĵ⁻¹_[i])/|S|
-    signal = float((delta_w * delta_w).sum())
-    fraction = max(0.0, 1.0 - noise / signal) if signal > 0 else 0.0
-    return beta, alpha * fraction
-
-
 def solve_layer(
     stats: KFACStatistics,
     name: str,
@@ -250,11 +177,15 @@ def solve_layer(
     z_factors: dict[str, CholeskyFactor] | None = None,
     *,
     probe: bool = True,
+    rank: int | None = None,
 ) -> LayerSolution:
     """Steps 2–5 of Algorithm 1 for one layer, keeping every intermediate, with the diagnostics
     of ``config.diagnostics``: ``"cheap"`` adds the calibration SNR (plug-in and split-half
     noise) and :func:`precision_bound`; ``"full"`` also the split-half solves and, when
-    ``probe``, :func:`precision_probe`."""
+    ``probe``, :func:`precision_probe`. ``rank``: this layer's r (a PEFT ``rank_pattern``),
+    ``config.rank`` when ``None``; the statistics do not depend on it."""
+    if rank is not None and rank != config.rank:
+        config = config.replace(rank=rank)  # every use below (A0, split halves, probe) is r
     J = kfac_fisher(stats, name, config, z_factors)
     size = plug_in_sample_size(stats) if config.estimator != "plugin" else None
     guide = layer_guidance(J, stats.G[name].to(SOLVE_DTYPE), config, name, size)
@@ -279,12 +210,15 @@ def layer_factors(
     name: str,
     config: LoraDAConfig,
     z_factors: dict[str, CholeskyFactor] | None = None,
+    *,
+    rank: int | None = None,
 ) -> LoraFactors:
-    """Steps 2–5 of Algorithm 1 for one layer → :class:`LoraFactors` (float32, CPU)."""
-    return solve_layer(stats, name, config, z_factors).factors()
+    """Steps 2–5 of Algorithm 1 for one layer → :class:`LoraFactors` (float32, CPU); ``rank``
+    as :func:`solve_layer`."""
+    return solve_layer(stats, name, config, z_factors, rank=rank).factors()
 
 
-def lora_da_init(
+def init_lora_da_layer(
     J: FisherMatrix | Tensor,
     G: Tensor,
     n: int,
@@ -296,8 +230,9 @@ def lora_da_init(
     solver: str = "eigh",
     **solver_options: Any,
 ) -> tuple[Tensor, Tensor]:
-    """LoRA-DA initialisation, Theorem 4.1 / 4.2 and Eq. (17); the torch twin of
-    :func:`lora_da_ref.initializers.lora_da_init` (same arguments, same return).
+    """LoRA-DA initialisation of ONE layer, Theorem 4.1 / 4.2 and Eq. (17); the torch twin of
+    :func:`lora_da_ref.initializers.lora_da_init` (same arguments, same return). The whole model
+    (statistics, then this map per layer) is :func:`lora_da_ref.torch.init.init_lora_da`.
 
     ``ΔW = −J⁻¹G`` (Eq. 21) unless ``delta_w`` is given; Ω from Eq. (19); ``A0`` = the r smallest
     eigenvectors of Ω (Eqs. 5–8); ``B0 = A0ᵀΔW`` (Eq. 17).
@@ -315,24 +250,6 @@ def lora_da_init(
     omega = guidance_matrix(J, delta, n, variance_weight=variance_weight, bias_weight=bias_weight)
     A0 = smallest_eigenpairs(omega, r, solver=solver, **solver_options).vectors  # (d1, r)
     return A0, A0.mT @ delta  # (r, d2)
-
-
-def top_singular_value(delta_w: Tensor, name: str = "W") -> float:
-    """σ_max(ΔW) as √λ_max of the smaller Gram matrix: 2–6× faster than a full SVD here, and as
-    accurate for the top singular value (λ_max of MᵀM has relative error O(eps))."""
-    small = delta_w.mT if delta_w.shape[0] >= delta_w.shape[1] else delta_w  # (k, ·), k ≤ ·
-    gram = gram_lower(small)  # its lower triangle is all eigvalsh reads
-    sigma = math.sqrt(max(float(torch.linalg.eigvalsh(gram, UPLO="L")[-1]), 0.0))
-    if not math.isfinite(sigma) or sigma <= 0.0:
-        raise ValueError(
-            f"cannot normalise ΔW of {name!r}: its top singular value is {sigma} (zero gradient?)"
-        )
-    return sigma
-
-
-def layer_seed(seed: int, name: str) -> int:
-    """A per-layer seed, stable across processes (no Python hash randomisation)."""
-    return (int(seed) * 1_000_003 + zlib.crc32(name.encode())) % (2**63 - 1)
 
 
 def precision_probe(

@@ -14,15 +14,15 @@ The result is float32 on CPU, ``A`` (d_in, r) and ``B`` (r, d_out); PEFT's
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
 
 from torch import nn
 
 from lora_da_ref.torch.config import LoraDAConfig, LoraFactors
 from lora_da_ref.torch.distributed import DataParallel, resolve_process_group
-from lora_da_ref.torch.factors import layer_factors, layer_seed
-from lora_da_ref.torch.pipeline import SingleProcess, Strategy, run_pipeline
+from lora_da_ref.torch.factors import layer_factors
+from lora_da_ref.torch.pipeline import SingleProcess, Strategy, layer_ranks, run_pipeline
 from lora_da_ref.torch.statistics import Batch, LossFn
 from lora_da_ref.torch.store import StatisticsStore, statistics_key
 from lora_da_ref.torch.targets import find_target_modules
@@ -30,7 +30,7 @@ from lora_da_ref.torch.targets import find_target_modules
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
 
-__all__ = ["find_target_modules", "init_lora_da", "layer_factors", "layer_seed"]
+__all__ = ["find_target_modules", "init_lora_da", "layer_factors"]
 
 
 def init_lora_da(
@@ -43,6 +43,7 @@ def init_lora_da(
     process_group: ProcessGroup | None = None,
     statistics_dir: str | os.PathLike[str] | None = None,
     resume: bool = False,
+    ranks: Mapping[str, int] | None = None,
 ) -> dict[str, LoraFactors]:
     """LoRA-DA factors for every target ``nn.Linear`` of ``model`` (Algorithm 1, Theorem 4.2).
 
@@ -60,6 +61,8 @@ def init_lora_da(
             default group when one is initialised. Then ``batches`` is this rank's shard and
             every rank returns the factors of the union of the shards
             (:mod:`lora_da_ref.torch.distributed`).
+        ranks: ``{module name: r}`` for targets whose rank differs from ``config.rank`` (a PEFT
+            ``rank_pattern``); the statistics do not depend on r, so one pass serves every rank.
         statistics_dir: save each pass's statistics there as it completes
             (:mod:`lora_da_ref.torch.store`; one process only); with ``resume`` first read the
             passes already saved there by an interrupted run with the same model, data and
@@ -74,7 +77,8 @@ def init_lora_da(
         raise TypeError(f"config must be a LoraDAConfig, got {type(config).__name__}")
     _refuse_lora_layers(model)
     targets = find_target_modules(model, config.target_modules)
-    _check_rank(config.rank, targets)
+    ranks = layer_ranks(targets, config, ranks)
+    _check_ranks(ranks, targets)
     group = resolve_process_group(process_group)
     strategy: Strategy = SingleProcess() if group is None else DataParallel(group)
     store = None
@@ -85,7 +89,15 @@ def init_lora_da(
         key = statistics_key(config, targets, batches)
         store = StatisticsStore(statistics_dir, key, resume=resume)
     return run_pipeline(
-        model, batches, targets, config, strategy, loss_fn=loss_fn, progress=progress, store=store
+        model,
+        batches,
+        targets,
+        config,
+        strategy,
+        loss_fn=loss_fn,
+        progress=progress,
+        ranks=ranks,
+        store=store,
     )
 
 
@@ -106,8 +118,11 @@ def _refuse_lora_layers(model: nn.Module) -> None:
         )
 
 
-def _check_rank(rank: int, targets: dict[str, nn.Linear]) -> None:
+def _check_ranks(ranks: Mapping[str, int], targets: dict[str, nn.Linear]) -> None:
     for name, m in targets.items():
+        rank = ranks[name]
+        if not 1 <= rank:
+            raise ValueError(f"rank {rank} of {name!r} must be at least 1")
         if rank > min(m.in_features, m.out_features):
             raise ValueError(
                 f"rank {rank} exceeds min(d_in, d_out) = {min(m.in_features, m.out_features)} of {name!r}"

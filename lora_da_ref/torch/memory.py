@@ -11,7 +11,8 @@ What one pass holds (:class:`~lora_da_ref.torch.statistics.KFACSums`, running su
   in one of :data:`SHARED_INPUT_FAMILIES`); an unknown architecture gets one Z per module (an
   upper bound);
 * ``Y``: d_out² (``output_factor="full"``) or d_out (``"diagonal"``);
-* ``G``: d_in·d_out, twice unless ``diagnostics="off"`` (the even/odd halves).
+* ``G``: d_in·d_out, and as much again for ``G_odd`` unless ``diagnostics="off"`` (the
+  odd-numbered sequences' gradient sum, kept apart for the split-half diagnostics).
 
 :func:`~lora_da_ref.torch.statistics.finalize` divides in place, so the normalised statistics
 reuse this memory (no second copy). Not counted: the model, its activations, and one transient
@@ -60,7 +61,8 @@ SHARED_INPUT_FAMILIES = (
 
 @dataclass(frozen=True)
 class LayerBytes:
-    """Bytes of one module's statistics: ``Z`` (0 when it shares its group's), ``Y``, ``G``."""
+    """Bytes of one module's statistics: ``Z`` (0 when it shares its group's), ``Y``, ``G``
+    (with ``G_odd`` when the sums are split)."""
 
     Z: int
     Y: int
@@ -110,7 +112,7 @@ def statistics_bytes(
     shapes = _shapes(targets)
     groups = input_groups(shapes) if group_of is None else dict(group_of)
     size = torch.empty((), dtype=RUNNING_SUM_DTYPE).element_size()
-    halves = 2 if config.split_sums else 1
+    halves = 2 if config.split_sums else 1  # G, and G_odd with split sums
     out = {}
     for name, (d_in, d_out) in shapes.items():
         z = d_in * d_in if groups.get(name, name) == name else 0

@@ -60,7 +60,7 @@ from lora_da_ref.torch.adapter import (
 )
 from lora_da_ref.torch.config import LoraDAConfig, LoraFactors, preset_of
 from lora_da_ref.torch.init import init_lora_da
-from lora_da_ref.torch.statistics import LossFn
+from lora_da_ref.torch.statistics import LossFn, materialise_batches
 
 __all__ = [
     "PROVENANCE_FILE",
@@ -426,24 +426,19 @@ def _compute_state(
     _warn_ignored_fields(config, peft_config)
     _check_finite_weights(targets)
     _warn_on_preset_scaling(preset, scalings, ranks)
-    batches = _batches(dataloader)
-    factors: dict[str, LoraFactors] = {}
-    store = dict(store or {})
-    if store.get("statistics_dir") is not None and len(set(ranks.values())) > 1:
-        raise ValueError("statistics_dir needs one rank for every layer (no rank_pattern)")
-    for r in sorted(set(ranks.values())):  # one statistics pass per distinct rank
-        names = tuple(n for n in targets if ranks[n] == r)
-        resolved = config.replace(rank=r, target_modules=names)
-        factors |= init_lora_da(
-            model, batches, resolved, loss_fn=loss_fn, progress=progress, **store
-        )
-    order = {n: i for i, n in enumerate(targets)}
-    factors = dict(sorted(factors.items(), key=lambda kv: order[kv[0]]))
+    # checked here once (the provenance counts them); whether they may be empty (a shard of a
+    # distributed run) is init_lora_da's decision, made by its strategy
+    batches = materialise_batches(dataloader, allow_empty=True)
+    resolved = config.replace(target_modules=tuple(targets), rank=max(ranks.values()))
+    # one statistics pass for every rank of a rank_pattern: the statistics do not depend on r
+    factors = init_lora_da(
+        model, batches, resolved, loss_fn=loss_fn, progress=progress, ranks=ranks,
+        **dict(store or {}),
+    )  # fmt: skip
     for name, f in factors.items():
         f.diagnostics[FINGERPRINT_KEY] = weight_fingerprint(targets[name].weight)
         f.diagnostics["scaling"] = scalings[name]
         f.diagnostics["rank"] = ranks[name]
-    resolved = config.replace(target_modules=tuple(targets), rank=max(ranks.values()))
     data = _describe(batches, data_description)
     provenance = lora_da_provenance(
         resolved, factors, preset=preset, model=model, data=data, peft=_peft_info(peft_config)
@@ -542,20 +537,9 @@ def _check_finite_weights(targets: Mapping[str, nn.Linear]) -> None:
             raise ValueError(f"{name}.weight has non-finite entries (NaN or inf)")
 
 
-def _batches(dataloader: Any) -> list[Any]:
-    if dataloader is None:
-        raise ValueError("dataloader is required (or pass lora_da_state)")
-    if isinstance(dataloader, Mapping):
-        raise TypeError("dataloader must be an iterable of batches, not a single batch")
-    return [
-        dict(b) if isinstance(b, Mapping) and not isinstance(b, dict) else b for b in dataloader
-    ]
-
-
 def _describe(batches: list[Any], description: Any) -> dict[str, Any]:
     data: dict[str, Any] = {"batches": len(batches)}
-    ids = [b.get("input_ids") for b in batches if isinstance(b, Mapping)]
-    ids = [t for t in ids if isinstance(t, torch.Tensor)]
+    ids = [b["input_ids"] for b in batches if b.get("input_ids") is not None]
     if ids:
         data["sequences"] = sum(int(t.shape[0]) if t.ndim > 1 else 1 for t in ids)
     if isinstance(description, Mapping):

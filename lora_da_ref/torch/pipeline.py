@@ -23,7 +23,7 @@ distributed code.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
 from typing import Protocol
@@ -44,6 +44,7 @@ from lora_da_ref.torch.statistics import (
     LossFn,
     accumulate_statistics,
     finalize,
+    materialise_batches,
 )
 from lora_da_ref.torch.store import StatisticsStore
 from lora_da_ref.torch.threads import one_blas_thread, one_scipy_blas_thread
@@ -51,6 +52,7 @@ from lora_da_ref.torch.threads import one_blas_thread, one_scipy_blas_thread
 __all__ = [
     "SingleProcess",
     "Strategy",
+    "layer_ranks",
     "layer_tasks",
     "pass_plan",
     "run_pipeline",
@@ -68,7 +70,9 @@ class Strategy(Protocol):
     rank: int
 
     def prepare(self, batches: Iterable[Batch]) -> list[Batch]:
-        """This process's batches, materialised once (re-used by every layer group's pass)."""
+        """This process's batches, checked and materialised once
+        (:func:`~lora_da_ref.torch.statistics.materialise_batches`; re-used by every layer
+        group's pass)."""
 
     def collect(
         self, model: nn.Module, batches: list[Batch], targets: Targets, config: LoraDAConfig,
@@ -89,9 +93,9 @@ class Strategy(Protocol):
 
     def gather(
         self, mine: dict[str, LoraFactors], owners: dict[str, int], targets: Targets,
-        config: LoraDAConfig,
+        ranks: Mapping[str, int],
     ) -> dict[str, LoraFactors]:  # fmt: skip
-        """Every target's factors, in model order, on every process."""
+        """Every target's factors, in model order, on every process (``ranks``: r per target)."""
 
 
 class SingleProcess:
@@ -100,12 +104,7 @@ class SingleProcess:
     rank = 0
 
     def prepare(self, batches: Iterable[Batch]) -> list[Batch]:
-        if isinstance(batches, dict):
-            raise TypeError("batches must be an iterable of dicts, not a single dict")
-        batches = list(batches)
-        if not batches:
-            raise ValueError("batches is empty: LoRA-DA needs calibration data")
-        return batches
+        return materialise_batches(batches)  # all the data: not empty
 
     def collect(
         self, model: nn.Module, batches: list[Batch], targets: Targets, config: LoraDAConfig,
@@ -128,7 +127,7 @@ class SingleProcess:
 
     def gather(
         self, mine: dict[str, LoraFactors], owners: dict[str, int], targets: Targets,
-        config: LoraDAConfig,
+        ranks: Mapping[str, int],
     ) -> dict[str, LoraFactors]:  # fmt: skip
         return {n: mine[n] for n in targets}
 
@@ -142,14 +141,20 @@ def run_pipeline(
     *,
     loss_fn: LossFn | None = None,
     progress: bool = True,
+    ranks: Mapping[str, int] | None = None,
     store: StatisticsStore | None = None,
 ) -> dict[str, LoraFactors]:
     """collect → reduce → solve → gather for each layer group (module docstring); with a
     ``store`` (:mod:`lora_da_ref.torch.store`, one process only) each pass's statistics are
     read from it when saved, else saved to it as the pass completes.
 
+    ``ranks``: the LoRA rank r of each target (a PEFT ``rank_pattern``), ``config.rank`` for
+    every target when ``None``. The statistics do not depend on r, so any mix of ranks costs
+    the passes of one.
+
     Returns ``{name: LoraFactors}`` in model order, ``A`` (d_in, r), ``B`` (r, d_out).
     """
+    ranks = layer_ranks(targets, config, ranks)
     batches = strategy.prepare(batches)
     plan = pass_plan(model, targets, config)
     show = progress and strategy.rank == 0
@@ -173,16 +178,24 @@ def run_pipeline(
             mine = [n for n in chunk if owners[n] == strategy.rank]
             bar.stage(f"solves, pass {i + 1}/{len(plan)}" if len(plan) > 1 else "solves")
             with strategy.stage("layer solve"):
-                solved = solve_layers(stats, mine, config, bar.step)
+                solved = solve_layers(stats, mine, config, bar.step, ranks=ranks)
             del stats
             bar.step(len(chunk) - len(mine))  # the layers other processes solve
-            factors |= strategy.gather(solved, owners, chunk, config)
+            factors |= strategy.gather(solved, owners, chunk, ranks)
     finally:
         bar.close()
     warn_untrusted(factors)
     if show:
         report_calibration(factors)  # "k of n layers have SNR < 1: ..." (diagnostics.py)
     return factors
+
+
+def layer_ranks(
+    targets: Iterable[str], config: LoraDAConfig, ranks: Mapping[str, int] | None = None
+) -> dict[str, int]:
+    """The rank r of every target: ``ranks[name]``, else ``config.rank``."""
+    ranks = {} if ranks is None else ranks
+    return {name: int(ranks.get(name, config.rank)) for name in targets}
 
 
 def pass_plan(model: nn.Module, targets: Targets, config: LoraDAConfig) -> list[list[str]]:
@@ -229,9 +242,12 @@ def solve_layers(
     names: Iterable[str],
     config: LoraDAConfig,
     done: Callable[[int], None] | None = None,
+    *,
+    ranks: Mapping[str, int] | None = None,
 ) -> dict[str, LoraFactors]:
     """Steps 2–5 of Algorithm 1 for ``names``, in ``names``' order; ``done(k)`` is called on
-    the calling thread as each task of ``k`` layers finishes (the progress bar).
+    the calling thread as each task of ``k`` layers finishes (the progress bar). ``ranks``: r
+    per layer (:func:`layer_ranks`; ``config.rank`` when ``None``).
 
     The layers reading one input (q/k/v, gate/up) form one task and share Z's Cholesky factor.
     With :func:`solve_workers` > 1 the tasks run in that many threads, widest input first, each
@@ -239,6 +255,7 @@ def solve_layers(
     same single-threaded computation whichever thread runs it, so the factors do not depend on
     the number of workers."""
     names = list(names)
+    ranks = layer_ranks(names, config, ranks)
     tasks = layer_tasks(stats, names)
     workers = min(solve_workers(stats, tasks, config), len(tasks))
     if workers <= 1:  # one group at a time on torch's threads; SciPy's on one below the width
@@ -248,14 +265,14 @@ def solve_layers(
         with limit:
             z_factors: dict[str, CholeskyFactor] = {}  # shared by the layers of one input
             for name in names:
-                solved |= _solve_task(stats, [name], config, z_factors)
+                solved |= _solve_task(stats, [name], config, ranks, z_factors)
                 if done is not None:
                     done(1)
         return {n: solved[n] for n in names}
     order = sorted(tasks.values(), key=lambda t: -_width(stats, t[0]))  # balanced finish
     solved: dict[str, LoraFactors] = {}
     with one_blas_thread(), ThreadPoolExecutor(workers) as pool:
-        futures = [pool.submit(_solve_task, stats, task, config) for task in order]
+        futures = [pool.submit(_solve_task, stats, task, config, ranks) for task in order]
         try:
             for future in futures:
                 result = future.result()
@@ -301,7 +318,8 @@ def _solve_task(
     stats: KFACStatistics,
     names: list[str],
     config: LoraDAConfig,
+    ranks: Mapping[str, int],
     z_factors: dict[str, CholeskyFactor] | None = None,
 ) -> dict[str, LoraFactors]:
     z_factors = {} if z_factors is None else z_factors  # this task's (shared) factors of Z
-    return {name: layer_factors(stats, name, config, z_factors) for name in names}
+    return {name: layer_factors(stats, name, config, z_factors, rank=ranks[name]) for name in names}

@@ -21,6 +21,7 @@ eigenvalues ascending, columns with a deterministic sign (largest-|entry| positi
 from __future__ import annotations
 
 import math
+import zlib
 from collections.abc import Callable
 from typing import Any
 
@@ -35,6 +36,7 @@ __all__ = [
     "EigenResult",
     "eigh_solver",
     "fix_signs",
+    "layer_seed",
     "lobpcg_solver",
     "relative_residual",
     "smallest_eigenpairs",
@@ -269,3 +271,8 @@ def _check_omega(omega: object) -> None:
         raise ValueError(f"omega must be a square matrix, got shape {tuple(omega.shape)}")
     if not bool(torch.isfinite(omega).all()):
         raise ValueError("omega contains non-finite values (nan or inf)")
+
+
+def layer_seed(seed: int, name: str) -> int:
+    """A per-layer seed, stable across processes (no Python hash randomisation)."""
+    return (int(seed) * 1_000_003 + zlib.crc32(name.encode())) % (2**63 - 1)

@@ -57,6 +57,7 @@ from lora_da_ref.torch.progress import RunProgress
 
 __all__ = [
     "IGNORE_INDEX",
+    "CalibrationBatches",
     "KFACStatistics",
     "KFACSums",
     "accumulate_statistics",
@@ -92,20 +93,22 @@ class KFACSums:
     """Unnormalised sums of one statistics pass (see the module docstring).
 
     ``Z[g] = Σ_{t∈P} x xᵀ`` per input group ``g``; ``Y[m] = Σ_{t∈P} s sᵀ`` (or ``Σ s²``) and
-    ``G[m] = Σ_b w_b ∇_W L_b`` per module ``m``; ``group_of[m]`` is m's input group; ``tokens`` =
-    |P|, ``loss_tokens`` = Σ_b T_b, ``gradient_weight`` = Σ_b w_b. With
-    ``config.split_sums`` (any diagnostics tier but "off") each ``G[m]`` is **stacked**, (2, d_in, d_out): the sums of
-    the even- and of the odd-numbered sequences of the stream (0, 1, 2, ... in the order seen;
-    no extra flops, the two halves partition the rows), and ``split_weight`` is the odd half's
-    share of ``gradient_weight``; :func:`finalize` adds the halves. ``Z`` and a full ``Y`` are
-    summed on and below the diagonal only (above it: the diagonal panels' values, else zeros):
-    :func:`finalize` mirrors the lower triangle up (:func:`mirror_lower_`). All are additive
-    across shards (an all-reduce of the stacked tensor reduces both halves).
+    ``G[m] + G_odd[m] = Σ_b w_b ∇_W L_b`` per module ``m``; ``group_of[m]`` is m's input group;
+    ``tokens`` = |P|, ``loss_tokens`` = Σ_b T_b, ``gradient_weight`` = Σ_b w_b. With
+    ``config.split_sums`` (any diagnostics tier but "off") the gradient sums of the even- and of
+    the odd-numbered sequences of the stream (0, 1, 2, ... in the order seen; no extra flops, the
+    two halves partition the rows) are kept apart, ``G[m]`` (d_in, d_out) the even ones and
+    ``G_odd[m]`` (d_in, d_out) the odd ones, and ``split_weight`` is the odd half's share of
+    ``gradient_weight``; :func:`finalize` adds the halves. Without split sums ``G_odd`` is empty
+    and ``G`` holds every sequence. ``Z`` and a full ``Y`` are summed on and below the diagonal
+    only (above it: the diagonal panels' values, else zeros): :func:`finalize` mirrors the lower
+    triangle up (:func:`mirror_lower_`). All are additive across shards.
     """
 
     Z: dict[str, Tensor] = field(default_factory=dict)
     Y: dict[str, Tensor] = field(default_factory=dict)
     G: dict[str, Tensor] = field(default_factory=dict)
+    G_odd: dict[str, Tensor] = field(default_factory=dict)
     group_of: dict[str, str] = field(default_factory=dict)
     tokens: int = 0
     loss_tokens: int = 0
@@ -156,17 +159,19 @@ def finalize(sums: KFACSums) -> KFACStatistics:
     """
     if getattr(sums, "_finalized", False):
         raise RuntimeError("these KFACSums were already finalized (finalize divides in place)")
+    if sums.batches + sums.skipped_batches == 0:  # every shard of a distributed run was empty
+        raise ValueError(EMPTY_BATCHES)
     if sums.tokens == 0 or sums.loss_tokens == 0:
         raise ValueError("the calibration batches contain no unmasked tokens")
     sums._finalized = True  # type: ignore[attr-defined]
     # Z and a full Y are summed on and below the diagonal only (_add_gram): mirrored here
     Z = {k: mirror_lower_(v).div_(sums.tokens) for k, v in sums.Z.items()}
     Y = {k: (mirror_lower_(v) if v.ndim == 2 else v).div_(sums.tokens) for k, v in sums.Y.items()}
-    halves = {k: v for k, v in sums.G.items() if v.ndim == 3}  # (2, d_in, d_out), see KFACSums
     w_odd = sums.split_weight
     G = {}
-    for k, v in sums.G.items():  # stacked halves: G = (even + odd)/W written into the even half
-        G[k] = (v[0].add_(v[1]) if v.ndim == 3 else v).div_(sums.gradient_weight)
+    for k, v in sums.G.items():  # G = (even + odd)/W, written into the even half's sum
+        odd = sums.G_odd.get(k)
+        G[k] = (v if odd is None else v.add_(odd)).div_(sums.gradient_weight)
     for kind, stats in (("Z", Z), ("Y", Y), ("G", G)):
         for name, value in stats.items():
             if not bool(torch.isfinite(value).all()):
@@ -175,7 +180,7 @@ def finalize(sums: KFACSums) -> KFACStatistics:
     w_even = sums.gradient_weight - w_odd
     split: dict[str, Tensor] = {}
     if w_odd > 0 and w_even > 0:  # both halves carry a gradient
-        split = {k: v[1].div_(w_odd) for k, v in halves.items()}  # in place, a view
+        split = {k: v.div_(w_odd) for k, v in sums.G_odd.items()}  # in place
     weights = (w_even, w_odd) if split else (0.0, 0.0)
     return KFACStatistics(
         Z, Y, G, dict(sums.group_of), *counts, split, weights, sums.gradient_weight
@@ -192,6 +197,7 @@ def collect_statistics(
     progress: bool = True,
 ) -> KFACStatistics:
     """Algorithm 1, step 1: ``finalize(accumulate_statistics(...))``."""
+    batches = materialise_batches(batches)  # the whole calibration set: not empty
     return finalize(
         accumulate_statistics(model, batches, targets, config, loss_fn=loss_fn, progress=progress)
     )
@@ -208,8 +214,10 @@ def accumulate_statistics(
 ) -> KFACSums:
     """Sums and counts for ``targets`` (name → module) in one pass over ``batches``; the model is
     restored on exit. Which targets share a pass is the pipeline's plan
-    (:func:`lora_da_ref.torch.memory.resolve_layers_per_pass`), not this function's."""
-    batches = materialise_batches(batches)
+    (:func:`lora_da_ref.torch.memory.resolve_layers_per_pass`), not this function's.
+    ``batches`` may be empty (a shard of a distributed run); they are checked once
+    (:func:`materialise_batches`), not again when the pipeline hands on checked ones."""
+    batches = materialise_batches(batches, allow_empty=True)
     loss_fn = default_loss_fn if loss_fn is None else loss_fn
     bar = RunProgress.of(progress, len(batches))
     try:
@@ -229,6 +237,7 @@ def merge_passes(parts: list[KFACSums]) -> KFACSums:
         out.Z |= part.Z
         out.Y |= part.Y
         out.G |= part.G
+        out.G_odd |= part.G_odd
         out.group_of |= part.group_of
     return out
 
@@ -274,9 +283,7 @@ def token_masks(batch: Batch, config: LoraDAConfig) -> tuple[Tensor, int]:
 
 def _masks(batch: Batch, config: LoraDAConfig) -> tuple[Tensor, Tensor]:
     """(statistics positions P, loss tokens), both bool (batch, seq); see :func:`token_masks`."""
-    labels, attention = batch.get("labels"), batch.get("attention_mask")
-    if labels is None and attention is None:
-        raise ValueError("each batch needs 'labels' or 'attention_mask' to select tokens")
+    labels, attention = batch.get("labels"), batch.get("attention_mask")  # one is there (checked)
     attention = None if attention is None else attention.bool()
     loss_mask = attention if labels is None else _shifted_label_mask(labels, config.label_shift)
     if labels is not None and attention is not None:
@@ -288,7 +295,10 @@ def _masks(batch: Batch, config: LoraDAConfig) -> tuple[Tensor, Tensor]:
 
 
 def prepare_batch(
-    batch: object, device: torch.device, config: LoraDAConfig, model: nn.Module | None = None
+    batch: Mapping[str, Any],
+    device: torch.device,
+    config: LoraDAConfig,
+    model: nn.Module | None = None,
 ) -> Batch:
     """One calibration batch as the pass uses it: a plain ``dict`` (from any ``Mapping``, e.g.
     ``transformers.BatchEncoding``), its tensors on ``device``, and ``labels[t + label_shift]``
@@ -300,26 +310,11 @@ def prepare_batch(
     (0 on the pads), as ``generate`` does: every token keeps the position it has without padding.
     Otherwise the model numbers the pads too, and RoPE sees every position shifted: the same
     function in exact arithmetic (RoPE is relative), but float32 rounding then differs with the
-    padding side (measured on SmolLM2: 1.5e-6 relative in Y, 1.7e-6 in G)."""
-    if not isinstance(batch, Mapping):
-        hint = (
-            " (a single batch passed as `batches`? wrap it in a list)"
-            if isinstance(batch, str)
-            else ""
-        )
-        raise TypeError(
-            "each batch must be a Mapping of tensors (a dict or a transformers BatchEncoding), "
-            f"got {type(batch).__name__}{hint}"
-        )
-    out = dict(batch)
-    for key in ("input_ids", "attention_mask", "labels"):
-        value = out.get(key)
-        if value is not None and not isinstance(value, Tensor):
-            raise TypeError(
-                f"batch[{key!r}] is a {type(value).__name__}, not a tensor "
-                "(tokenize with return_tensors='pt', or collate with a DataCollator)"
-            )
-    out = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in out.items()}
+    padding side (measured on SmolLM2: 1.5e-6 relative in Y, 1.7e-6 in G).
+
+    ``batch`` is one of the batches :func:`materialise_batches` checked: nothing is checked here,
+    per batch and per pass."""
+    out = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in dict(batch).items()}
     labels, attention = out.get("labels"), out.get("attention_mask")
     if labels is not None and attention is not None and labels.shape == attention.shape:
         shift, length = config.label_shift, labels.shape[-1]
@@ -346,17 +341,74 @@ def _takes_position_ids(model: nn.Module) -> bool:
         return False
 
 
-def materialise_batches(batches: Iterable[Batch]) -> list[Batch]:
-    """``batches`` as a list, read once: any iterable (a list, a generator, a ``DataLoader``;
-    a shuffling DataLoader would give other batches on the next pass) of ``Mapping`` batches."""
-    if isinstance(batches, Mapping | Tensor | str):
-        raise TypeError(
-            f"batches must be an iterable of batches (a list, a DataLoader), not a single "
-            f"{type(batches).__name__}: wrap one batch in a list"
+class CalibrationBatches(list):
+    """The calibration batches after :func:`materialise_batches`: a list, read once and checked,
+    so that an entry point handing them on (the pipeline to the statistics pass) is not checked
+    again."""
+
+
+EMPTY_BATCHES = "batches is empty: the initialisation needs calibration data"
+# The batch keys whose values must be tensors: the pass reads them itself.
+TENSOR_KEYS = ("input_ids", "attention_mask", "labels")
+
+
+def materialise_batches(
+    batches: Iterable[Batch], *, allow_empty: bool = False
+) -> CalibrationBatches:
+    """``batches`` read once into a list and checked: THE check of the calibration data, called
+    once by every public entry point (the per-batch code only moves tensors to the device), so
+    each kind of bad input gets one message wherever it is passed.
+
+    ``batches``: any iterable (a list, a generator, a ``DataLoader``; a shuffling DataLoader
+    would give other batches on the next pass) of ``Mapping`` batches (a dict, a transformers
+    ``BatchEncoding``) whose ``input_ids``, ``attention_mask`` and ``labels``, where present,
+    are tensors, with ``labels`` or ``attention_mask`` (they select the tokens).
+    ``allow_empty``: a shard of a distributed run may be empty (the union may not: ``finalize``
+    counts it). Already checked batches (:class:`CalibrationBatches`) are returned as they are.
+    """
+    if not isinstance(batches, CalibrationBatches):
+        if isinstance(batches, Mapping | Tensor | str):
+            raise TypeError(
+                f"batches must be an iterable of batches (a list, a DataLoader), not a single "
+                f"{type(batches).__name__}: wrap one batch in a list"
+            )
+        if not isinstance(batches, Iterable):
+            raise TypeError(
+                f"batches must be an iterable of batches (a list, a DataLoader), "
+                f"got {type(batches).__name__}"
+            )
+        batches = CalibrationBatches(batches)
+        for index, batch in enumerate(batches):
+            _check_batch(batch, index)
+    if not batches and not allow_empty:
+        raise ValueError(EMPTY_BATCHES)
+    return batches
+
+
+def _check_batch(batch: object, index: int) -> None:
+    if not isinstance(batch, Mapping):
+        hint = (
+            " (a single batch passed as `batches`? wrap it in a list)"
+            if isinstance(batch, str)
+            else ""
         )
-    if not isinstance(batches, Iterable):
-        raise TypeError(f"batches must be an iterable of batches, got {type(batches).__name__}")
-    return batches if isinstance(batches, list) else list(batches)
+        raise TypeError(
+            f"batch {index} is a {type(batch).__name__}: each batch must be a Mapping of tensors "
+            f"(a dict or a transformers BatchEncoding){hint}"
+        )
+    for key in TENSOR_KEYS:
+        value = batch.get(key)
+        if value is not None and not (isinstance(value, Tensor) and value.ndim >= 1):
+            kind = "0-d tensor" if isinstance(value, Tensor) else type(value).__name__
+            raise TypeError(
+                f"batch {index}: {key!r} is a {kind}, not a tensor with a batch or sequence "
+                "dimension (tokenize with return_tensors='pt', or collate with a DataCollator)"
+            )
+    if batch.get("labels") is None and batch.get("attention_mask") is None:
+        raise ValueError(
+            f"batch {index} has neither 'labels' nor 'attention_mask': each batch needs one to "
+            "select its tokens"
+        )
 
 
 def _shifted_label_mask(labels: Tensor, shift: int) -> Tensor:
@@ -367,13 +419,41 @@ def _shifted_label_mask(labels: Tensor, shift: int) -> Tensor:
     return mask
 
 
+@dataclass(eq=False)
+class _BatchState:
+    """What the hooks of one batch share: its positions and scales, set before the forward, and
+    what the forward leaves for the backward (inputs, input groups, which targets ran)."""
+
+    positions: Tensor  # P, bool (batch, seq)
+    every_position: bool  # P holds every position: no gather
+    rows: int
+    y_scale: float | Tensor  # the scores s = y_scale · ∂L_b/∂o
+    g_scale: float | Tensor  # G's gradients, w_b-weighted
+    halves: list[tuple[int, slice | None]] | None  # (half, rows) with split sums, else None
+    inputs: dict[str, tuple[Tensor, int]] = field(default_factory=dict)  # group → (x, version)
+    readers: list[tuple[Tensor, str]] = field(default_factory=list)  # (input tensor, 1st reader)
+    group: dict[str, str] = field(default_factory=dict)  # target → its input group
+    called: set[str] = field(default_factory=set)  # targets the forward ran
+    graded: set[str] = field(default_factory=set)  # targets whose gradient arrived
+    backward: bool = False  # forwards from now on are checkpoint recomputes
+    active: bool = True
+
+    def close(self) -> None:
+        """Drop the activations: the output-tensor hooks still reference this state, and the
+        activations it holds would otherwise keep a hook → activation → graph → output cycle
+        alive, which Python's GC cannot collect (it runs through C++ autograd nodes)."""
+        self.active = False
+        self.inputs.clear()
+        self.readers.clear()
+
+
 class _Collector:
     """Hooks of one pass: forward hooks on the targets, tensor hooks on their outputs."""
 
     def __init__(self, targets: dict[str, nn.Linear], config: LoraDAConfig) -> None:
         self.targets, self.config = targets, config
         self.sums = KFACSums()
-        self._batch: dict[str, Any] = {}
+        self._batch: _BatchState | None = None
 
     def run(
         self, model: nn.Module, batches: list[Batch], loss_fn: LossFn, progress: RunProgress
@@ -389,7 +469,9 @@ class _Collector:
         finally:
             for handle in handles:
                 handle.remove()
-            self._batch.clear()
+            if self._batch is not None:
+                self._batch.close()
+                self._batch = None
         return self.sums
 
     def _step(self, model: nn.Module, batch: Batch, loss_fn: LossFn, index: int) -> None:
@@ -408,84 +490,79 @@ class _Collector:
         row_weight = row_tokens if cfg.gradient_weight == "token" else valid  # (rows,)
         start = self.sums.sequences  # stream index of this batch's first row
         odd = (torch.arange(rows, device=row_tokens.device) + start) % 2 == 1
-        self._batch = {
-            "P": positions,
-            "all": bool(positions.all()),  # every position counts: skip the gather
-            "rows": rows,
-            "y_scale": float(loss_tokens) if cfg.score_scale == "token" else per_sequence,
-            "g_scale": float(loss_tokens) if cfg.gradient_weight == "token" else per_sequence,
-            "halves": _halves(rows, start) if cfg.split_sums else None,
-            "x": {},
-            "inputs": [],
-            "called": set(),
-            "graded": set(),
-            "backward": False,
-        }
+        self._batch = b = _BatchState(
+            positions=positions,
+            every_position=bool(positions.all()),
+            rows=rows,
+            y_scale=float(loss_tokens) if cfg.score_scale == "token" else per_sequence,
+            g_scale=float(loss_tokens) if cfg.gradient_weight == "token" else per_sequence,
+            halves=_halves(rows, start) if cfg.split_sums else None,
+        )
         with torch.enable_grad():
             loss = loss_fn(model, batch)
             _check_loss(loss, index)
-            self._batch["backward"] = True  # forwards from now on are checkpoint recomputes
+            b.backward = True
             loss.backward()
         weight = float(row_weight.sum())
-        self._end_batch(positions, rows, loss_tokens, weight, float(row_weight[odd].sum()))
+        self._end_batch(b, loss_tokens, weight, float(row_weight[odd].sum()))
 
     def _end_batch(
-        self, positions: Tensor, rows: int, loss_tokens: int, weight: float, odd_weight: float
+        self, b: _BatchState, loss_tokens: int, weight: float, odd_weight: float
     ) -> None:
-        missing = set(self.targets) - self._batch["called"]
+        missing = set(self.targets) - b.called
         if missing:
             raise ValueError(f"target modules not called by the forward pass: {sorted(missing)}")
-        self.sums.tokens += int(positions.sum())
+        self.sums.tokens += int(b.positions.sum())
         self.sums.loss_tokens += loss_tokens
         self.sums.gradient_weight += weight
         if self.config.split_sums:
             self.sums.split_weight += odd_weight
-        self.sums.sequences += rows
+        self.sums.sequences += b.rows
         self.sums.batches += 1
-        # Empty the dict in place: the output-tensor hooks still reference it, and the activations
-        # it holds would otherwise keep a hook → activation → graph → output cycle alive, which
-        # Python's GC cannot collect (it runs through C++ autograd nodes): a leak per batch.
-        self._batch.clear()
+        b.close()  # a leak per batch otherwise (_BatchState.close)
+        self._batch = None
 
     def _forward_hook(
         self, name: str, module: nn.Module, inputs: tuple[Any, ...], output: Tensor
     ) -> None:
         b = self._batch
-        if not b:
+        if b is None:
             return  # a forward outside our steps (e.g. generation inside loss_fn is not ours)
-        if b["backward"]:
+        if b.backward:
             # Gradient checkpointing recomputes the layer during backward. Non-reentrant: the
             # gradient reaches the first forward's output (hook already set); reentrant: it flows
             # through this recomputed output. Either way it is counted once (``graded``).
-            if name in b["called"] and output.requires_grad:
-                output.register_hook(partial(self._grad_hook, name, b["group"][name], b))
+            if name in b.called and output.requires_grad:
+                output.register_hook(partial(self._grad_hook, name, b.group[name], b))
             return
-        if name in b["called"]:
+        if name in b.called:
             raise ValueError(
                 f"target module {name!r} is called more than once per forward; unsupported"
             )
-        b["called"].add(name)
+        b.called.add(name)
         x = inputs[0]  # (..., d_in)
-        if tuple(x.shape[:-1]) != tuple(b["P"].shape):
+        if tuple(x.shape[:-1]) != tuple(b.positions.shape):
             raise ValueError(
-                f"{name}: input positions {tuple(x.shape[:-1])} do not match the token mask {tuple(b['P'].shape)}"
+                f"{name}: input positions {tuple(x.shape[:-1])} do not match the token mask {tuple(b.positions.shape)}"
             )
-        group = self._group(name, x)
-        b.setdefault("group", {})[name] = group
+        group = self._group(b, name, x)
+        b.group[name] = group
         if group == name:
             xP = x.detach().to(self.config.dtype)  # (..., d_in)
-            xP = xP.reshape(-1, xP.shape[-1]) if b["all"] else xP[b["P"]]  # (|P_b|, d_in)
+            xP = (
+                xP.reshape(-1, xP.shape[-1]) if b.every_position else xP[b.positions]
+            )  # (|P_b|, d_in)
             _add_gram(self.sums.Z, name, xP, 1.0)  # += Σ x xᵀ (lower triangle)
-            b["x"][group] = (x, x._version)
+            b.inputs[group] = (x, x._version)
         if not output.requires_grad:
             output.requires_grad_(True)  # a leaf: gradients flow to it, not into frozen weights
         output.register_hook(partial(self._grad_hook, name, group, b))
 
-    def _group(self, name: str, x: Tensor) -> str:
+    def _group(self, b: _BatchState, name: str, x: Tensor) -> str:
         """The first module of this forward that read the very same input tensor."""
-        group = next((g for t, g in self._batch["inputs"] if t is x), name)
+        group = next((g for t, g in b.readers if t is x), name)
         if group == name:
-            self._batch["inputs"].append((x, name))
+            b.readers.append((x, name))
         known = self.sums.group_of.setdefault(name, group)
         if known != group:
             raise RuntimeError(
@@ -493,29 +570,27 @@ class _Collector:
             )
         return group
 
-    def _grad_hook(self, name: str, group: str, b: dict[str, Any], g: Tensor) -> None:
-        if not b or name in b["graded"]:
+    def _grad_hook(self, name: str, group: str, b: _BatchState, g: Tensor) -> None:
+        if not b.active or name in b.graded:
             return  # (a recomputed output under non-reentrant checkpointing gets no gradient)
-        b["graded"].add(name)
+        b.graded.add(name)
         dtype = self.config.dtype
-        x, version = b["x"][group]
+        x, version = b.inputs[group]
         if x._version != version:
             raise RuntimeError(f"the input of {name!r} was modified in place before backward")
         g = g.detach().to(dtype)  # (..., d_out) = ∂L_b/∂o
         x = x.detach().to(dtype)  # (..., d_in)
         scaled: dict[int, tuple[Tensor, float]] = {}
-        g_G, a_G = _scaled(g, b["g_scale"], scaled)  # G's per-position gradients, × a_G
-        if b["halves"] is None:
+        g_G, a_G = _scaled(g, b.g_scale, scaled)  # G's per-position gradients, × a_G
+        if b.halves is None:
             _addmm(self.sums.G, name, _flat(x).mT, _flat(g_G), a_G)  # += w_b ∇_W L_b
-        else:  # G[name] is (2, d_in, d_out): the even- and odd-numbered sequences' sums
-            for half, rows in b["halves"]:
+        else:  # the even-numbered sequences' sum into G, the odd-numbered ones' into G_odd
+            for half, rows in b.halves:
                 xs, gs = (x, g_G) if rows is None else (x[rows], g_G[rows])
-                product = _flat(xs).mT @ _flat(gs)  # (d_in, d_out)
-                if name not in self.sums.G:  # allocated as a running sum by _add
-                    _add(self.sums.G, name, product.new_zeros(2, *product.shape))
-                add_into(self.sums.G[name][half], product, a_G)
-        g_Y, a_Y = _scaled(g, b["y_scale"], scaled)  # scores s = a_Y · g_Y
-        gP = _flat(g_Y) if b["all"] else g_Y[b["P"]]  # (|P_b|, d_out)
+                store = self.sums.G_odd if half else self.sums.G
+                _addmm(store, name, _flat(xs).mT, _flat(gs), a_G)  # (d_in, d_out)
+        g_Y, a_Y = _scaled(g, b.y_scale, scaled)  # scores s = a_Y · g_Y
+        gP = _flat(g_Y) if b.every_position else g_Y[b.positions]  # (|P_b|, d_out)
         _OUTPUT_FACTORS[self.config.output_factor](self.sums.Y, name, gP, a_Y**2)
 
 

@@ -32,7 +32,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lora_da_ref.torch.adapter import weight_fingerprint
 from lora_da_ref.torch.config import LoraDAConfig
+from lora_da_ref.torch.factors import solve_layer
 from lora_da_ref.torch.statistics import Batch, KFACStatistics
 
 __all__ = ["MANIFEST", "StatisticsStore", "full_diagnostics", "saved_passes", "statistics_key"]
@@ -49,8 +51,6 @@ def statistics_key(
     config: LoraDAConfig, targets: Mapping[str, nn.Linear], batches: Iterable[Batch]
 ) -> dict[str, Any]:
     """What a pass's statistics depend on (module docstring), as JSON-ready values."""
-    from lora_da_ref.torch.adapter import weight_fingerprint
-
     settings = {f: str(getattr(config, f)) for f in PASS_FIELDS}
     settings["split_sums"] = config.split_sums
     digest = hashlib.sha256()
@@ -166,8 +166,6 @@ def full_diagnostics(
     """The ``"full"`` diagnostics of every saved layer (the split-half solves and the precision
     probe beside the cheap ones), solved from the saved statistics with the config recorded in
     an adapter's provenance (``settings``) and each layer's rank: no pass over the data."""
-    from lora_da_ref.torch.factors import solve_layer
-
     fields = {f.name for f in dataclasses.fields(LoraDAConfig)}
     values = {k: v for k, v in settings.items() if k in fields}
     values["dtype"] = getattr(torch, str(values.get("dtype", "float32")))

@@ -54,7 +54,6 @@ from lora_da_ref.torch.distributed.collectives import (
 from lora_da_ref.torch.distributed.failures import RankFailedError, all_ranks_or_none
 from lora_da_ref.torch.distributed.strategy import (
     DataParallel,
-    as_shard,
     assign_layers,
     collect_statistics_distributed,
     init_lora_da_distributed,
@@ -66,7 +65,6 @@ __all__ = [
     "RankFailedError",
     "all_ranks_or_none",
     "all_reduce_sums",
-    "as_shard",
     "assign_layers",
     "broadcast_factors",
     "collect_statistics_distributed",

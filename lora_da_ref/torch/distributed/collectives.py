@@ -8,6 +8,7 @@ Paper orientation: ``A`` (d_in, r), ``B`` (r, d_out).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import MISSING, fields
 from functools import partial
 from typing import Any
@@ -31,7 +32,7 @@ def all_reduce_sums(
     sums' dtype, :data:`~lora_da_ref.torch.statistics.RUNNING_SUM_DTYPE`).
 
     ``Z[g] = Σ_r Σ_{t∈P_r} x xᵀ`` (d_in, d_in), ``Y[m]`` (d_out, d_out) or (d_out,),
-    ``G[m] = Σ_r Σ_{b∈S_r} T_b ∇_W L_b`` (d_in, d_out), and ``tokens`` = Σ_r |P_r| etc. A rank
+    ``G[m] + G_odd[m] = Σ_r Σ_{b∈S_r} T_b ∇_W L_b`` (d_in, d_out; ``G_odd`` with split sums), and ``tokens`` = Σ_r |P_r| etc. A rank
     that saw no tokens contributes zeros of the right shapes; the input groups (``group_of``)
     seen by the ranks must agree. Identical on every rank afterwards.
     """
@@ -41,6 +42,7 @@ def all_reduce_sums(
         _fill_missing(sums, targets, config)
         tensors = [sums.Z[n] for n in names if sums.group_of[n] == n]
         tensors += [sums.Y[n] for n in names] + [sums.G[n] for n in names]
+        tensors += [sums.G_odd[n] for n in names] if config.split_sums else []
         _all_reduce_flat(tensors, group)
     _all_reduce_counts(sums, group)
     return sums
@@ -86,8 +88,10 @@ def _fill_missing(sums: KFACSums, targets: dict[str, nn.Linear], config: LoraDAC
             sums.Z[name] = zeros(d_in, d_in)
         if name not in sums.Y:
             sums.Y[name] = zeros(d_out, d_out) if config.output_factor == "full" else zeros(d_out)
-        if name not in sums.G:  # stacked even/odd halves with calibration diagnostics (H2)
-            sums.G[name] = zeros(2, d_in, d_out) if config.split_sums else zeros(d_in, d_out)
+        if name not in sums.G:
+            sums.G[name] = zeros(d_in, d_out)
+        if config.split_sums and name not in sums.G_odd:  # a shard may hold no odd sequence
+            sums.G_odd[name] = zeros(d_in, d_out)
 
 
 def _all_reduce_counts(sums: KFACSums, group: dist.ProcessGroup) -> None:
@@ -127,16 +131,16 @@ def broadcast_factors(
     mine: dict[str, LoraFactors],
     owners: dict[str, int],
     targets: dict[str, nn.Linear],
-    r: int,
+    ranks: Mapping[str, int],
     group: dist.ProcessGroup,
 ) -> dict[str, LoraFactors]:
     """Every owner broadcasts its layers' ``A`` (d_in, r), ``B`` (r, d_out), eigenvalues (r,) in
-    one flat float32 buffer; the diagnostics follow as objects."""
+    one flat float32 buffer (``r = ranks[name]``); the diagnostics follow as objects."""
     arrays: dict[str, list[Tensor]] = {}
     for src in range(dist.get_world_size(group)):
         names = [n for n in targets if owners[n] == src]
         if names:
-            arrays |= _broadcast_layers(mine, names, targets, r, src, group)
+            arrays |= _broadcast_layers(mine, names, targets, ranks, src, group)
     diagnostics = _gather_diagnostics(mine, owners, group)
     return {n: LoraFactors(*arrays[n], diagnostics[n]) for n in targets}
 
@@ -145,14 +149,18 @@ def _broadcast_layers(
     mine: dict[str, LoraFactors],
     names: list[str],
     targets: dict[str, nn.Linear],
-    r: int,
+    ranks: Mapping[str, int],
     src: int,
     group: dist.ProcessGroup,
 ) -> dict[str, list[Tensor]]:
     shapes = [
         shape
         for n in names
-        for shape in ((targets[n].in_features, r), (r, targets[n].out_features), (r,))
+        for shape in (
+            (targets[n].in_features, ranks[n]),
+            (ranks[n], targets[n].out_features),
+            (ranks[n],),
+        )
     ]
     sizes = [_numel(shape) for shape in shapes]
     device = comm_device(group)

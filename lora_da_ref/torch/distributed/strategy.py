@@ -11,7 +11,7 @@ rank.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from contextlib import AbstractContextManager
 
 import torch.distributed as dist
@@ -30,12 +30,12 @@ from lora_da_ref.torch.statistics import (
     LossFn,
     accumulate_statistics,
     finalize,
+    materialise_batches,
     token_masks,
 )
 
 __all__ = [
     "DataParallel",
-    "as_shard",
     "assign_layers",
     "collect_statistics_distributed",
     "init_lora_da_distributed",
@@ -52,8 +52,8 @@ class DataParallel:
         self.rank = dist.get_rank(group)
 
     def prepare(self, batches: Iterable[Batch]) -> list[Batch]:
-        with all_ranks_or_none(self.group, "input check"):
-            return as_shard(batches)
+        with all_ranks_or_none(self.group, "input check"):  # a shard may be empty, not the union
+            return materialise_batches(batches, allow_empty=True)
 
     def collect(
         self, model: nn.Module, batches: list[Batch], targets: Targets, config: LoraDAConfig,
@@ -63,9 +63,8 @@ class DataParallel:
             raise TypeError("pass the wrapped module (ddp_model.module), not the DDP wrapper")
         show = progress if self.rank == 0 else False  # the pipeline's bar is disabled off rank 0
         lockstep = runs_collectives(model)
-        with all_ranks_or_none(self.group, "input check"):  # local errors before any collective
-            usable = sum(token_masks(b, config)[1] > 0 for b in batches)  # batches the pass runs
         if lockstep:
+            usable = sum(token_masks(b, config)[1] > 0 for b in batches)  # batches the pass runs
             steps, pad = lockstep_plan(batches, usable, config, self.group)
         with all_ranks_or_none(self.group, "statistics pass", lockstep=lockstep):
             if lockstep:
@@ -91,9 +90,9 @@ class DataParallel:
 
     def gather(
         self, mine: dict[str, LoraFactors], owners: dict[str, int], targets: Targets,
-        config: LoraDAConfig,
+        ranks: Mapping[str, int],
     ) -> dict[str, LoraFactors]:  # fmt: skip
-        return broadcast_factors(mine, owners, targets, config.rank, self.group)
+        return broadcast_factors(mine, owners, targets, ranks, self.group)
 
 
 def init_lora_da_distributed(
@@ -160,10 +159,3 @@ def assign_layers(
         owner_of_group[key] = rank
         heapq.heappush(loads, (load + cost[key], rank))
     return {name: owner_of_group[group_of.get(name, name)] for name in targets}
-
-
-def as_shard(batches: Iterable[Batch]) -> list[Batch]:
-    """A rank's shard; unlike single-process init it may be empty (the union must not be)."""
-    if isinstance(batches, dict):
-        raise TypeError("batches must be an iterable of dicts, not a single dict")
-    return list(batches)

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lora_da_ref.data import tiny_llama
 from lora_da_ref.torch.exact import TokenLossFn, causal_lm_token_losses
 
 __all__ = [
@@ -56,8 +57,6 @@ def tiny_llama_case(n_sequences: int = 32, length: int = 65, seed: int = 0) -> V
     """Random 2-layer LLaMA (hidden 16, MLP 32, 4 heads, 2 KV heads, vocab 64); the seven
     projections of layer 0; ``n_sequences`` random sequences of ``length`` tokens, batch size 1
     (2048 loss tokens by default: 4× the largest layer's d_in·d_out = 512, so J is invertible)."""
-    from lora_da_ref.data import tiny_llama
-
     model = tiny_llama(seed, hidden=16, intermediate=32, heads=4, kv_heads=2, vocab=64)
     layers = [n for n, m in model.named_modules() if ".layers.0." in n and isinstance(m, nn.Linear)]
     batches = _random_sequences(n_sequences, length, 64, seed + 1)

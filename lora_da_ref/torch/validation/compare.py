@@ -14,7 +14,7 @@ compares, against **exact** ground truths built from the dense per-token empiric
 
 Each method is compared with the exact counterpart **with its own settings** (β, α, N, the
 σ-normalisation, the score scale and the G weighting), through the one statistics→factors map
-:func:`lora_da_ref.torch.factors.layer_guidance` applied to the dense exact ``J`` and to K-FAC, so
+:func:`lora_da_ref.torch.guidance.layer_guidance` applied to the dense exact ``J`` and to K-FAC, so
 the numbers measure the approximation (K-FAC, diagonal Y, token mask, solver), not the choice of
 hyper-parameters.
 
@@ -48,15 +48,10 @@ from lora_da_ref.torch.exact import (
     exact_fisher_variants,
     full_precision_copy,
 )
-from lora_da_ref.torch.factors import (
-    Guidance,
-    kfac_fisher,
-    layer_factors,
-    layer_guidance,
-    layer_seed,
-)
+from lora_da_ref.torch.factors import kfac_fisher, layer_factors
 from lora_da_ref.torch.fisher import DenseFisher
-from lora_da_ref.torch.solvers import EigenResult, smallest_eigenpairs
+from lora_da_ref.torch.guidance import Guidance, layer_guidance
+from lora_da_ref.torch.solvers import EigenResult, layer_seed, smallest_eigenpairs
 from lora_da_ref.torch.statistics import KFACStatistics, collect_statistics
 from lora_da_ref.torch.validation.cases import Batch, ValidationCase
 from lora_da_ref.torch.validation.metrics import (

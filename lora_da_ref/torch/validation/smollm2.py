@@ -53,11 +53,16 @@ import scipy.linalg
 import torch
 from torch import Tensor, nn
 
+from lora_da_ref import guidance as np_guidance
+from lora_da_ref import real
 from lora_da_ref.linalg import principal_angles
 from lora_da_ref.torch.config import DEFAULT_TARGETS, LoraDAConfig
-from lora_da_ref.torch.factors import kfac_fisher, layer_guidance, layer_seed
-from lora_da_ref.torch.solvers import smallest_eigenpairs
+from lora_da_ref.torch.factors import kfac_fisher
+from lora_da_ref.torch.guidance import layer_guidance
+from lora_da_ref.torch.memory import layer_passes
+from lora_da_ref.torch.solvers import layer_seed, smallest_eigenpairs
 from lora_da_ref.torch.statistics import IGNORE_INDEX, KFACStatistics, model_guard
+from lora_da_ref.torch.targets import find_target_modules
 from lora_da_ref.torch.threads import one_blas_thread
 
 __all__ = [
@@ -635,8 +640,6 @@ def kfac_truth(
 def _sub_block_omega(J: np.ndarray, G: np.ndarray, n_train: int) -> np.ndarray:
     """Ω (Eq. 19, β = α = 1) of the NumPy reference from a dense sub-block Fisher, damped by
     ``1e-8·tr(J)/dim`` (relative to its scale); ΔW = −J⁻¹G (Eq. 21)."""
-    from lora_da_ref import guidance as np_guidance
-
     J = J + 1e-8 * np.trace(J) / J.shape[0] * np.eye(J.shape[0])
     dw = np_guidance.fisher_gradient(J, G)  # (|I|, |J|)
     return np_guidance.guidance_matrix(J, dw, n_train)  # (|I|, |I|)
@@ -696,8 +699,6 @@ def _per_token_block_gradients(
 
 
 def _texts(model_tokenizer: tuple[Any, Any], options: SmolLM2Options) -> tuple[list, list]:
-    from lora_da_ref import real
-
     _, tok = model_tokenizer
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     records = real.humaneval("train")
@@ -729,11 +730,8 @@ def run_smollm2(
     progress: bool = False,
 ) -> dict[str, Any]:
     """The whole ``smollm2`` case; returns a JSON-able report (per layer + per module type)."""
-    from lora_da_ref.real import load_smollm2
-    from lora_da_ref.torch.targets import find_target_modules
-
     t0 = time.perf_counter()
-    model, tok = model_tokenizer if model_tokenizer is not None else load_smollm2()
+    model, tok = model_tokenizer if model_tokenizer is not None else real.load_smollm2()
     layers = options.layers if options.layers is not None else MODULE_TYPES
     names = list(find_target_modules(model, layers))
     if not names:
@@ -749,8 +747,6 @@ def run_smollm2(
     targets = dict(model.named_modules())
     main_parts = [p for p in options.parts if p != "kfac"]
     if main_parts:
-        from lora_da_ref.torch.memory import layer_passes
-
         per_layer: dict[str, Any] = {}
         report["seconds"] |= {"statistics": 0.0, "layers": 0.0}
         groups = layer_passes(names, options.layers_per_pass)  # memory: one group's statistics
