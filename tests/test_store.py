@@ -114,3 +114,32 @@ def test_cli_resume_gives_the_same_adapter_and_report_full_needs_no_pass(tmp_pat
     main(["report", str(root / "b"), "--full", "--no-figure"])
     layers = json.loads((root / "b" / "lora_da.json").read_text())["layers"]
     assert all("split_angle_max" in d and "precision_probe" in d for d in layers.values())
+
+
+def test_one_progress_bar_covers_every_pass_and_the_solves(monkeypatch):
+    """progress=True shows ONE bar whose total, fixed before any work, is passes × batches +
+    layers, and which reaches it exactly (not one bar per stage restarting at 0 %); its stages
+    name the pass plan. Catches a per-pass bar, a total that omits the solves, a double count."""
+    from lora_da_ref.torch import pipeline
+
+    bars = []
+
+    class Recorder(pipeline.RunProgress):
+        def __init__(self, total, enabled=True):
+            super().__init__(total, enabled=False)
+            self.total, self.done, self.stages = total, 0, []
+            bars.append(self)
+
+        def stage(self, text):
+            self.stages.append(text)
+
+        def step(self, n=1):
+            self.done += n
+
+    monkeypatch.setattr(pipeline, "RunProgress", Recorder)
+    model, batches = tiny_llama(), llama_batches()
+    factors = init_lora_da(model, batches, LoraDAConfig(rank=2, layers_per_pass=1), progress=True)
+    assert len(bars) == 1
+    (bar,) = bars
+    assert bar.total == 2 * len(batches) + len(factors) == bar.done
+    assert bar.stages[0] == "statistics, pass 1/2 (1 layers)" and "solves, pass 2/2" in bar.stages
