@@ -48,8 +48,10 @@ SNR_NEEDED = 1.0  # signal = noise; the report flags below it as well
 
 def snr_at_size(snr: float, size: float, target_size: float) -> float:
     """The plug-in SNR at ``|S| = target_size`` from one measured at ``|S| = size`` (module
-    docstring: the signal is fixed, the noise ∝ 1/|S|, so the SNR is linear in |S|)."""
-    return snr * target_size / size
+    docstring: the signal is fixed, the noise ∝ 1/|S|, so the SNR is linear in |S|); ``nan``
+    when the probe measured no signal (``snr <= 0``: a negative signal estimate scaled up would
+    read as a precise, ever more negative SNR)."""
+    return snr * target_size / size if snr > 0 else math.nan
 
 
 def size_for_snr(snr: float, size: float, want: float = SNR_NEEDED) -> float:
@@ -256,7 +258,8 @@ def format_plan(plan: Plan) -> str:
     table = [["module", "probe SNR", f"SNR at {plan.sequences} seq", "seq for SNR 1"]]
     for m in plan.snr:
         need = _count(m.sequences_needed) if math.isfinite(m.sequences_needed) else "no signal"
-        table.append([m.kind, f"{m.probe_snr:.3g}", f"{m.snr:.3g}", need])
+        at_size = f"{m.snr:.3g}" if math.isfinite(m.snr) else "no signal"
+        table.append([m.kind, f"{m.probe_snr:.3g}", at_size, need])
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     lines += ["  " + "  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in table]
     lines.append(verdict(plan))

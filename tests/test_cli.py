@@ -497,6 +497,8 @@ def test_plan_extrapolates_the_probe_snr_as_the_noise_law_says():
     need = size_for_snr(probe_snr, size)
     assert snr_at_size(probe_snr, size, need) == pytest.approx(1.0)
     assert size_for_snr(-0.5, size) == math.inf  # no signal seen: no size can be predicted
+    # nor an SNR at another size: -0.5 scaled by |S| would read as a precise, ever lower SNR
+    assert math.isnan(snr_at_size(-0.5, size, full))
 
 
 def test_plan_on_the_tiny_model(workspace, tmp_path, capsys):
@@ -524,8 +526,11 @@ def test_plan_on_the_tiny_model(workspace, tmp_path, capsys):
     assert _units(batches[:8], LoraDAConfig())[2] == pytest.approx(plan["probe_sample_size"])
     assert _units(batches, LoraDAConfig())[2] == pytest.approx(plan["sample_size"])
     ratio = plan["sample_size"] / plan["probe_sample_size"]
-    for m in plan["snr"]:
-        assert m["snr"] == pytest.approx(m["probe_snr"] * ratio), m
+    for m in plan["snr"]:  # the 1/|S| law where the probe saw a signal, else no SNR at all
+        if m["probe_snr"] > 0:
+            assert m["snr"] == pytest.approx(m["probe_snr"] * ratio), m
+        else:
+            assert math.isnan(m["snr"]), m
     assert {m["kind"] for m in plan["snr"]} == {"q_proj", "k_proj", "v_proj", "o_proj",
                                                 "gate_proj", "up_proj", "down_proj"}  # fmt: skip
     assert main(argv) == 0
