@@ -1,31 +1,31 @@
 """Cost of LoRA-DA's init (Algorithm 1) on a tiny LLaMA against a plain training pass; prints JSON.
 
-Usage: python benchmarks/init_overhead.py [--quick] [--device cpu|cuda] [--presets official paper]
+Usage: python benchmarks/init_overhead.py [--quick] [--device cpu|cuda] [--sequences 256]
+       [--presets default official paper_literal] [--repeats 3]
 
 Model: random LLaMA, 8 layers, hidden 512, intermediate 1376, 8 heads, vocab 1000; data: 32
-random sequences of 128 tokens (``--batch-size`` per batch, default 1 as the official code);
-rank 8 on all seven projections. Measured in one process (``--repeats`` times each, fastest kept):
+random sequences of 128 tokens (``--sequences``; 256 is the official calibration count;
+``--batch-size`` per batch, default 1 as the official code); rank 8 on all seven projections.
+Each preset runs with its default diagnostics tier (``cheap``) and is measured in one process
+(``--repeats`` times each, fastest kept):
 
 - ``plain_pass_s``: one forward+backward over all batches with every parameter requiring grad
   (as training would), gradients zeroed between batches;
-- ``statistics_pass_s``: ``collect_statistics`` (Algorithm 1, step 1: G, Z, Y in one pass);
-- ``solves_s``: the init's solve stage over all layers (``pipeline.solve_layers``: Cholesky,
-  Fisher–gradient, Ω, eigen-solve, in float64, with the precision probe's second solve for
-  float32 statistics), ``solve_workers`` layer groups side by side on one BLAS thread each;
-  ``solves_one_worker_s``: the same one group at a time on torch's threads (``solve_workers=1``);
-- ``statistics_core_pass_s``: the statistics pass without the calibration diagnostics' split-half
-  gradient sums (``diagnostics_pass_overhead`` = their relative cost; issue 11's budget: 5 %);
-- ``statistics_core_float32_sums_pass_s``: a control, not a supported setting: the same pass with
-  float32 running sums (``statistics.RUNNING_SUM_DTYPE`` swapped for the call), so that the cost
-  of the float64 sums that issue 12's two-process goal needs is measured, not guessed;
-- ``solves_core_s``: the same without the calibration diagnostics and the precision probe
-  (``calibration_diagnostics=False, precision_probe=False``): Algorithm 1's own solves;
-  ``solves_split_half_s`` / ``solves_probe_s``: Algorithm 1 plus only the split-half diagnostics /
-  only the precision probe;
-- ``init_total_s``: ``init_lora_da`` end to end; ``init_core_total_s``: the same with the
-  diagnostics and the probe off (the pass then keeps no split-half gradient sums);
-- ``multipass_total_s``: ``init_lora_da`` with ``layers_per_pass=2`` (the model re-run once per
-  2 layers), and ``+ plain_pass_s`` for the official design's separate gradient pass.
+- ``statistics_pass_s``: ``collect_statistics`` (Algorithm 1, step 1: G, Z, Y in one pass, with
+  the cheap tier's split-half gradient sums); ``statistics_off_pass_s``: without them
+  (``diagnostics="off"``); ``statistics_off_float32_sums_pass_s``: a control, not a supported
+  setting: the same pass with float32 running sums (``statistics.RUNNING_SUM_DTYPE`` swapped for
+  the call), so that the cost of the float64 sums the two-process agreement needs is measured;
+- ``solves_s`` / ``solves_off_s`` / ``solves_full_s``: the init's solve stage over all layers
+  (``pipeline.solve_layers``, float64) at the cheap, off and full tiers, ``solve_workers`` layer
+  groups side by side on one BLAS thread each; ``solves_one_worker_s``: one group at a time;
+- ``lapack_floor_s``: the bare LAPACK/BLAS calls of Algorithm 1 for the same shapes on the same
+  workers (:func:`lapack_floor_task`); ``solves_over_lapack_floor`` = off-tier solves ÷ floor;
+- ``init_total_s`` / ``init_off_total_s`` / ``init_full_total_s``: ``init_lora_da`` end to end
+  per tier; ``multipass_total_s``: with ``layers_per_pass=2`` (the model re-run once per 2
+  layers), and ``+ plain_pass_s`` for the official design's separate gradient pass;
+- ``flops`` and ``roofline``: the passes' flops counted by ``FlopCounterMode`` beside the extra
+  products (G, Z, Y) from shapes, and the measured time ratio beside the flop ratio.
 
 Each group of phases (passes, solves, inits) runs alternately ``--repeats`` times, and every ratio
 divides by the plain pass timed *in the same group* (``plain_pass_s`` for the passes,
@@ -34,10 +34,11 @@ divides by the plain pass timed *in the same group* (``plain_pass_s`` for the pa
 (differences of the phases above, each ÷ ``plain_pass_s``); their sum need not equal
 ``init_over_plain`` exactly (separate timings).
 
-Goals (issue 4): ``statistics_over_plain <= 1.35``; ``speedup_vs_multipass >= 2``. Issue 12:
-``init_over_plain`` (whole init / plain pass) no larger than before its float64 solves.
-Peak memory: CUDA allocator peak on GPU; on CPU the peak resident-set growth over the phase,
-sampled every 2 ms from /proc/self/statm (torch's CPU allocations are invisible to tracemalloc).
+Goals: ``init_over_plain`` ≤ 1.5 for the official preset at 256 sequences (2.0 at 32; 1.6 for the
+default preset), Algorithm 1's solves ≤ 1.3× the LAPACK floor, and the one-pass init ≥ 2× faster
+than the multi-pass one. Peak memory: CUDA allocator peak on GPU; on CPU the peak resident-set
+growth over the phase, sampled every 2 ms from /proc/self/statm (torch's CPU allocations are
+invisible to tracemalloc).
 """
 
 from __future__ import annotations
