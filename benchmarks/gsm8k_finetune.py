@@ -731,8 +731,15 @@ class Experiment:
 
     def select(self, method: str) -> tuple[float, bool]:
         """Run the grid (seeds 0 … select_seeds−1), extend past an edge winner, return the rate."""
-        grid = [lr_key(x) for x in self.sizes.lr_grid]
         seeds = range(self.sizes.select_seeds)
+        # the grid, and every rate the rows already hold for all selection seeds (as the summary
+        # reads them: the selection and the report choose from the same rates)
+        done: dict[float, set[int]] = {}
+        for r in read_rows(self.out / "rows", self.sizes).values():
+            if r["method"] == method:
+                done.setdefault(lr_key(r["lr"]), set()).add(r["seed"])
+        held = [lr for lr, s in done.items() if set(seeds) <= s]
+        grid = sorted({lr_key(x) for x in self.sizes.lr_grid} | set(held))
         vals = {lr: [self.row(method, lr, s)["val_loss"] for s in seeds] for lr in grid}
         best, edge = select_lr(vals)
         for _ in range(self.sizes.max_extend):
@@ -910,6 +917,7 @@ def _write_summary(result: dict, out: Path) -> None:
                     json.dumps(e["val_at_neighbours"]),
                 ]
             )
+    atomic_write(markdown_table(result), out / "table.md")
     with (out / "curves.csv").open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["method", "kind", "step", "loss"])
@@ -919,6 +927,30 @@ def _write_summary(result: dict, out: Path) -> None:
             for step, v in zip(e["curve"]["val_steps"], e["curve"]["val_loss"]):
                 w.writerow([m, "validation", step, v])
     _plot(result, out / "curves.png")
+
+
+def markdown_table(result: dict) -> str:
+    """The results table of docs/gsm8k_finetune.md, from ``summary.json``'s content."""
+    lines = [
+        "| method | chosen lr | held-out loss, mean ± s.d. (seeds) | − LoRA [95 % CI] "
+        "| val. loss at lr/2, lr, 2·lr | exact match ± s.e. |",
+        "|---|---|---|---|---|---|",
+    ]
+    for m, e in result["methods"].items():
+        d = e.get("diff_to_lora")
+        diff = "—" if d is None else f"{d['diff']:+.4f} [{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}]"
+        nb = e["val_at_neighbours"]
+        lr = e["selected_lr"]
+        around = ", ".join(
+            f"{nb[k]:.4f}" if k in nb else "—" for k in (f"{lr / 2:g}", f"{lr:g}", f"{lr * 2:g}")
+        )
+        em = f"{e['exact_match']:.3f} ± {e['exact_match_se']:.3f}" if "exact_match" in e else "—"
+        edge = " (edge)" if e["at_grid_edge"] else ""
+        lines.append(
+            f"| `{m}` | {lr:g}{edge} | {e['heldout_mean']:.4f} ± {e['heldout_sd']:.4f} "
+            f"({len(e['seeds'])}) | {diff} | {around} | {em} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def _plot(result: dict, path: Path) -> None:
