@@ -177,7 +177,7 @@ def test_grid_extends_past_an_edge_winner(tmp_path):
     optimum = 3e-5  # validation loss |log(lr/optimum)|: the minimum lies below the grid
     sizes = replace(TINY, lr_grid=(1e-4, 2e-4, 4e-4), select_seeds=2, max_extend=3)
     exp = gf.Experiment.__new__(gf.Experiment)
-    exp.sizes = sizes
+    exp.sizes, exp.out = sizes, tmp_path
     tried = []
 
     def fake_row(method, lr, seed):
@@ -195,6 +195,30 @@ def test_grid_extends_past_an_edge_winner(tmp_path):
     assert len({x for x, _ in tried}) == 4
     assert {s for _, s in tried} == {0, 1}
     assert gf.lr_key(2e-4 * 2) == gf.lr_key(4e-4)
+
+
+def test_rows_at_a_rate_off_the_grid_join_the_choice(tmp_path):
+    """A rate the rows hold for every selection seed is a grid point (the summary chooses from
+    all such rates; the selection must too, or the seeds run at a rate the report does not pick)."""
+    optimum = 3e-5
+    sizes = replace(TINY, lr_grid=(1e-4, 2e-4, 4e-4), select_seeds=2, max_extend=1)
+    exp = gf.Experiment.__new__(gf.Experiment)
+    exp.sizes, exp.out = sizes, tmp_path
+    exp.row = lambda method, lr, seed: {"val_loss": abs(math.log(lr / optimum))}
+
+    def stored(lr, seed):
+        row = {"method": "lora", "lr": lr, "seed": seed, "sizes_tag": sizes.tag()}
+        gf.atomic_write(
+            json.dumps(row), tmp_path / "rows" / f"{gf.file_name('lora', lr, seed, sizes)}.json"
+        )
+
+    stored(5e-5, 0)  # one selection seed only: not a grid point; the one extension reaches 5e-5
+    assert exp.select("lora") == (pytest.approx(5e-5), True)
+    stored(5e-5, 1)  # both: 5e-5 is on the grid, and the one extension goes on to 2.5e-5
+    assert exp.select("lora") == (pytest.approx(2.5e-5), True)
+    other = replace(sizes, steps=sizes.steps + 1)  # rows of other sizes never join
+    exp.sizes = other
+    assert exp.select("lora") == (pytest.approx(5e-5), True)
 
 
 # ----------------------------------------------------------------------------- statistics
