@@ -783,6 +783,32 @@ class Experiment:
         self.log(f"{name}: held-out {row['heldout_loss']:.4f}, exact {sum(correct)}/{len(correct)}")
         return row
 
+    def score_base(self) -> dict:
+        """The base model (no adapter) scored as a run is: the reference the fine-tuning moves
+        from (``heldout/base__<tag>.json``; cached)."""
+        path = self.out / "heldout" / f"base__{self.sizes.tag()}.json"
+        if path.is_file():
+            return json.loads(path.read_text())
+        t0 = time.perf_counter()
+        scores = per_problem(self.base, self.data["heldout"], self.device)
+        val = per_problem(self.base, self.data["validation"], self.device)
+        gen = self.data["heldout"][: self.sizes.gen]
+        correct = generate_answers(self.base, self.tok, gen, self.sizes, self.device)
+        row = {
+            "method": "base",
+            "sizes_tag": self.sizes.tag(),
+            "heldout": scores,
+            "heldout_loss": pooled(scores),
+            "val_loss": pooled(val),
+            "correct": correct,
+            "eval_seconds": time.perf_counter() - t0,
+        }
+        atomic_write(json.dumps(row) + "\n", path)
+        self.log(
+            f"base model: held-out {row['heldout_loss']:.4f}, exact {sum(correct)}/{len(correct)}"
+        )
+        return row
+
     def method(self, method: str) -> None:
         lr, edge = self.select(method)
         self.log(f"{method}: selected lr {lr:g}{' (grid edge)' if edge else ''}")
@@ -794,7 +820,7 @@ class Experiment:
 # ----------------------------------------------------------------------------- summary
 
 
-def summarize(out: Path, sizes: Sizes, base_losses: dict | None = None) -> dict[str, Any]:
+def summarize(out: Path, sizes: Sizes) -> dict[str, Any]:
     """Tables, bootstrap intervals, curves CSV/PNG and ``summary.json`` from the rows in ``out``."""
     rows = read_rows(out / "rows", sizes)
     held = read_rows(out / "heldout", sizes)
@@ -848,8 +874,16 @@ def summarize(out: Path, sizes: Sizes, base_losses: dict | None = None) -> dict[
         b = [_stack(base, seeds, k) for k in ("sum", "count")]
         diff, lo, hi = paired_bootstrap(*a, *b)
         result["methods"][m]["diff_to_lora"] = {"diff": diff, "ci95": [lo, hi], "seeds": seeds}
-    if base_losses:
-        result["base_model"] = base_losses
+    base_row = next((h for h in held.values() if h["method"] == "base"), None)
+    if base_row is not None:
+        result["base_model"] = {
+            "heldout_loss": base_row["heldout_loss"],
+            "val_loss": base_row["val_loss"],
+            "exact_match": accuracy_se([base_row["correct"]])[0] if base_row["correct"] else None,
+            "exact_match_se": accuracy_se([base_row["correct"]])[1]
+            if base_row["correct"]
+            else None,
+        }
     _write_summary(result, out)
     return result
 
@@ -950,6 +984,16 @@ def markdown_table(result: dict) -> str:
             f"| `{m}` | {lr:g}{edge} | {e['heldout_mean']:.4f} ± {e['heldout_sd']:.4f} "
             f"({len(e['seeds'])}) | {diff} | {around} | {em} |"
         )
+    b = result.get("base_model")
+    if b is not None:
+        em = (
+            "—"
+            if b["exact_match"] is None
+            else f"{b['exact_match']:.3f} ± {b['exact_match_se']:.3f}"
+        )
+        lines.append(
+            f"| base model (no fine-tuning) | — | {b['heldout_loss']:.4f} | — | — | {em} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -1042,6 +1086,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p.add_argument("--steps", type=int, default=None, help="override the sizes' steps")
     p.add_argument("--seeds", type=int, default=None, help="seeds at the chosen rate")
     p.add_argument("--gen", type=int, default=None, help="held-out problems to generate (0: none)")
+    p.add_argument("--base", action="store_true", help="also score the base model (cached)")
     args = p.parse_args(argv)
     sizes = QUICK if args.quick else FULL
     if args.steps is not None:
@@ -1089,6 +1134,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         print(json.dumps(result, indent=1))
         return result
     exp = Experiment(base, tok, data, sizes, device, out, log)
+    if args.base:
+        exp.score_base()
     for method in args.methods:
         exp.method(method)
     return summarize(out, sizes)

@@ -293,20 +293,26 @@ def test_experiment_end_to_end_selects_on_validation_only(tiny, tmp_path, monkey
         "per_problem",
         lambda m, ex, d: order.append("heldout" if id(ex) == held else "val") or real(m, ex, d),
     )
+    before = gf.pooled(real(model, data["heldout"], CPU))
     exp = gf.Experiment(model, tok, data, TINY, CPU, tmp_path, lambda m: None)
     for method in gf.METHODS:
         order.clear()
         exp.method(method)
         n_val = len(TINY.lr_grid) * TINY.select_seeds * TINY.curve_points
         assert order[:n_val] == ["val"] * n_val and "heldout" in order, (method, order)
+    # scored after every method: a method that wrote into the shared base model (PiSSA's
+    # residual, an offset) would move the reference
+    assert exp.score_base()["heldout_loss"] == pytest.approx(before, rel=1e-6)
     result = gf.summarize(tmp_path, TINY)
     assert set(result["methods"]) == set(gf.METHODS)
+    assert result["base_model"]["heldout_loss"] == pytest.approx(before, rel=1e-6)
+    assert "| base model" in (tmp_path / "table.md").read_text()
     for m, e in result["methods"].items():
         assert len(e["seeds"]) == TINY.seeds and math.isfinite(e["heldout_mean"])
         if m != gf.BASELINE:
             lo, hi = e["diff_to_lora"]["ci95"]
             assert lo <= e["diff_to_lora"]["diff"] <= hi
-    for f in ("summary.json", "table.csv", "curves.csv", "curves.png"):
+    for f in ("summary.json", "table.csv", "table.md", "curves.csv", "curves.png"):
         assert (tmp_path / f).stat().st_size > 0
 
 
