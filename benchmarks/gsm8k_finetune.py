@@ -108,6 +108,23 @@ METHODS = (
     "random_A@da_scale",
     "da_subspace@one_scale",
 )
+# (a, b, what a − b isolates): the controls' partners, and every data-aware init against its
+# data-free counterpart at the same scale
+CONTRASTS = (
+    (
+        "lora_da_default",
+        "random_A@da_scale",
+        "LoRA-DA's subspace vs a random one, at LoRA-DA's scale",
+    ),
+    ("da_subspace@one_scale", "lora_one", "LoRA-DA's subspace vs LoRA-One's, at LoRA-One's scale"),
+    (
+        "da_subspace@one_scale",
+        "lora_da_default",
+        "LoRA-One's scale vs LoRA-DA's, in LoRA-DA's subspace",
+    ),
+    ("lora_da_official", "lora_da_default", "absolute damping + LOBPCG vs relative damping + eigh"),
+    ("lora_da_debiased", "lora_da_default", "the debiased estimator vs the plug-in"),
+)
 SEEDED = ("lora", "random_A@da_scale")  # the init itself is redrawn per seed
 BASELINE = "lora"
 EVAL_BATCH = 16
@@ -874,6 +891,19 @@ def summarize(out: Path, sizes: Sizes) -> dict[str, Any]:
         b = [_stack(base, seeds, k) for k in ("sum", "count")]
         diff, lo, hi = paired_bootstrap(*a, *b)
         result["methods"][m]["diff_to_lora"] = {"diff": diff, "ci95": [lo, hi], "seeds": seeds}
+    result["contrasts"] = []
+    for a_m, b_m, what in CONTRASTS:
+        if a_m not in finals or b_m not in finals:
+            continue
+        seeds = sorted(set(finals[a_m]) & set(finals[b_m]))
+        if not seeds:
+            continue
+        a = [_stack(finals[a_m], seeds, k) for k in ("sum", "count")]
+        b = [_stack(finals[b_m], seeds, k) for k in ("sum", "count")]
+        diff, lo, hi = paired_bootstrap(*a, *b)
+        result["contrasts"].append(
+            {"a": a_m, "b": b_m, "isolates": what, "diff": diff, "ci95": [lo, hi], "seeds": seeds}
+        )
     base_row = next((h for h in held.values() if h["method"] == "base"), None)
     if base_row is not None:
         result["base_model"] = {
@@ -994,6 +1024,13 @@ def markdown_table(result: dict) -> str:
         lines.append(
             f"| base model (no fine-tuning) | — | {b['heldout_loss']:.4f} | — | — | {em} |"
         )
+    if result.get("contrasts"):
+        lines += ["", "| a − b | isolates | held-out loss difference [95 % CI] |", "|---|---|---|"]
+        for c in result["contrasts"]:
+            lines.append(
+                f"| `{c['a']}` − `{c['b']}` | {c['isolates']} | "
+                f"{c['diff']:+.4f} [{c['ci95'][0]:+.4f}, {c['ci95'][1]:+.4f}] |"
+            )
     return "\n".join(lines) + "\n"
 
 

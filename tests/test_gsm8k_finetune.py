@@ -307,6 +307,10 @@ def test_experiment_end_to_end_selects_on_validation_only(tiny, tmp_path, monkey
     assert set(result["methods"]) == set(gf.METHODS)
     assert result["base_model"]["heldout_loss"] == pytest.approx(before, rel=1e-6)
     assert "| base model" in (tmp_path / "table.md").read_text()
+    pairs = {(c["a"], c["b"]) for c in result["contrasts"]}
+    assert pairs == {(a, b) for a, b, _ in gf.CONTRASTS}
+    for c in result["contrasts"]:
+        assert c["ci95"][0] <= c["diff"] <= c["ci95"][1]
     for m, e in result["methods"].items():
         assert len(e["seeds"]) == TINY.seeds and math.isfinite(e["heldout_mean"])
         if m != gf.BASELINE:
