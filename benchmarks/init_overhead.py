@@ -16,6 +16,9 @@ Each preset runs with its default diagnostics tier (``cheap``) and is measured i
   (``diagnostics="off"``); ``statistics_off_float32_sums_pass_s``: a control, not a supported
   setting: the same pass with float32 running sums (``statistics.RUNNING_SUM_DTYPE`` swapped for
   the call), so that the cost of the float64 sums the two-process agreement needs is measured;
+  ``statistics_unmeasured_pass_s``: a control too, the cheap pass without its rounding
+  measurement (``LoraDAConfig.records_rounding`` off for the call), which prices the float64
+  sketches the precision bound reads;
 - ``solves_s`` / ``solves_off_s`` / ``solves_full_s``: the init's solve stage over all layers
   (``pipeline.solve_layers``, float64) at the cheap, off and full tiers, ``solve_workers`` layer
   groups side by side on one BLAS thread each; ``solves_one_worker_s``: one group at a time;
@@ -34,8 +37,9 @@ divides by the plain pass timed *in the same group* (``plain_pass_s`` for the pa
 (differences of the phases above, each ÷ ``plain_pass_s``); their sum need not equal
 ``init_over_plain`` exactly (separate timings).
 
-Goals: ``init_over_plain`` ≤ 1.5 for the official preset at 256 sequences (2.0 at 32; 1.6 for the
-default preset), Algorithm 1's solves ≤ 1.3× the LAPACK floor, and the one-pass init ≥ 2× faster
+Goals (``GOALS_INIT_OVER_PLAIN``, in ``goals_met`` for the run's preset and size):
+``init_over_plain`` ≤ 1.5 for the official preset at 256 sequences (2.0 at 32; 1.6 for the
+default preset at 256), Algorithm 1's solves ≤ 1.3× the LAPACK floor, and the one-pass init ≥ 2× faster
 than the multi-pass one. Peak memory: CUDA allocator peak on GPU; on CPU the peak resident-set
 growth over the phase, sampled every 2 ms from /proc/self/statm (torch's CPU allocations are
 invisible to tracemalloc).
@@ -73,7 +77,9 @@ from lora_da_ref.torch.threads import one_blas_thread
 FULL = dict(layers=8, hidden=512, intermediate=1376, heads=8, vocab=1000, sequences=32, length=128)
 QUICK = dict(layers=4, hidden=32, intermediate=86, heads=4, vocab=256, sequences=2, length=16)
 RANK = 8
-GOAL_INIT_OVER_PLAIN = 1.5  # the official preset at the official 256 sequences; 2.0 at 32
+# The whole init over a plain pass, per (preset, sequences): the official preset at the official
+# 256 sequences and at 32, the default preset at 256.
+GOALS_INIT_OVER_PLAIN = {("official", 256): 1.5, ("official", 32): 2.0, ("default", 256): 1.6}
 GOAL_FLOOR = 1.3  # Algorithm 1's solves against the bare LAPACK calls for the same shapes
 GOAL_SPEEDUP = 2.0
 PRESETS = ("default", "official", "paper_literal")
@@ -201,6 +207,24 @@ def plain_pass(model: torch.nn.Module, batches: list[dict]) -> None:
         model.train(was_training)
         for p, flag in flags.items():
             p.requires_grad_(flag)
+
+
+@contextmanager
+def rounding_unmeasured() -> Iterator[None]:
+    """The pass without its rounding measurement (``LoraDAConfig.records_rounding`` off for the
+    block; a benchmark control only: the precision bound falls back to the model's size),
+    restored on any exit."""
+    saved = LoraDAConfig.records_rounding
+    LoraDAConfig.records_rounding = property(lambda self: False)  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        LoraDAConfig.records_rounding = saved  # type: ignore[method-assign]
+
+
+def collect_unmeasured(*args: Any, **kwargs: Any) -> Any:
+    with rounding_unmeasured():
+        return collect_statistics(*args, **kwargs)
 
 
 @contextmanager
@@ -358,13 +382,17 @@ def run_preset(name: str, model: torch.nn.Module, batches: list[dict], args: Any
     collect_f32 = partial(
         collect_with_sums, torch.float32, model, batches, targets, off, progress=False
     )
+    collect_unmeasured_ = partial(
+        collect_unmeasured, model, batches, targets, config, progress=False
+    )
     passes = measure(
         {"plain": partial(plain_pass, model, batches), "stats": collect, "off": collect_off,
-         "float32_sums": collect_f32},
+         "float32_sums": collect_f32, "unmeasured": collect_unmeasured_},
         device, repeats,
     )  # fmt: skip
     (plain_s, plain_mb, _), (stats_s, stats_mb, stats) = passes["plain"], passes.pop("stats")
     stats_off_s, stats_f32_s = passes.pop("off")[0], passes.pop("float32_sums")[0]
+    stats_unmeasured_s = passes.pop("unmeasured")[0]
     groups = layer_tasks(stats, targets)
     workers = min(solve_workers(stats, groups, config), len(groups))
     solve_runs = measure(
@@ -393,10 +421,13 @@ def run_preset(name: str, model: torch.nn.Module, batches: list[dict], args: Any
         repeats,
     )
     return {
+        "preset": name,
+        "sequences": sum(int(b["input_ids"].shape[0]) for b in batches),
         "plain_pass_s": plain_s,
         "statistics_pass_s": stats_s,
         "statistics_off_pass_s": stats_off_s,
         "statistics_off_float32_sums_pass_s": stats_f32_s,
+        "statistics_unmeasured_pass_s": stats_unmeasured_s,
         "solves_s": solve_runs["cheap"][0],
         "solves_off_s": solve_runs["off"][0],
         "solves_full_s": solve_runs["full"][0],
@@ -461,7 +492,11 @@ def add_ratios(row: dict) -> dict:
         "multipass_plus_gradient_pass_s": official_design,
         "speedup_vs_official_design": official_design / row["init_total_s"],
         "goals_met": {
-            f"init_over_plain<={GOAL_INIT_OVER_PLAIN}": init_ratio <= GOAL_INIT_OVER_PLAIN,
+            **(
+                {f"init_over_plain<={goal}": init_ratio <= goal}
+                if (goal := GOALS_INIT_OVER_PLAIN.get((row["preset"], row["sequences"])))
+                else {}
+            ),
             f"solves_over_lapack_floor<={GOAL_FLOOR}": floor_ratio <= GOAL_FLOOR,
             f"speedup_vs_multipass>={GOAL_SPEEDUP}": speedup >= GOAL_SPEEDUP,
         },
@@ -478,7 +513,11 @@ def cost_over_plain(row: dict) -> dict:
             row["statistics_off_pass_s"] - row["statistics_off_float32_sums_pass_s"]
         )
         / plain,
-        "split_half_gradient_sums": (row["statistics_pass_s"] - row["statistics_off_pass_s"])
+        "split_half_gradient_sums": (
+            row["statistics_unmeasured_pass_s"] - row["statistics_off_pass_s"]
+        )
+        / plain,
+        "rounding_measurement": (row["statistics_pass_s"] - row["statistics_unmeasured_pass_s"])
         / plain,
         "solves_algorithm_1": row["solves_off_s"] / plain,
         "solves_cheap_diagnostics": (row["solves_s"] - row["solves_off_s"]) / plain,

@@ -17,10 +17,16 @@ layer (diagonal Y, the ``default`` preset) it records:
   into Ω's eigenvectors, ``Σ_{j>r} |v_jᵀ δΩ a_k|²/(λ_j − λ_k)²`` (the full spectrum of Ω, by a
   dense ``eigh``) instead of ``‖P⊥ δΩ a_k‖²/(λ_{r+1} − λ_k)²``; the Δ terms keep
   ``min(‖Δ‖₂/(λ_{r+1} − λ_k), ‖W_k V⊥ᵀΔ‖_F)``, both valid;
-* ``bound``: ``precision_bound`` as the cheap tier computes it, and the measured ``angle``.
+* **the gap with the exact perturbation** (``exact_gap_bound``): the single-gap first-order
+  bound ``atan ‖(‖P⊥ δΩ a_k‖/(λ_{r+1} − λ_k))_k‖`` with the real ``δΩ`` (float32 Ω − float64 Ω):
+  what ``precision_bound`` would give if it knew the rounding exactly, entry by entry; its ratio
+  to the angle is the part of the looseness that no rounding model can remove;
+* ``bound``: ``precision_bound`` as the cheap tier computes it (scaled to the rounding the pass
+  measured, when the cached statistics carry the measurement), and the measured ``angle``.
 
 Prints a JSON summary (median, min, max of each ratio over layers) and writes every layer with
-``--out``. Costs one dense ``eigh`` of Ω per layer beyond the solve: ≈ 10 min on one core.
+``--out``. Costs one dense ``eigh`` of Ω and one float64 solve per layer beyond the solve:
+≈ 10 min on one core.
 """
 
 from __future__ import annotations
@@ -55,11 +61,21 @@ def rounding_vs_model(s32: Any, s64: Any, name: str) -> dict[str, float | None]:
     rho, kappa = G64.square().mean(1).sqrt(), G64.square().mean(0).sqrt()
     g_model = U32 * (rho[:, None] * kappa[None, :]).sqrt()
     g = float((s32.G[name].double() - G64).norm() / g_model.norm())
-    return {"z_error_over_model": z, "y_error_over_model": y, "g_error_over_model": g}
+    out = {"z_error_over_model": z, "y_error_over_model": y, "g_error_over_model": g}
+    for kind, key in (("z", group), ("g", name)):  # the pass's measurement against the real
+        measured = s32.rounding.get(f"{kind.upper()}/{key}")
+        real = float(
+            (
+                getattr(s32, kind.upper())[key].double() - getattr(s64, kind.upper())[key].double()
+            ).norm()
+        )
+        out[f"{kind}_measured_over_real"] = None if measured is None else measured / real
+    return out
 
 
 def spectral_bound(stats: Any, name: str, config: Any, J: Any, guide: Any, eig: Any) -> float:
-    """``precision_bound``'s model with the complement resolved into Ω's eigenvectors."""
+    """``precision_bound``'s model (scaled to the rounding the pass measured, where it did) with
+    the complement resolved into Ω's eigenvectors."""
     spectrum, vectors = torch.linalg.eigh(guide.omega.double())
     r = eig.vectors.shape[1]
     V, lam = eig.vectors.double(), eig.eigenvalues.double()
@@ -95,12 +111,23 @@ def spectral_bound(stats: Any, name: str, config: Any, J: Any, guide: Any, eig: 
         w(Q * rho[None, :]) * cols(kappa[:, None] * (X * inv[:, None]))
         + w_delta * float((inv * kappa).norm()) * cols(rho[:, None] * QV)
     )
-    turn = U32 * torch.sqrt(e_z.square() + e_y.square() + e_g.square())
+    c_z, c_y, c_g = F.rounding_scales(stats, name, U32)  # the measured size, as the bound's
+    turn = U32 * torch.sqrt((c_z * e_z).square() + (c_y * e_y).square() + (c_g * e_g).square())
     return float(torch.atan(turn.norm()))
+
+
+def exact_gap_bound(sol32: Any, sol64: Any) -> float:
+    """The single-gap first-order bound with the real ``δΩ = Ω₃₂ − Ω₆₄`` (both σ-normalised)."""
+    V, lam = sol32.eig.vectors.double(), sol32.eig.eigenvalues.double()
+    gaps = lam[-1] + float(sol32.eig.diagnostics["gap"]) - lam  # λ_{r+1} − λ_k
+    P = (sol32.guidance.omega.double() - sol64.guidance.omega.double()) @ V
+    P = P - V @ (V.mT @ P)  # P⊥ δΩ a_k
+    return float(torch.atan(torch.linalg.vector_norm(torch.linalg.vector_norm(P, dim=0) / gaps)))
 
 
 def run(cache: str, angles: dict[str, float]) -> dict[str, Any]:
     config = LoraDAConfig(dtype=torch.float32, diagnostics="cheap")
+    reference = config.replace(dtype=torch.float64, diagnostics="off")
     captured: dict[str, float] = {}
     original = F.precision_bound
 
@@ -117,14 +144,18 @@ def run(cache: str, angles: dict[str, float]) -> dict[str, Any]:
         for path in paths:
             s32, s64 = torch.load(path, weights_only=False)
             z_factors: dict = {}
+            z64: dict = {}
             for name in s32.G:
                 if s32.Y[name].ndim != 1 or name not in angles:
                     continue
                 sol = F.solve_layer(s32, name, config, z_factors)
+                sol64 = F.solve_layer(s64, name, reference, z64, probe=False)
                 layers[name] = {
                     "angle": angles[name],
                     "bound": sol.diagnostics["precision_bound"],
                     "spectral_bound": captured["spectral"],
+                    "exact_gap_bound": exact_gap_bound(sol, sol64),
+                    "rounding_scales": F.rounding_scales(s32, name, U32),
                     **rounding_vs_model(s32, s64, name),
                 }
             print(f"{len(layers)} layers", file=sys.stderr, flush=True)
@@ -139,9 +170,13 @@ def summarise(layers: dict[str, dict]) -> dict[str, Any]:
         return {"median": st.median(values), "min": min(values), "max": max(values)}
 
     out: dict[str, Any] = {"layers": len(layers)}
-    for key in ("z_error_over_model", "y_error_over_model", "g_error_over_model"):
-        out[key] = spread([v[key] for v in layers.values() if v[key] is not None])
-    for key in ("bound", "spectral_bound"):
+    for key in (
+        "z_error_over_model", "y_error_over_model", "g_error_over_model",
+        "z_measured_over_real", "g_measured_over_real",
+    ):  # fmt: skip
+        values = [v[key] for v in layers.values() if v.get(key) is not None]
+        out[key] = spread(values) if values else None
+    for key in ("bound", "spectral_bound", "exact_gap_bound"):
         ratios = {n: v[key] / v["angle"] for n, v in layers.items() if v["angle"] > 0}
         out[f"{key}_over_angle"] = spread(list(ratios.values()))
         out[f"{key}_below_angle"] = sorted(n for n, x in ratios.items() if x < 1)

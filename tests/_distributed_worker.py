@@ -109,7 +109,13 @@ def _run_scenario(scenario: str, rank: int) -> dict[str, Any]:
     stats = collect_statistics_distributed(model, batches, targets, config, group, progress=False)
     factors = init_lora_da(model, batches, config, progress=False)
     return {
-        "stats": {"Z": stats.Z, "Y": stats.Y, "G": stats.G, "tokens": stats.tokens},
+        "stats": {
+            "Z": stats.Z,
+            "Y": stats.Y,
+            "G": stats.G,
+            "tokens": stats.tokens,
+            "rounding": stats.rounding,
+        },
         "factors": {n: (f.A, f.B, f.eigenvalues) for n, f in factors.items()},
         "owners": {n: f.diagnostics["solved_on_rank"] for n, f in factors.items()},
         "unchanged": snapshot(model) == before,

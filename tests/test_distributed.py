@@ -153,6 +153,20 @@ def test_float32_two_processes_match_one_process(results):
         assert rel <= SHARDS_RTOL, f"{name}: two processes vs one, A@B relative {rel:.2e}"
 
 
+def test_float32_two_processes_measure_the_rounding_of_one_process(results):
+    """The float64 sketches of the products are all-reduced with the sums: the rounding each
+    statistic carries (``KFACStatistics.rounding``) is the single process's to SHARDS_RTOL
+    (the sums differ by ~eps64, the rounding they measure is ~eps32 of them). A rank that left
+    its sketches out of the all-reduce would measure its own shard's rounding against the
+    union's statistics: off by the other shard's whole product."""
+    ranks = _ok(results, "uneven32")
+    stats, _ = _reference("uneven32")
+    got = ranks[0]["stats"]["rounding"]
+    assert got.keys() == stats.rounding.keys() and got
+    for key, ref in stats.rounding.items():
+        assert abs(got[key] - ref) <= SHARDS_RTOL * ref, f"{key}: {got[key]:.6g} vs {ref:.6g}"
+
+
 @pytest.mark.parametrize("scenario", list(worker.SHARDS))
 def test_every_rank_has_bitwise_identical_results(results, scenario):
     r0, r1 = _ok(results, scenario)

@@ -14,18 +14,21 @@ from lora_da_ref.torch.memory import (
     statistics_bytes,
 )
 from lora_da_ref.torch.pipeline import pass_plan
-from lora_da_ref.torch.statistics import accumulate_statistics, finalize
+from lora_da_ref.torch.statistics import ROUNDING_PROBES, accumulate_statistics, finalize
 from lora_da_ref.torch.targets import find_target_modules
 from tests.torch_cases import LLAMA_TARGETS, llama_batches, single_thread, tiny_llama  # noqa: F401
 
 
 def _held_bytes(sums) -> dict[str, int]:
-    """Bytes of the running sums a pass returns, per kind (``G`` with the split ``G_odd``)."""
+    """Bytes of the running sums a pass returns, per kind (``G`` with the split ``G_odd``, each
+    kind with the float64 sketch that measures its rounding)."""
     held = {
         kind: sum(t.numel() * t.element_size() for t in getattr(sums, kind).values())
         for kind in ("Z", "Y", "G", "G_odd")
     }
     held["G"] += held.pop("G_odd")
+    for key, sketch in sums.rounding.items():
+        held[key.split("/", 1)[0]] += sketch.numel() * sketch.element_size()
     return held
 
 
@@ -79,6 +82,14 @@ def test_plan_picks_the_largest_fitting_number_of_layers():
         plan_layers_per_pass(shapes, cfg, per_layer - 1)
 
 
+def _official_layer_bytes(k: int = ROUNDING_PROBES) -> int:
+    """One layer of :func:`_two_layer_shapes` under the official preset (float32 statistics,
+    diagonal Y, split-half G, the rounding sketches), float64 sums: per module Z d_in·(d_in + k),
+    Y 2·d_out, G d_in·(2·d_out + k)."""
+    z = 8 * (8 + k) + 16 * (16 + k)
+    return (z + 2 * 8 * 2 + 8 * (2 * 8 + k) + 16 * (2 * 8 + k)) * 8
+
+
 def test_every_preset_plans_one_pass_when_the_statistics_fit():
     """Passes are a memory decision: no preset fixes them, and an explicit layers_per_pass (the
     official code's 8) is kept, lowered only when the budget is smaller."""
@@ -90,7 +101,7 @@ def test_every_preset_plans_one_pass_when_the_statistics_fit():
         assert resolve_layers_per_pass(shapes, make()) is None  # "auto": this machine's memory
     official8 = LoraDAConfig.official(layers_per_pass=8, max_statistics_bytes=10**12)
     assert resolve_layers_per_pass(shapes, official8) == 8
-    per_layer = (64 + 256 + 8 + 8 + 2 * (64 + 128)) * 8  # official: diagonal Y, split-half G
+    per_layer = _official_layer_bytes()
     tight = LoraDAConfig.official(layers_per_pass=8, max_statistics_bytes=3 * per_layer)
     assert resolve_layers_per_pass(shapes, tight) == 3
     with pytest.raises(ValueError, match="max_statistics_bytes must be positive"):
@@ -105,7 +116,7 @@ def test_auto_budget_is_a_fraction_of_the_available_memory(monkeypatch):
     monkeypatch.setattr(memory, "available_bytes", lambda device=None: 10**6)
     assert resolve_layers_per_pass(shapes, LoraDAConfig.official()) is None
     monkeypatch.setattr(memory, "available_bytes", lambda device=None: 40_000)
-    per_layer = (64 + 256 + 8 + 8 + 2 * (64 + 128)) * 8
+    per_layer = _official_layer_bytes()
     expected = int(memory.AUTO_BUDGET_FRACTION * 40_000) // per_layer
     assert resolve_layers_per_pass(shapes, LoraDAConfig.official()) == expected
     assert memory.available_bytes.__name__ == "<lambda>"  # the patch is what was used

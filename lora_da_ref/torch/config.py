@@ -176,6 +176,13 @@ class LoraDAConfig:
         """Whether the pass keeps the even/odd gradient sums (any diagnostics tier but off)."""
         return self.diagnostics != "off"
 
+    @property
+    def records_rounding(self) -> bool:
+        """Whether the pass measures the rounding of its products (statistics in a dtype below
+        float64, any diagnostics tier but off): :func:`~lora_da_ref.torch.factors.precision_bound`
+        then scales its rounding model to the measured size."""
+        return self.diagnostics != "off" and self.dtype != torch.float64
+
     def replace(self, **changes: Any) -> LoraDAConfig:
         return dataclasses.replace(self, **changes)
 

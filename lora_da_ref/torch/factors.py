@@ -263,12 +263,12 @@ def precision_probe(
     statistics): the largest principal angle between A0 and the A0 solved (in float64, same
     solver and seed) from statistics perturbed at that dtype's rounding level.
 
-    The perturbation models the rounding of the sums: ``δZ_ij = u·√(Z_ii Z_jj)·ε_ij`` (ε
+    The perturbation models the rounding of the sums: ``δZ_ij = c_Z·u·√(Z_ii Z_jj)·ε_ij`` (ε
     symmetric standard normal, ``u`` the unit roundoff of the statistics dtype), likewise for
-    ``Y`` (``δy_i = u·y_i·ε_i`` for a diagonal Y), and ``δG_ij = u·√(ρ_i κ_j)·ε_ij`` with ρ, κ the
-    root-mean-square of G's rows and columns. One seeded draw: an estimate of the error's size,
-    not a bound (it is compared with the measured float32-vs-float64 angles in
-    docs/numerics.md).
+    ``Y`` (``δy_i = c_Y·u·y_i·ε_i`` for a diagonal Y), and ``δG_ij = c_G·u·√(ρ_i κ_j)·ε_ij`` with
+    ρ, κ the root-mean-square of G's rows and columns; ``c`` scales each to the rounding the pass
+    measured (:func:`rounding_scales`). One seeded draw: an estimate of the error's size, not a
+    bound (it is compared with the measured float32-vs-float64 angles in docs/numerics.md).
 
     Layers that share a Z (q/k/v, gate/up) share its perturbation (drawn from the group's seed)
     and, through ``z_factors`` (the pipeline's cache), the perturbed Z's Cholesky factor.
@@ -278,17 +278,18 @@ def precision_probe(
     if dtype == SOLVE_DTYPE:
         return None
     u = torch.finfo(dtype).eps / 2
+    c_z, c_y, c_g = rounding_scales(stats, name, u)
     z_factors = {} if z_factors is None else z_factors
     probe_group = f"{group} (precision probe)"  # its own key in the Cholesky cache
     Z = stats.Z[group].to(SOLVE_DTYPE)
     if probe_group not in z_factors:
         z_gen = torch.Generator(device="cpu").manual_seed(layer_seed(config.seed, group) ^ 0x5EED)
-        Z = _perturb_gram(Z, u, z_gen)  # else unused: the cached factor of the perturbed Z
+        Z = _perturb_gram(Z, c_z * u, z_gen)  # else unused: the cached factor of the perturbed Z
     gen = torch.Generator(device="cpu").manual_seed(layer_seed(config.seed, name) ^ 0x5EED)
     Y, G = stats.Y[name].to(SOLVE_DTYPE), stats.G[name].to(SOLVE_DTYPE)
     perturbed = KFACStatistics(
-        {probe_group: Z}, {name: _perturb_gram(Y, u, gen)},
-        {name: G + u * _scale_of(G) * _noise(G.shape, gen, G)}, {name: probe_group},
+        {probe_group: Z}, {name: _perturb_gram(Y, c_y * u, gen)},
+        {name: G + c_g * u * _scale_of(G) * _noise(G.shape, gen, G)}, {name: probe_group},
         stats.tokens, stats.loss_tokens, stats.sequences, stats.batches,
     )  # fmt: skip
     # The perturbed solve needs only A0: no calibration diagnostics (they cost a block sum) and
@@ -310,10 +311,13 @@ def precision_bound(
     ``None`` for float64 statistics, and for a solver that reports no eigengap, i.e. LOBPCG,
     whose own residual is checked instead), from quantities the solve holds: no extra solve.
 
-    **Model** (:func:`precision_probe`'s): ``δZ = u·D E D`` (``D = diag(√Z_ii)``, E symmetric
-    with unit entries), ``δy_i = u·y_i·ε_i`` for a diagonal Y (``u·D_Y E D_Y`` for a full one),
-    ``δG_ij = u·√(ρ_i κ_j)·ε_ij`` (ρ, κ the root-mean-square of G's rows and columns), ``u`` the
-    unit roundoff of the statistics dtype.
+    **Model** (:func:`precision_probe`'s): ``δZ = c_Z·u·D E D`` (``D = diag(√Z_ii)``, E
+    symmetric with unit entries), ``δy_i = c_Y·u·y_i·ε_i`` for a diagonal Y (``c_Y·u·D_Y E D_Y``
+    for a full one), ``δG_ij = c_G·u·√(ρ_i κ_j)·ε_ij`` (ρ, κ the root-mean-square of G's rows and
+    columns), ``u`` the unit roundoff of the statistics dtype. Each ``c`` is the rounding the
+    pass measured in that statistic (Frobenius norm) over the model's root-mean-square size
+    (:func:`rounding_scales`; 1 for statistics without the measurement): the model keeps its
+    shape and takes the measured size.
 
     **First order.** With ``Ω = c·Q − αΔΔᵀ`` (``Q = (Z + λI)⁻¹``, ``c`` the variance coefficient
     times ``tr((Y + λ)⁻¹)``, Δ the ΔW of the solve, ``Ω a_k = λ_k a_k``) and
@@ -386,8 +390,34 @@ def precision_bound(
         perp(Q * rho[None, :]) * cols(kappa[:, None] * YinvX)
         + norm_delta * y_kappa(kappa) * cols(rho[:, None] * QV)
     )
-    turn = u * torch.sqrt(e_z.square() + e_y.square() + e_g.square()) / gaps  # per column
-    return float(torch.atan(torch.linalg.vector_norm(turn)))
+    c_z, c_y, c_g = rounding_scales(stats, name, u)
+    turn = u * torch.sqrt((c_z * e_z).square() + (c_y * e_y).square() + (c_g * e_g).square())
+    return float(torch.atan(torch.linalg.vector_norm(turn / gaps)))
+
+
+def rounding_scales(stats: KFACStatistics, name: str, u: float) -> tuple[float, float, float]:
+    """``(c_Z, c_Y, c_G)`` of layer ``name``: the Frobenius norm of the rounding the pass measured
+    in each statistic (``stats.rounding``) over the rounding model's root-mean-square size —
+    ``u·Σ_i Z_ii`` for ``δZ = u·D E D``, ``u·‖y‖`` for a diagonal Y, ``u·√(Σρ_i·Σκ_j)`` for G —
+    so that :func:`precision_bound` and :func:`precision_probe` perturb at the measured size.
+    1 for a statistic without the measurement (float64 statistics, ``diagnostics="off"``, or
+    statistics saved before the pass measured it): the model's own size."""
+
+    def scale(key: str, model_norm: float) -> float:
+        measured = stats.rounding.get(key)
+        if measured is None or not model_norm > 0:
+            return 1.0
+        return measured / model_norm
+
+    group = stats.group_of[name]
+    Z, Y, G = (t.to(SOLVE_DTYPE) for t in (stats.Z[group], stats.Y[name], stats.G[name]))
+    y_model = Y.norm() if Y.ndim == 1 else Y.diagonal().abs().sum()
+    rows, cols = G.square().mean(dim=1).sqrt(), G.square().mean(dim=0).sqrt()  # ρ, κ
+    return (
+        scale(f"Z/{group}", u * float(Z.diagonal().abs().sum())),
+        scale(f"Y/{name}", u * float(y_model)),
+        scale(f"G/{name}", u * math.sqrt(float(rows.sum()) * float(cols.sum()))),
+    )
 
 
 def _fro(M: Tensor) -> float:

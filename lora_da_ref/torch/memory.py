@@ -12,7 +12,10 @@ What one pass holds (:class:`~lora_da_ref.torch.statistics.KFACSums`, running su
   upper bound);
 * ``Y``: d_out² (``output_factor="full"``) or d_out (``"diagonal"``);
 * ``G``: d_in·d_out, and as much again for ``G_odd`` unless ``diagnostics="off"`` (the
-  odd-numbered sequences' gradient sum, kept apart for the split-half diagnostics).
+  odd-numbered sequences' gradient sum, kept apart for the split-half diagnostics);
+* the float64 sketches that measure the rounding (``config.records_rounding``): d_in·k beside
+  each Z and G, d_out·k beside a full Y or d_out beside a diagonal one (k =
+  :data:`~lora_da_ref.torch.statistics.ROUNDING_PROBES`).
 
 :func:`~lora_da_ref.torch.statistics.finalize` divides in place, so the normalised statistics
 reuse this memory (no second copy). Not counted: the model, its activations, and one transient
@@ -30,7 +33,7 @@ import torch
 from torch import nn
 
 from lora_da_ref.torch.config import LoraDAConfig
-from lora_da_ref.torch.statistics import RUNNING_SUM_DTYPE
+from lora_da_ref.torch.statistics import ROUNDING_PROBES, RUNNING_SUM_DTYPE
 
 __all__ = [
     "AUTO_BUDGET_FRACTION",
@@ -113,11 +116,14 @@ def statistics_bytes(
     groups = input_groups(shapes) if group_of is None else dict(group_of)
     size = torch.empty((), dtype=RUNNING_SUM_DTYPE).element_size()
     halves = 2 if config.split_sums else 1  # G, and G_odd with split sums
+    k = ROUNDING_PROBES if config.records_rounding else 0  # the sketches' columns
+    full = config.output_factor == "full"
     out = {}
     for name, (d_in, d_out) in shapes.items():
-        z = d_in * d_in if groups.get(name, name) == name else 0
-        y = d_out * d_out if config.output_factor == "full" else d_out
-        out[name] = LayerBytes(z * size, y * size, halves * d_in * d_out * size)
+        z = d_in * (d_in + k) if groups.get(name, name) == name else 0
+        y = d_out * (d_out + k) if full else d_out * (1 + bool(k))
+        g = d_in * (halves * d_out + k)
+        out[name] = LayerBytes(z * size, y * size, g * size)
     return out
 
 

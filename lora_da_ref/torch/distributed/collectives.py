@@ -18,7 +18,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from lora_da_ref.torch.config import LoraDAConfig, LoraFactors
-from lora_da_ref.torch.statistics import RUNNING_SUM_DTYPE, KFACSums
+from lora_da_ref.torch.statistics import ROUNDING_PROBES, RUNNING_SUM_DTYPE, KFACSums
 
 __all__ = ["BUCKET_NUMEL", "all_reduce_int", "all_reduce_sums", "broadcast_factors", "comm_device"]
 
@@ -32,7 +32,8 @@ def all_reduce_sums(
     sums' dtype, :data:`~lora_da_ref.torch.statistics.RUNNING_SUM_DTYPE`).
 
     ``Z[g] = Σ_r Σ_{t∈P_r} x xᵀ`` (d_in, d_in), ``Y[m]`` (d_out, d_out) or (d_out,),
-    ``G[m] + G_odd[m] = Σ_r Σ_{b∈S_r} T_b ∇_W L_b`` (d_in, d_out; ``G_odd`` with split sums), and ``tokens`` = Σ_r |P_r| etc. A rank
+    ``G[m] + G_odd[m] = Σ_r Σ_{b∈S_r} T_b ∇_W L_b`` (d_in, d_out; ``G_odd`` with split sums), the float64 sketches ``rounding``
+    when the pass measures its rounding, and ``tokens`` = Σ_r |P_r| etc. A rank
     that saw no tokens contributes zeros of the right shapes; the input groups (``group_of``)
     seen by the ranks must agree. Identical on every rank afterwards.
     """
@@ -43,6 +44,7 @@ def all_reduce_sums(
         tensors = [sums.Z[n] for n in names if sums.group_of[n] == n]
         tensors += [sums.Y[n] for n in names] + [sums.G[n] for n in names]
         tensors += [sums.G_odd[n] for n in names] if config.split_sums else []
+        tensors += [sums.rounding[k] for k in _rounding_keys(sums, names)]
         _all_reduce_flat(tensors, group)
     _all_reduce_counts(sums, group)
     return sums
@@ -92,6 +94,24 @@ def _fill_missing(sums: KFACSums, targets: dict[str, nn.Linear], config: LoraDAC
             sums.G[name] = zeros(d_in, d_out)
         if config.split_sums and name not in sums.G_odd:  # a shard may hold no odd sequence
             sums.G_odd[name] = zeros(d_in, d_out)
+    if not config.records_rounding:
+        return
+    k = ROUNDING_PROBES
+    for name, m in targets.items():  # the float64 sketches of the products (statistics.py)
+        shapes = {
+            f"Z/{name}": (m.in_features, k) if sums.group_of[name] == name else None,
+            f"Y/{name}": (m.out_features,) + ((k,) if config.output_factor == "full" else ()),
+            f"G/{name}": (m.in_features, k),
+        }
+        for key, shape in shapes.items():
+            if shape is not None and key not in sums.rounding:
+                sums.rounding[key] = zeros(*shape)
+
+
+def _rounding_keys(sums: KFACSums, names: list[str]) -> list[str]:
+    """The keys of ``sums.rounding`` in an order every rank agrees on."""
+    order = [f"{kind}/{n}" for n in names for kind in ("Z", "Y", "G")]
+    return [key for key in order if key in sums.rounding]
 
 
 def _all_reduce_counts(sums: KFACSums, group: dist.ProcessGroup) -> None:
