@@ -5,8 +5,9 @@ Usage: python benchmarks/precision_bound_study.py --stats-cache DIR [--angles F.
 
 Reads the float32/float64 statistics that ``benchmarks/precision.py --stats-cache DIR`` cached
 (SmolLM2-135M-Instruct, 64 HumanEval texts, one ``(s32, s64)`` pair per layer group) and the
-measured float32-vs-float64 angles of that run (``--angles``: its ``--per-layer`` JSON, or
-``results/precision_bound_smollm2.json``, which holds them beside the bound). Per
+measured float32-vs-float64 angles of that run (``--angles``: its ``--per-layer`` JSON; by default
+``results/precision_smollm2_measured_rounding.json``, the committed run, whose pass measured its
+rounding; ``results/precision_bound_smollm2.json`` is the run before that measurement). Per
 layer (diagonal Y, the ``default`` preset) it records:
 
 * **the rounding model against the real rounding**: ``‖Z32 − Z64‖_F / ‖u·D 1 Dᵀ‖_F`` (D =
@@ -198,7 +199,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--stats-cache", help="benchmarks/precision.py's --stats-cache")
     p.add_argument(
         "--angles",
-        default=os.path.join(os.path.dirname(__file__), "results", "precision_bound_smollm2.json"),
+        default=os.path.join(
+            os.path.dirname(__file__), "results", "precision_smollm2_measured_rounding.json"
+        ),
         help="the measured angles of the same cached statistics: benchmarks/precision.py "
         "--per-layer --out JSON, or the bound-vs-angle JSON made from it (the default)",
     )
