@@ -16,9 +16,8 @@ Each preset runs with its default diagnostics tier (``cheap``) and is measured i
   (``diagnostics="off"``); ``statistics_off_float32_sums_pass_s``: a control, not a supported
   setting: the same pass with float32 running sums (``statistics.RUNNING_SUM_DTYPE`` swapped for
   the call), so that the cost of the float64 sums the two-process agreement needs is measured;
-  ``statistics_unmeasured_pass_s``: a control too, the cheap pass without its rounding
-  measurement (``LoraDAConfig.records_rounding`` off for the call), which prices the float64
-  sketches the precision bound reads;
+  ``statistics_full_pass_s``: the full tier's pass, which also measures the rounding of its
+  products (the float64 sketches the full tier's precision bound reads);
 - ``solves_s`` / ``solves_off_s`` / ``solves_full_s``: the init's solve stage over all layers
   (``pipeline.solve_layers``, float64) at the cheap, off and full tiers, ``solve_workers`` layer
   groups side by side on one BLAS thread each; ``solves_one_worker_s``: one group at a time;
@@ -210,24 +209,6 @@ def plain_pass(model: torch.nn.Module, batches: list[dict]) -> None:
 
 
 @contextmanager
-def rounding_unmeasured() -> Iterator[None]:
-    """The pass without its rounding measurement (``LoraDAConfig.records_rounding`` off for the
-    block; a benchmark control only: the precision bound falls back to the model's size),
-    restored on any exit."""
-    saved = LoraDAConfig.records_rounding
-    LoraDAConfig.records_rounding = property(lambda self: False)  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        LoraDAConfig.records_rounding = saved  # type: ignore[method-assign]
-
-
-def collect_unmeasured(*args: Any, **kwargs: Any) -> Any:
-    with rounding_unmeasured():
-        return collect_statistics(*args, **kwargs)
-
-
-@contextmanager
 def running_sums(dtype: torch.dtype) -> Iterator[None]:
     """The statistics pass's running-sum dtype swapped for the block (a benchmark control only:
     float32 sums break the two-process agreement, docs/numerics.md), restored on any exit."""
@@ -376,23 +357,22 @@ def run_preset(name: str, model: torch.nn.Module, batches: list[dict], args: Any
     config = LoraDAConfig.preset(name, rank=RANK)  # the default tier: "cheap"
     targets = find_target_modules(model, config.target_modules)
     init_lora_da(model, batches[:1], config, progress=False)  # warm-up, as for the plain pass
-    off, full = config.replace(diagnostics="off"), config.replace(diagnostics="full")
+    off = config.replace(diagnostics="off")
     collect = partial(collect_statistics, model, batches, targets, config, progress=False)
     collect_off = partial(collect_statistics, model, batches, targets, off, progress=False)
     collect_f32 = partial(
         collect_with_sums, torch.float32, model, batches, targets, off, progress=False
     )
-    collect_unmeasured_ = partial(
-        collect_unmeasured, model, batches, targets, config, progress=False
-    )
+    full = config.replace(diagnostics="full")
+    collect_full = partial(collect_statistics, model, batches, targets, full, progress=False)
     passes = measure(
         {"plain": partial(plain_pass, model, batches), "stats": collect, "off": collect_off,
-         "float32_sums": collect_f32, "unmeasured": collect_unmeasured_},
+         "float32_sums": collect_f32, "full": collect_full},
         device, repeats,
     )  # fmt: skip
     (plain_s, plain_mb, _), (stats_s, stats_mb, stats) = passes["plain"], passes.pop("stats")
     stats_off_s, stats_f32_s = passes.pop("off")[0], passes.pop("float32_sums")[0]
-    stats_unmeasured_s = passes.pop("unmeasured")[0]
+    stats_full_s = passes.pop("full")[0]
     groups = layer_tasks(stats, targets)
     workers = min(solve_workers(stats, groups, config), len(groups))
     solve_runs = measure(
@@ -427,7 +407,7 @@ def run_preset(name: str, model: torch.nn.Module, batches: list[dict], args: Any
         "statistics_pass_s": stats_s,
         "statistics_off_pass_s": stats_off_s,
         "statistics_off_float32_sums_pass_s": stats_f32_s,
-        "statistics_unmeasured_pass_s": stats_unmeasured_s,
+        "statistics_full_pass_s": stats_full_s,
         "solves_s": solve_runs["cheap"][0],
         "solves_off_s": solve_runs["off"][0],
         "solves_full_s": solve_runs["full"][0],
@@ -513,11 +493,9 @@ def cost_over_plain(row: dict) -> dict:
             row["statistics_off_pass_s"] - row["statistics_off_float32_sums_pass_s"]
         )
         / plain,
-        "split_half_gradient_sums": (
-            row["statistics_unmeasured_pass_s"] - row["statistics_off_pass_s"]
-        )
+        "split_half_gradient_sums": (row["statistics_pass_s"] - row["statistics_off_pass_s"])
         / plain,
-        "rounding_measurement": (row["statistics_pass_s"] - row["statistics_unmeasured_pass_s"])
+        "rounding_measurement_full_tier": (row["statistics_full_pass_s"] - row["statistics_pass_s"])
         / plain,
         "solves_algorithm_1": row["solves_off_s"] / plain,
         "solves_cheap_diagnostics": (row["solves_s"] - row["solves_off_s"]) / plain,

@@ -9,7 +9,9 @@ canonical_solution`` as one text, every token a loss token, ``--batch-size`` tex
 the statistics are collected twice, with ``dtype=float32`` and ``dtype=float64`` (the reference),
 and each layer is solved by :func:`lora_da_ref.torch.factors.solve_layer` with the preset's
 config. Per layer it records the largest principal angle between the two A0 (radians), the
-relative error of ``A B``, the eigengap ``λ_{r+1} − λ_r`` of the float64 Ω (absolute and over
+relative error of ``A B`` (the float32 statistics from the ``"full"`` tier's pass, which
+measures its own rounding, solved at the cheap tier: ``bound32`` is the bound scaled to that
+measurement), the eigengap ``λ_{r+1} − λ_r`` of the float64 Ω (absolute and over
 ``max|λ_i|``, i ≤ r), κ₂ of the undamped Z and Y, the damping applied and ``precision_probe``. Prints a JSON
 summary (median / p90 / max angle, worst layer, layers above 1e-3 rad) for the config and for
 ``legacy``, the policy before issue 12 (absolute λ = 1e-6 raised tenfold until Cholesky succeeds,
@@ -146,7 +148,9 @@ def run(args: argparse.Namespace) -> dict:
         if cached is not None and os.path.exists(cached):
             s32, s64 = torch.load(cached, weights_only=False)
         else:
-            s32 = collect_statistics(model, batches, chunk, c32, progress=False)
+            # the full tier's pass: it measures the rounding the bound is scaled to
+            full32 = c32.replace(diagnostics="full")
+            s32 = collect_statistics(model, batches, chunk, full32, progress=False)
             s64 = collect_statistics(model, batches, chunk, c64, progress=False)
             if cached is not None:
                 os.makedirs(args.stats_cache, exist_ok=True)

@@ -32,8 +32,8 @@ CONFIGS = {
     "paper64": LoraDAConfig.paper_literal(rank=3, n_train=1000, dtype=torch.float64),
     "official32": LoraDAConfig.official(rank=3, solver="eigh", solver_options={}),
     "paper32": LoraDAConfig.paper_literal(
-        rank=3, n_train=1000
-    ),  # float32 statistics, relative damping
+        rank=3, n_train=1000, diagnostics="full"
+    ),  # float32 statistics, relative damping; the full tier measures the rounding
     "paper64_lpp1": LoraDAConfig.paper_literal(
         rank=3, n_train=1000, dtype=torch.float64, layers_per_pass=1
     ),

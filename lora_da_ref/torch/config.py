@@ -179,9 +179,10 @@ class LoraDAConfig:
     @property
     def records_rounding(self) -> bool:
         """Whether the pass measures the rounding of its products (statistics in a dtype below
-        float64, any diagnostics tier but off): :func:`~lora_da_ref.torch.factors.precision_bound`
-        then scales its rounding model to the measured size."""
-        return self.diagnostics != "off" and self.dtype != torch.float64
+        float64, the ``"full"`` diagnostics tier: it costs about 0.2× a plain training pass, not
+        nearly free): :func:`~lora_da_ref.torch.factors.precision_bound` and the probe then
+        scale their rounding model to the measured size."""
+        return self.diagnostics == "full" and self.dtype != torch.float64
 
     def replace(self, **changes: Any) -> LoraDAConfig:
         return dataclasses.replace(self, **changes)

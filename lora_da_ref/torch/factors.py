@@ -400,8 +400,8 @@ def rounding_scales(stats: KFACStatistics, name: str, u: float) -> tuple[float, 
     in each statistic (``stats.rounding``) over the rounding model's root-mean-square size —
     ``u·Σ_i Z_ii`` for ``δZ = u·D E D``, ``u·‖y‖`` for a diagonal Y, ``u·√(Σρ_i·Σκ_j)`` for G —
     so that :func:`precision_bound` and :func:`precision_probe` perturb at the measured size.
-    1 for a statistic without the measurement (float64 statistics, ``diagnostics="off"``, or
-    statistics saved before the pass measured it): the model's own size."""
+    1 for a statistic without the measurement (float64 statistics, a pass below the ``"full"``
+    diagnostics tier, or statistics saved before the pass measured it): the model's own size."""
 
     def scale(key: str, model_norm: float) -> float:
         measured = stats.rounding.get(key)

@@ -30,7 +30,7 @@ Definitions and normalisation:
   or float64) whatever the model dtype, and added into float64 running sums
   (:data:`RUNNING_SUM_DTYPE`): the statistics are float64.
 * **The rounding of those products is measured** (``config.records_rounding``: a dtype below
-  float64, any diagnostics tier but off): beside each product the pass sums its float64 value
+  float64, the ``"full"`` diagnostics tier): beside each product the pass sums its float64 value
   sketched by a fixed ``Ω`` (d, k) of random signs (:func:`rounding_probe`), ``Σ_b x_bᵀ(x_b Ω)`` in
   float64, and :func:`finalize` compares it with the finished statistic: ``‖(Ẑ − Z)Ω‖_F/√k``
   estimates ``‖Ẑ − Z‖_F`` (unbiased in square, ``E‖MΩ‖²_F = k‖M‖²_F``), the rounding the
