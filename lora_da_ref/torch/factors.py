@@ -398,7 +398,7 @@ def precision_bound(
 def rounding_scales(stats: KFACStatistics, name: str, u: float) -> tuple[float, float, float]:
     """``(c_Z, c_Y, c_G)`` of layer ``name``: the Frobenius norm of the rounding the pass measured
     in each statistic (``stats.rounding``) over the rounding model's root-mean-square size —
-    ``u·Σ_i Z_ii`` for ``δZ = u·D E D``, ``u·‖y‖`` for a diagonal Y, ``u·√(Σρ_i·Σκ_j)`` for G —
+    ``u·Σ_i Z_ii`` for ``δZ = u·D E D``, ``u·‖y‖`` for a diagonal Y, ``u·‖√(ρ_i κ_j)‖_F`` for G —
     so that :func:`precision_bound` and :func:`precision_probe` perturb at the measured size.
     1 for a statistic without the measurement (float64 statistics, a pass below the ``"full"``
     diagnostics tier, or statistics saved before the pass measured it): the model's own size."""
@@ -412,11 +412,10 @@ def rounding_scales(stats: KFACStatistics, name: str, u: float) -> tuple[float, 
     group = stats.group_of[name]
     Z, Y, G = (t.to(SOLVE_DTYPE) for t in (stats.Z[group], stats.Y[name], stats.G[name]))
     y_model = Y.norm() if Y.ndim == 1 else Y.diagonal().abs().sum()
-    rows, cols = G.square().mean(dim=1).sqrt(), G.square().mean(dim=0).sqrt()  # ρ, κ
     return (
         scale(f"Z/{group}", u * float(Z.diagonal().abs().sum())),
         scale(f"Y/{name}", u * float(y_model)),
-        scale(f"G/{name}", u * math.sqrt(float(rows.sum()) * float(cols.sum()))),
+        scale(f"G/{name}", u * _fro(_scale_of(G))),
     )
 
 
