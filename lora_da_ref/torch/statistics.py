@@ -111,9 +111,10 @@ class KFACSums:
     ``gradient_weight``; :func:`finalize` adds the halves. Without split sums ``G_odd`` is empty
     and ``G`` holds every sequence. ``rounding[f"{kind}/{key}"]`` (``kind`` Z, Y or G), when the
     pass measures its rounding: the float64 product summed beside ``kind``'s, sketched by
-    :func:`rounding_probe` (``(d, k)``; a diagonal Y's own float64 sum, ``(d_out,)``). ``Z`` and a full ``Y`` are summed on and below the diagonal
-    only (above it: the diagonal panels' values, else zeros): :func:`finalize` mirrors the lower
-    triangle up (:func:`mirror_lower_`). All are additive across shards.
+    :func:`rounding_probe` (``(d, k)``; a diagonal Y's own float64 sum, ``(d_out,)``). ``Z`` and
+    a full ``Y`` are summed on and below the diagonal only (above it: the diagonal panels' values,
+    else zeros): :func:`finalize` mirrors the lower triangle up (:func:`mirror_lower_`). All are
+    additive across shards.
     """
 
     Z: dict[str, Tensor] = field(default_factory=dict)
