@@ -93,7 +93,12 @@ RANK = 8
 ALPHA = 16.0
 SCALING = ALPHA / math.sqrt(RANK)  # rsLoRA, every method
 GAMMA_DA = 1024.0  # LoRA-DA's stable_gamma (conf/lora_da.yaml)
-GAMMA_ONE = 64.0  # LoRA-One README, math reasoning: ++init.stable_gamma=64
+# LoRA-One's stable_gamma: 128 in its README and conf/init/gradient.yaml since May 2025; the
+# short study's first LoRA-One rows used 64, the README's earlier math-reasoning command
+# (``++init.stable_gamma=64``); they are kept under their own names (``*_g64``)
+GAMMA_ONE = {"lora_one": 128.0, "lora_one_g64": 64.0}
+# LoRA-DA's subspace at LoRA-One's scale, and the LoRA-One run it is compared with
+SUBSPACE_AT_ONE = {"da_subspace@one_scale": "lora_one", "da_subspace@one_g64_scale": "lora_one_g64"}
 CLIP = 1.0
 WARMUP = 0.03
 GRID_STEP = 2.0
@@ -102,12 +107,15 @@ METHODS = (
     "lora",
     "pissa",
     "lora_one",
+    "lora_one_g64",
     "lora_da_official",
     "lora_da_default",
     "lora_da_debiased",
     "random_A@da_scale",
     "da_subspace@one_scale",
+    "da_subspace@one_g64_scale",
 )
+EPOCH_METHODS = ("lora", "lora_one", "lora_da_default", "pissa")
 # (a, b, what a − b isolates): the controls' partners, and every data-aware init against its
 # data-free counterpart at the same scale
 CONTRASTS = (
@@ -117,6 +125,11 @@ CONTRASTS = (
         "LoRA-DA's subspace vs a random one, at LoRA-DA's scale",
     ),
     ("da_subspace@one_scale", "lora_one", "LoRA-DA's subspace vs LoRA-One's, at LoRA-One's scale"),
+    (
+        "da_subspace@one_g64_scale",
+        "lora_one_g64",
+        "LoRA-DA's subspace vs LoRA-One's, at LoRA-One's scale with γ = 64",
+    ),
     (
         "da_subspace@one_scale",
         "lora_da_default",
@@ -134,8 +147,8 @@ DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "gsm8k_finetune"
 
 @dataclass(frozen=True)
 class Sizes:
-    prompt_tokens: int = 24  # keep the last this many prompt tokens
-    completion_tokens: int = 48  # keep the first this many completion tokens
+    prompt_tokens: int | None = 24  # keep the last this many prompt tokens (None: all)
+    completion_tokens: int | None = 48  # keep the first this many completion tokens (None: all)
     fit: int = 1000  # fit problems in the training pool
     steps: int = 32  # 256 of the 1000 fit problems, a quarter epoch (the CPU budget)
     batch: int = 8
@@ -150,6 +163,13 @@ class Sizes:
     seeds: int = 3
     max_extend: int = 2
     curve_points: int = 1  # validation loss at this many evenly spaced steps (the last included)
+    # fields added after the first rows (they enter the tag only when set, so earlier rows keep
+    # theirs):
+    max_tokens: int | None = None  # cut prompt + completion to this many tokens (the answer's end)
+    per_sequence: bool = False  # a step's gradient summed sequence by sequence (no padding)
+    val_at: tuple[int, ...] = ()  # validation at these steps (instead of curve_points)
+    anchor: bool = False  # the grid is (r, r/2), r = the method's choice in the short study
+    label: str = ""  # names this study's summary files (summary_<label>.json, …)
 
     def tag(self) -> str:
         """A short hash of everything a run's result depends on (rows of other sizes never mix)."""
@@ -157,8 +177,11 @@ class Sizes:
         # extension budget, the generation size and the validation points along the way (the
         # evaluation draws no random numbers and leaves the weights alone) change no training run.
         skip = ("seeds", "max_extend", "gen", "gen_tokens", "gen_seeds", "lr_grid",
-                "select_seeds", "curve_points")  # fmt: skip
+                "select_seeds", "curve_points", "val_at", "anchor", "label")  # fmt: skip
         keep = {k: v for k, v in asdict(self).items() if k not in skip}
+        for k in ("max_tokens", "per_sequence"):
+            if keep[k] == getattr(Sizes, k):
+                del keep[k]
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:10]
 
 
@@ -179,6 +202,28 @@ QUICK = Sizes(
     seeds=2,
     max_extend=1,
     curve_points=1,
+)
+# One epoch on whole problems, the paper's protocol at this model's scale: whole questions, the
+# answer cut only where prompt + answer pass 256 tokens (170 of the 1000 fit problems), the fit
+# split once (125 steps of 8), validation on the whole split at steps 16, 32, 64 and 125 (early
+# versus late), one selection seed over two rates anchored at the short study's choice, five
+# seeds at the chosen rate, greedy exact match on all 219 held-out problems.
+EPOCH = Sizes(
+    prompt_tokens=None,
+    completion_tokens=None,
+    max_tokens=256,
+    steps=125,
+    val=100,
+    gen=219,
+    gen_tokens=256,
+    lr_grid=(),
+    select_seeds=1,
+    seeds=5,
+    max_extend=1,
+    per_sequence=True,
+    val_at=(16, 32, 64, 125),
+    anchor=True,
+    label="epoch",
 )
 
 
@@ -201,8 +246,20 @@ def load_data(tokenizer: Any, sizes: Sizes) -> dict[str, list[dict[str, Any]]]:
                 max_completion_tokens=sizes.completion_tokens,
             )
             e.update(index=r["index"], answer=gsm8k_answer(r["answer"]), question=r["question"])
-            out[part].append(e)
+            out[part].append(cut_total(e, sizes.max_tokens))
     return out
+
+
+def cut_total(example: dict, max_tokens: int | None) -> dict:
+    """``example`` cut to its first ``max_tokens`` tokens: the answer loses its end, the question
+    is never cut (a prompt of ``max_tokens`` or more is refused). ``cut`` records whether it was."""
+    n = int(example["input_ids"].numel())
+    if max_tokens is None or n <= max_tokens:
+        return {**example, "cut": False}
+    prompt = int((example["labels"] == IGNORE).sum())
+    if prompt >= max_tokens:
+        raise ValueError(f"problem {example['index']}: its prompt alone has {prompt} tokens")
+    return {**example, **{k: example[k][:max_tokens] for k in TENSORS}, "cut": True}
 
 
 def counts(examples: Sequence[dict]) -> dict[str, int]:
@@ -212,6 +269,11 @@ def counts(examples: Sequence[dict]) -> dict[str, int]:
         "loss_tokens": sum(int((e["labels"] != IGNORE).sum()) for e in examples),
         "attention_tokens": sum(int(e["attention_mask"].sum()) for e in examples),
     }
+
+
+def cut_counts(data: dict[str, list[dict]]) -> dict[str, int]:
+    """How many problems of each part lost the end of their answer to ``max_tokens``."""
+    return {part: sum(bool(e.get("cut")) for e in examples) for part, examples in data.items()}
 
 
 TENSORS = ("input_ids", "attention_mask", "labels")
@@ -347,7 +409,7 @@ def data_aware(
     targets = find_target_modules(base, TARGETS)
     batches = [as_batch(e, device) for e in calib]
     stats = collect_statistics(base, batches, targets, default, loss_fn=mean_loss, progress=False)
-    out: dict[str, Any] = {m: {} for m in (*configs, "da_subspace@one_scale")}
+    out: dict[str, Any] = {m: {} for m in (*configs, *SUBSPACE_AT_ONE)}
     out["random_A@da_scale"] = {s: {} for s in range(sizes.seeds)}
     snr = []
     for li, (name, module) in enumerate(targets.items()):
@@ -365,10 +427,11 @@ def data_aware(
         neg = -stats.G[name].double()  # (d_in, d_out) = LoRA-One's −∇L (sequence weighting)
         S = torch.linalg.svdvals(neg)
         D = (S[:RANK] / S[0]).sqrt()  # √(S_r/S_0)
-        root_one = math.sqrt(GAMMA_ONE)
-        A = A0 * D / root_one
-        B = (A0.mT @ neg) / D[:, None] / (float(S[0]) * root_one)
-        out["da_subspace@one_scale"][name] = _factor(A, B, w)
+        for control, partner in SUBSPACE_AT_ONE.items():
+            root_one = math.sqrt(GAMMA_ONE[partner])
+            A = A0 * D / root_one
+            B = (A0.mT @ neg) / D[:, None] / (float(S[0]) * root_one)
+            out[control][name] = _factor(A, B, w)
     out["info"] = {
         "n_train_fisher_units": n_train,
         "calib_sample_size": stats.gradient_weight**2 / stats.tokens,
@@ -418,14 +481,14 @@ class Inits:
             self.memory[method] = pissa(
                 self.base, rank=RANK, target_modules=TARGETS, scaling=SCALING
             )
-        elif method == "lora_one":
+        elif method in GAMMA_ONE:
             batches = [as_batch(e, self.device) for e in calib]
             self.memory[method] = lora_one(
                 self.base,
                 batches,
                 rank=RANK,
                 target_modules=TARGETS,
-                stable_gamma=GAMMA_ONE,
+                stable_gamma=GAMMA_ONE[method],
                 loss_fn=mean_loss,
             )
         else:
@@ -460,6 +523,8 @@ def schedule(opt: torch.optim.Optimizer, steps: int) -> Any:
 
 def curve_steps(sizes: Sizes) -> list[int]:
     """The steps at which the validation loss is recorded (the last one always)."""
+    if sizes.val_at:
+        return sorted({*sizes.val_at, sizes.steps})
     k = max(1, sizes.curve_points)
     return sorted({round(sizes.steps * (i + 1) / k) for i in range(k)})
 
@@ -483,10 +548,18 @@ def train(
         while len(order) < sizes.batch:  # seeded permutations of the fit pool
             order += torch.randperm(len(fit), generator=gen).tolist()
         idx, order = order[: sizes.batch], order[sizes.batch :]
-        sums, n = token_losses(model, pad_batch([fit[i] for i in idx], device))
-        loss = sums.sum() / n.sum()
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        if sizes.per_sequence:  # the same gradient, without the padding's wasted tokens
+            total = sum(int((fit[i]["labels"][1:] != IGNORE).sum()) for i in idx)
+            loss = torch.zeros(())
+            for i in idx:
+                part = token_losses(model, as_batch(fit[i], device))[0].sum() / total
+                part.backward()
+                loss += part.detach().cpu()
+        else:
+            sums, n = token_losses(model, pad_batch([fit[i] for i in idx], device))
+            loss = sums.sum() / n.sum()
+            loss.backward()
         torch.nn.utils.clip_grad_norm_(params, CLIP)
         opt.step()
         sched.step()
@@ -535,6 +608,12 @@ def atomic_save(obj: Any, path: Path) -> None:
             os.unlink(tmp)
 
 
+def save_adapter(model: Any, path: Path) -> None:
+    """The trainable (LoRA) tensors of ``model``, written atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_save({n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}, path)
+
+
 def read_rows(folder: Path, sizes: Sizes) -> dict[str, dict]:
     """``{run name: row}`` of the rows in ``folder`` made with ``sizes`` (others are ignored)."""
     rows = {}
@@ -568,6 +647,22 @@ def merge_rows(sources: Sequence[Path], out: Path) -> dict[str, int]:
 
 
 # ----------------------------------------------------------------------------- selection
+
+
+def selection_rows(rows: dict[str, dict], method: str, sizes: Sizes) -> dict[float, list[dict]]:
+    """``{rate: the row of each selection seed}`` over the rates ``rows`` hold for every
+    selection seed of ``method`` (the rates a choice is made from)."""
+    by_lr: dict[float, dict[int, dict]] = {}
+    for r in rows.values():
+        if r["method"] == method:
+            by_lr.setdefault(lr_key(r["lr"]), {})[r["seed"]] = r
+    seeds = range(sizes.select_seeds)
+    return {lr: [v[s] for s in seeds] for lr, v in by_lr.items() if all(s in v for s in seeds)}
+
+
+def selection_losses(rows: dict[str, dict], method: str, sizes: Sizes) -> dict[float, list[float]]:
+    """``{rate: validation loss of each selection seed}`` (see :func:`selection_rows`)."""
+    return {lr: [r["val_loss"] for r in v] for lr, v in selection_rows(rows, method, sizes).items()}
 
 
 def select_lr(val_by_lr: dict[float, list[float]]) -> tuple[float, bool]:
@@ -723,9 +818,7 @@ class Experiment:
         init_seconds = self.inits.memory.get(f"{method}_seconds", 0.0)
         model = build(self.base, factors, offset, seed)
         result = train(model, self.data, self.sizes, lr, seed, self.device)
-        adapter = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
-        (self.out / "adapters").mkdir(parents=True, exist_ok=True)
-        atomic_save(adapter, self.out / "adapters" / f"{name}.pt")
+        save_adapter(model, self.out / "adapters" / f"{name}.pt")
         row = {
             "method": method,
             "lr": lr,
@@ -751,12 +844,8 @@ class Experiment:
         seeds = range(self.sizes.select_seeds)
         # the grid, and every rate the rows already hold for all selection seeds (as the summary
         # reads them: the selection and the report choose from the same rates)
-        done: dict[float, set[int]] = {}
-        for r in read_rows(self.out / "rows", self.sizes).values():
-            if r["method"] == method:
-                done.setdefault(lr_key(r["lr"]), set()).add(r["seed"])
-        held = [lr for lr, s in done.items() if set(seeds) <= s]
-        grid = sorted({lr_key(x) for x in self.sizes.lr_grid} | set(held))
+        held = selection_rows(read_rows(self.out / "rows", self.sizes), method, self.sizes)
+        grid = sorted({lr_key(x) for x in self.grid(method)} | set(held))
         vals = {lr: [self.row(method, lr, s)["val_loss"] for s in seeds] for lr in grid}
         best, edge = select_lr(vals)
         for _ in range(self.sizes.max_extend):
@@ -767,14 +856,43 @@ class Experiment:
             best, edge = select_lr(vals)
         return best, edge
 
+    def grid(self, method: str) -> tuple[float, ...]:
+        """The rates to try: ``lr_grid``, or with ``anchor`` the method's choice r in the short
+        study's rows (same folder) and r/2."""
+        if not self.sizes.anchor:
+            return self.sizes.lr_grid
+        losses = selection_losses(read_rows(self.out / "rows", FULL), method, FULL)
+        if not losses:
+            raise ValueError(f"{method}: no short-study rows in {self.out / 'rows'} to anchor on")
+        r = select_lr(losses)[0]
+        return (lr_key(r / GRID_STEP), r)
+
+    def adapter(self, method: str, lr: float, seed: int) -> Path:
+        """The trained adapter of a run; retrained when this machine lacks it (a run began on
+        another machine or session), and refused unless it reproduces the row's validation loss."""
+        name = file_name(method, lr, seed, self.sizes)
+        path = self.out / "adapters" / f"{name}.pt"
+        if path.is_file():
+            return path
+        row = self.row(method, lr, seed)
+        self.log(f"{name}: no adapter on this machine, retraining it")
+        factors, offset = self.inits.factors(method, seed)
+        model = build(self.base, factors, offset, seed)
+        result = train(model, self.data, self.sizes, lr, seed, self.device)
+        if not math.isclose(pooled(result["validation"]), row["val_loss"], rel_tol=1e-6):
+            raise RuntimeError(
+                f"{name}: retrained validation loss {pooled(result['validation'])} is not the "
+                f"row's {row['val_loss']}"
+            )
+        save_adapter(model, path)
+        return path
+
     def heldout(self, method: str, lr: float, seed: int) -> dict:
         name = file_name(method, lr, seed, self.sizes)
         path = self.out / "heldout" / f"{name}.json"
         if path.is_file():
             return json.loads(path.read_text())
-        adapter = self.out / "adapters" / f"{name}.pt"
-        if not adapter.is_file():
-            raise FileNotFoundError(f"{adapter}: run {name} on this machine to score it")
+        adapter = self.adapter(method, lr, seed)
         t0 = time.perf_counter()
         factors, offset = self.inits.factors(method, seed)  # PiSSA's residual base weight
         model = build(self.base, factors, offset, seed)
@@ -849,11 +967,7 @@ def summarize(out: Path, sizes: Sizes) -> dict[str, Any]:
         for r in rows.values():
             if r["method"] == m:
                 by_lr.setdefault(lr_key(r["lr"]), {})[r["seed"]] = r
-        sel = {
-            lr: [by_lr[lr][s]["val_loss"] for s in range(sizes.select_seeds)]
-            for lr in by_lr
-            if all(s in by_lr[lr] for s in range(sizes.select_seeds))
-        }
+        sel = selection_losses(rows, m, sizes)
         if not sel:
             continue
         lr, edge = select_lr(sel)
@@ -914,7 +1028,7 @@ def summarize(out: Path, sizes: Sizes) -> dict[str, Any]:
             if base_row["correct"]
             else None,
         }
-    _write_summary(result, out)
+    _write_summary(result, out, f"_{sizes.label}" if sizes.label else "")
     return result
 
 
@@ -941,12 +1055,12 @@ def _mean_curve(runs: list[dict]) -> dict[str, list[float]]:
     }
 
 
-def _write_summary(result: dict, out: Path) -> None:
+def _write_summary(result: dict, out: Path, suffix: str) -> None:
     import csv
 
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write(json.dumps(result, indent=1) + "\n", out / "summary.json")
-    with (out / "table.csv").open("w", newline="") as f:
+    atomic_write(json.dumps(result, indent=1) + "\n", out / f"summary{suffix}.json")
+    with (out / f"table{suffix}.csv").open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(
             [
@@ -981,8 +1095,8 @@ def _write_summary(result: dict, out: Path) -> None:
                     json.dumps(e["val_at_neighbours"]),
                 ]
             )
-    atomic_write(markdown_table(result), out / "table.md")
-    with (out / "curves.csv").open("w", newline="") as f:
+    atomic_write(markdown_table(result), out / f"table{suffix}.md")
+    with (out / f"curves{suffix}.csv").open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["method", "kind", "step", "loss"])
         for m, e in result["methods"].items():
@@ -990,7 +1104,7 @@ def _write_summary(result: dict, out: Path) -> None:
                 w.writerow([m, "train", step, v])
             for step, v in zip(e["curve"]["val_steps"], e["curve"]["val_loss"]):
                 w.writerow([m, "validation", step, v])
-    _plot(result, out / "curves.png")
+    _plot(result, out / f"curves{suffix}.png")
 
 
 def markdown_table(result: dict) -> str:
@@ -1112,7 +1226,10 @@ def probe(
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="CI-sized run (not a result)")
-    p.add_argument("--methods", nargs="*", default=list(METHODS), choices=METHODS)
+    p.add_argument("--epoch", action="store_true", help="one epoch on whole problems")
+    p.add_argument("--methods", nargs="*", default=None, choices=METHODS)
+    p.add_argument("--inits-only", action="store_true", help="compute and save the inits, no run")
+    p.add_argument("--gen-seeds", type=int, default=None, help="seeds scored by exact match")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (see the docs: 1)")
     p.add_argument("--out", type=Path, default=None, help=f"default {DEFAULT_OUT}[_quick]")
@@ -1125,7 +1242,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p.add_argument("--gen", type=int, default=None, help="held-out problems to generate (0: none)")
     p.add_argument("--base", action="store_true", help="also score the base model (cached)")
     args = p.parse_args(argv)
-    sizes = QUICK if args.quick else FULL
+    if args.quick and args.epoch:
+        raise ValueError("--quick and --epoch are two different sizes: choose one")
+    sizes = QUICK if args.quick else EPOCH if args.epoch else FULL
+    if args.methods is None:
+        args.methods = list(EPOCH_METHODS if args.epoch else METHODS)
+    if args.gen_seeds is not None:
+        sizes = replace(sizes, gen_seeds=args.gen_seeds)
     if args.steps is not None:
         sizes = replace(sizes, steps=args.steps)
     if args.gen is not None:
@@ -1166,11 +1289,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         prm.requires_grad_(False)
     data = load_data(tok, sizes)
     log("data: " + ", ".join(f"{k} {counts(v)}" for k, v in data.items()))
+    log(f"answers cut to {sizes.max_tokens} tokens in all: {cut_counts(data)}")
     if args.probe:
         result = probe(base, data, sizes, device, tok, log)
         print(json.dumps(result, indent=1))
         return result
     exp = Experiment(base, tok, data, sizes, device, out, log)
+    if args.inits_only:
+        for method in args.methods:
+            exp.inits.factors(method, 0)
+            log(f"{method}: init saved under {exp.inits.dir}")
+        return {}
     if args.base:
         exp.score_base()
     for method in args.methods:

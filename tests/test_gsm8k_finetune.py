@@ -112,10 +112,10 @@ def test_controls_differ_from_their_partners_in_the_subspace_only(tiny):
         batches,
         rank=gf.RANK,
         target_modules=gf.TARGETS,
-        stable_gamma=gf.GAMMA_ONE,
+        stable_gamma=gf.GAMMA_ONE["lora_one"],
         loss_fn=gf.mean_loss,
     )
-    g_da, g_one = math.sqrt(gf.GAMMA_DA), math.sqrt(gf.GAMMA_ONE)
+    g_da, g_one = math.sqrt(gf.GAMMA_DA), math.sqrt(gf.GAMMA_ONE["lora_one"])
     for name in targets:
         sol = solve_layer(stats, name, config, probe=False)
         A0, delta = sol.eig.vectors.double(), sol.delta_w.double()
@@ -157,6 +157,77 @@ def test_every_method_trains_with_rslora_alpha_16(tiny, tmp_path):
         layers = lora_modules(gf.build(model, factors, offset, 0))
         assert {layer.scaling["default"] for layer in layers.values()} == {gf.SCALING}, method
         assert offset == ("subtract" if method == "pissa" else "none")
+
+
+def test_cut_total_keeps_the_question_and_cuts_the_answer(tiny):
+    _, tok, _ = tiny
+    from lora_da_ref.real import gsm8k, tokenize_gsm8k
+
+    e = tokenize_gsm8k(tok, gsm8k("fit")[0])
+    e["index"] = 0
+    n, prompt = int(e["input_ids"].numel()), int((e["labels"] == gf.IGNORE).sum())
+    assert gf.cut_total(e, None)["cut"] is False and gf.cut_total(e, n)["cut"] is False
+    cut = gf.cut_total(e, prompt + 3)
+    assert cut["cut"] and cut["input_ids"].numel() == prompt + 3
+    assert torch.equal(cut["input_ids"], e["input_ids"][: prompt + 3])  # the prompt whole
+    assert int((cut["labels"] != gf.IGNORE).sum()) == 3  # the first 3 answer tokens
+    with pytest.raises(ValueError, match="prompt alone"):
+        gf.cut_total(e, prompt)
+
+
+def test_a_step_summed_by_sequence_is_the_padded_batchs_step(tiny):
+    """``per_sequence`` changes how a step is computed, not the step: after two AdamW steps the
+    adapters agree with the padded batch's to float32 rounding (a per-sequence mean instead of
+    the token mean would not)."""
+    model, tok, _ = tiny
+    sizes = replace(TINY, steps=2, batch=3, val=2, completion_tokens=None)
+    data = gf.load_data(tok, sizes)
+    lengths = {int(e["input_ids"].numel()) for e in data["fit"]}
+    assert len(lengths) > 1  # the padded batch really pads
+    got = []
+    for per_sequence in (False, True):
+        m = gf.build(model, None, "none", 0)
+        out = gf.train(m, data, replace(sizes, per_sequence=per_sequence), 1e-2, 0, CPU)
+        got.append(
+            (out, {n: p.detach().clone() for n, p in m.named_parameters() if p.requires_grad})
+        )
+    (a, pa), (b, pb) = got
+    np.testing.assert_allclose(a["curve"]["train_loss"], b["curve"]["train_loss"], rtol=1e-5)
+    for n in pa:
+        torch.testing.assert_close(pa[n], pb[n], rtol=1e-4, atol=1e-6)
+    assert any(not torch.equal(pa[n], gf.build(model, None, "none", 0).state_dict().get(n, pa[n]))
+               for n in pa)  # fmt: skip
+
+
+def test_validation_steps_are_the_given_ones_and_the_last():
+    assert gf.curve_steps(replace(TINY, steps=125, val_at=(16, 32, 64))) == [16, 32, 64, 125]
+    assert gf.curve_steps(gf.EPOCH) == [16, 32, 64, 125]
+    assert gf.curve_steps(replace(TINY, steps=8, curve_points=2)) == [4, 8]
+
+
+def test_new_fields_keep_the_tag_of_earlier_rows():
+    """The short study's committed rows carry this tag; a field added later must not change it
+    (or every earlier row would silently stop counting)."""
+    assert gf.FULL.tag() == "16306df434"
+    assert gf.EPOCH.tag() != gf.FULL.tag()
+    assert replace(gf.FULL, per_sequence=True).tag() != gf.FULL.tag()
+    assert replace(gf.FULL, label="x", val_at=(3,)).tag() == gf.FULL.tag()
+
+
+def test_the_epoch_grid_is_anchored_at_the_short_studys_choice(tmp_path):
+    exp = gf.Experiment.__new__(gf.Experiment)
+    exp.sizes, exp.out = gf.EPOCH, tmp_path
+    with pytest.raises(ValueError, match="no short-study rows"):
+        exp.grid("lora")
+    for lr, loss in ((4e-4, 1.5), (8e-4, 1.4), (1.6e-3, 1.45)):
+        for seed in range(gf.FULL.select_seeds):
+            row = {"method": "lora", "lr": lr, "seed": seed, "val_loss": loss}
+            row["sizes_tag"] = gf.FULL.tag()
+            name = gf.file_name("lora", lr, seed, gf.FULL)
+            gf.atomic_write(json.dumps(row), tmp_path / "rows" / f"{name}.json")
+    assert exp.grid("lora") == (pytest.approx(4e-4), pytest.approx(8e-4))
+    exp.sizes = gf.FULL
+    assert exp.grid("lora") == gf.FULL.lr_grid
 
 
 # ----------------------------------------------------------------------------- selection
