@@ -700,34 +700,67 @@ def lr_key(lr: float) -> float:
 # ----------------------------------------------------------------------------- statistics
 
 
-def paired_bootstrap(
+def run_losses(sums: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Token-weighted held-out loss of each run, from its (seeds, problems) sums and counts."""
+    return sums.sum(1) / counts.sum(1)
+
+
+def paired_t(
+    sums_a: np.ndarray, counts_a: np.ndarray, sums_b: np.ndarray, counts_b: np.ndarray
+) -> dict[str, Any]:
+    """``loss(a) − loss(b)`` from the per-seed paired differences: their mean and its Student-t
+    95 % interval with n − 1 degrees of freedom (n seeds; none from one seed).
+
+    Each argument is (seeds, problems); seed k of both methods saw the same data order, so
+    ``d_k = loss_a(k) − loss_b(k)`` are the n independent units. Every d_k is over the same
+    problems, so the interval is conditional on them (would other seeds give the same
+    difference on these problems?); :func:`hierarchical_bootstrap` resamples the problems too.
+    """
+    d = run_losses(sums_a, counts_a) - run_losses(sums_b, counts_b)
+    n, mean = d.size, float(d.mean())
+    if n < 2:
+        return {"diff": mean, "ci95": [math.nan, math.nan], "per_seed": d.tolist(), "df": 0}
+    from scipy import stats
+
+    half = float(stats.t.ppf(0.975, n - 1) * d.std(ddof=1) / math.sqrt(n))
+    return {"diff": mean, "ci95": [mean - half, mean + half], "per_seed": d.tolist(), "df": n - 1}
+
+
+def hierarchical_bootstrap(
     sums_a: np.ndarray,
     counts_a: np.ndarray,
     sums_b: np.ndarray,
     counts_b: np.ndarray,
     reps: int = BOOTSTRAP,
     seed: int = 0,
-) -> tuple[float, float, float]:
-    """(difference, 2.5 %, 97.5 %) of ``loss(a) − loss(b)``, each (seeds, problems).
-
-    ``loss`` = the mean over seeds of the token-weighted held-out loss. Each replicate draws
-    problems and seed indices with replacement, the same draw for both methods (seed k of each
-    method saw the same data order; problem j is the same problem).
-    """
+) -> list[float]:
+    """Percentile 95 % interval of ``loss(a) − loss(b)`` by a two-level bootstrap: seeds with
+    replacement, then problems with replacement within each drawn seed (the same draws for both
+    methods: paired). Shown beside :func:`paired_t`; with a handful of seeds the seed level
+    has few distinct draws, so the t interval is the one to read."""
     rng = np.random.default_rng(seed)
     k, n = sums_a.shape
-
-    def loss(sums: np.ndarray, cnt: np.ndarray, si: np.ndarray, pj: np.ndarray) -> float:
-        return float(np.mean(sums[np.ix_(si, pj)].sum(1) / cnt[np.ix_(si, pj)].sum(1)))
-
-    all_s, all_p = np.arange(k), np.arange(n)
-    point = loss(sums_a, counts_a, all_s, all_p) - loss(sums_b, counts_b, all_s, all_p)
     draws = np.empty(reps)
     for i in range(reps):
-        si, pj = rng.integers(0, k, k), rng.integers(0, n, n)
-        draws[i] = loss(sums_a, counts_a, si, pj) - loss(sums_b, counts_b, si, pj)
+        si = rng.integers(0, k, k)
+        pj = rng.integers(0, n, (k, n))  # each drawn seed its own problems
+        rows = si[:, None]
+        la = sums_a[rows, pj].sum(1) / counts_a[rows, pj].sum(1)
+        lb = sums_b[rows, pj].sum(1) / counts_b[rows, pj].sum(1)
+        draws[i] = float(np.mean(la - lb))
     lo, hi = np.percentile(draws, [2.5, 97.5])
-    return point, float(lo), float(hi)
+    return [float(lo), float(hi)]
+
+
+def contrast(a_runs: dict[int, dict], b_runs: dict[int, dict], seeds: list[int]) -> dict:
+    """The difference of two methods' held-out losses over their common seeds, with both
+    intervals (``ci95``: the paired t; ``ci95_hier_bootstrap`` beside it)."""
+    a = [_stack(a_runs, seeds, k) for k in ("sum", "count")]
+    b = [_stack(b_runs, seeds, k) for k in ("sum", "count")]
+    out = paired_t(*a, *b)
+    out["ci95_hier_bootstrap"] = hierarchical_bootstrap(*a, *b)
+    out["seeds"] = seeds
+    return out
 
 
 def accuracy_se(correct: Sequence[Sequence[bool]]) -> tuple[float, float]:
@@ -1001,10 +1034,7 @@ def summarize(out: Path, sizes: Sizes) -> dict[str, Any]:
         seeds = sorted(set(mine) & set(base))
         if m == BASELINE or len(seeds) < 1:
             continue
-        a = [_stack(mine, seeds, k) for k in ("sum", "count")]
-        b = [_stack(base, seeds, k) for k in ("sum", "count")]
-        diff, lo, hi = paired_bootstrap(*a, *b)
-        result["methods"][m]["diff_to_lora"] = {"diff": diff, "ci95": [lo, hi], "seeds": seeds}
+        result["methods"][m]["diff_to_lora"] = contrast(mine, base, seeds)
     result["contrasts"] = []
     for a_m, b_m, what in CONTRASTS:
         if a_m not in finals or b_m not in finals:
@@ -1012,11 +1042,8 @@ def summarize(out: Path, sizes: Sizes) -> dict[str, Any]:
         seeds = sorted(set(finals[a_m]) & set(finals[b_m]))
         if not seeds:
             continue
-        a = [_stack(finals[a_m], seeds, k) for k in ("sum", "count")]
-        b = [_stack(finals[b_m], seeds, k) for k in ("sum", "count")]
-        diff, lo, hi = paired_bootstrap(*a, *b)
         result["contrasts"].append(
-            {"a": a_m, "b": b_m, "isolates": what, "diff": diff, "ci95": [lo, hi], "seeds": seeds}
+            {"a": a_m, "b": b_m, "isolates": what, **contrast(finals[a_m], finals[b_m], seeds)}
         )
     base_row = next((h for h in held.values() if h["method"] == "base"), None)
     if base_row is not None:
@@ -1071,15 +1098,19 @@ def _write_summary(result: dict, out: Path, suffix: str) -> None:
                 "heldout_mean",
                 "heldout_sd",
                 "diff_to_lora",
-                "ci95_lo",
-                "ci95_hi",
+                "ci95_t_lo",
+                "ci95_t_hi",
+                "ci95_hier_bootstrap_lo",
+                "ci95_hier_bootstrap_hi",
                 "exact_match",
                 "exact_match_se",
                 "val_at_neighbours",
             ]
         )
         for m, e in result["methods"].items():
-            d = e.get("diff_to_lora", {"diff": "", "ci95": ["", ""]})
+            d = e.get(
+                "diff_to_lora", {"diff": "", "ci95": ["", ""], "ci95_hier_bootstrap": ["", ""]}
+            )
             w.writerow(
                 [
                     m,
@@ -1090,6 +1121,7 @@ def _write_summary(result: dict, out: Path, suffix: str) -> None:
                     e["heldout_sd"],
                     d["diff"],
                     *d["ci95"],
+                    *d["ci95_hier_bootstrap"],
                     e.get("exact_match", ""),
                     e.get("exact_match_se", ""),
                     json.dumps(e["val_at_neighbours"]),
@@ -1110,13 +1142,14 @@ def _write_summary(result: dict, out: Path, suffix: str) -> None:
 def markdown_table(result: dict) -> str:
     """The results table of docs/gsm8k_finetune.md, from ``summary.json``'s content."""
     lines = [
-        "| method | chosen lr | held-out loss, mean ± s.d. (seeds) | − LoRA [95 % CI] "
+        "| method | chosen lr | held-out loss, mean ± s.d. (seeds) "
+        "| − LoRA [95 % t, per-seed pairs] | [hier. bootstrap] "
         "| val. loss at lr/2, lr, 2·lr | exact match ± s.e. |",
-        "|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|",
     ]
     for m, e in result["methods"].items():
         d = e.get("diff_to_lora")
-        diff = "—" if d is None else f"{d['diff']:+.4f} [{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}]"
+        diff, boot = ("—", "—") if d is None else (_ci(d), _interval(d["ci95_hier_bootstrap"]))
         nb = e["val_at_neighbours"]
         lr = e["selected_lr"]
         around = ", ".join(
@@ -1126,7 +1159,7 @@ def markdown_table(result: dict) -> str:
         edge = " (edge)" if e["at_grid_edge"] else ""
         lines.append(
             f"| `{m}` | {lr:g}{edge} | {e['heldout_mean']:.4f} ± {e['heldout_sd']:.4f} "
-            f"({len(e['seeds'])}) | {diff} | {around} | {em} |"
+            f"({len(e['seeds'])}) | {diff} | {boot} | {around} | {em} |"
         )
     b = result.get("base_model")
     if b is not None:
@@ -1136,16 +1169,30 @@ def markdown_table(result: dict) -> str:
             else f"{b['exact_match']:.3f} ± {b['exact_match_se']:.3f}"
         )
         lines.append(
-            f"| base model (no fine-tuning) | — | {b['heldout_loss']:.4f} | — | — | {em} |"
+            f"| base model (no fine-tuning) | — | {b['heldout_loss']:.4f} | — | — | — | {em} |"
         )
     if result.get("contrasts"):
-        lines += ["", "| a − b | isolates | held-out loss difference [95 % CI] |", "|---|---|---|"]
+        lines += [
+            "",
+            "| a − b | isolates | held-out loss difference [95 % t, per-seed pairs] "
+            "| [hier. bootstrap] |",
+            "|---|---|---|---|",
+        ]
         for c in result["contrasts"]:
             lines.append(
                 f"| `{c['a']}` − `{c['b']}` | {c['isolates']} | "
-                f"{c['diff']:+.4f} [{c['ci95'][0]:+.4f}, {c['ci95'][1]:+.4f}] |"
+                f"{_ci(c)} | {_interval(c['ci95_hier_bootstrap'])} |"
             )
     return "\n".join(lines) + "\n"
+
+
+def _interval(ci: Sequence[float]) -> str:
+    return f"[{ci[0]:+.4f}, {ci[1]:+.4f}]"
+
+
+def _ci(d: dict) -> str:
+    """A difference with its t interval, and the seeds it rests on."""
+    return f"{d['diff']:+.4f} {_interval(d['ci95'])} (n = {len(d['seeds'])})"
 
 
 def _plot(result: dict, path: Path) -> None:

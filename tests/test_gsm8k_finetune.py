@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from scipy import stats
 
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location(
@@ -295,22 +296,47 @@ def test_rows_at_a_rate_off_the_grid_join_the_choice(tmp_path):
 # ----------------------------------------------------------------------------- statistics
 
 
-def test_paired_bootstrap():
-    rng = np.random.default_rng(0)
-    counts = rng.integers(5, 20, size=(3, 50)).astype(float)
-    base = counts * rng.uniform(1.0, 2.0, size=(3, 50))
-    same = gf.paired_bootstrap(base, counts, base, counts, reps=200)
-    assert same == (0.0, 0.0, 0.0)  # paired: identical runs have no spread at all
-    shifted = gf.paired_bootstrap(base + 0.1 * counts, counts, base, counts, reps=200)
-    np.testing.assert_allclose(shifted, 0.1, atol=1e-12)  # +0.1 per token: exactly 0.1
-    other = base * rng.uniform(0.5, 1.5, size=base.shape)
-    token_weighted = np.mean(other.sum(1) / counts.sum(1)) - np.mean(base.sum(1) / counts.sum(1))
-    assert gf.paired_bootstrap(other, counts, base, counts, reps=10)[0] == pytest.approx(
-        token_weighted, rel=1e-12
-    )  # the loss of a run is token-weighted over problems, as the headline number
-    noisy = base * rng.uniform(0.9, 1.0, size=base.shape)
-    diff, lo, hi = gf.paired_bootstrap(noisy, counts, base, counts, reps=500)
-    assert lo < diff < hi < 0  # uniformly lower loss: the interval excludes 0
+def test_paired_t_interval_by_hand():
+    """Per-seed differences 0.3, −0.1, 0.4 (one token per problem, two problems): mean 0.2,
+    s.d. √0.07, t(2) 97.5 % = 0.95·√(2/0.0975) = 4.3027 (two degrees of freedom have the closed
+    form q = (2p − 1)·√(2 / (4p(1 − p)))): half-width 0.6572."""
+    counts = np.ones((3, 2))
+    b = np.array([[1.0, 2.0], [1.0, 1.0], [2.0, 2.0]])
+    a = b + np.array([[0.3], [-0.1], [0.4]])  # +d on each problem: each run's loss + d
+    out = gf.paired_t(a, counts, b, counts)
+    assert out["per_seed"] == pytest.approx([0.3, -0.1, 0.4]) and out["df"] == 2
+    assert out["diff"] == pytest.approx(0.2)
+    q = 0.95 * math.sqrt(2 / 0.0975)
+    half = q * math.sqrt(0.07) / math.sqrt(3)
+    assert stats.t.ppf(0.975, 2) == pytest.approx(q, rel=1e-12)
+    assert out["ci95"] == pytest.approx([0.2 - half, 0.2 + half], rel=1e-12)
+    assert half == pytest.approx(0.6572, abs=1e-4)
+    # one seed: no interval; the difference is token-weighted within a run
+    one = gf.paired_t(a[:1], np.array([[1.0, 3.0]]), b[:1], np.array([[1.0, 3.0]]))
+    assert one["diff"] == pytest.approx((1.3 + 2.3) / 4 - (1.0 + 2.0) / 4)  # Σ sums / Σ tokens
+    assert all(math.isnan(x) for x in one["ci95"])
+
+
+def test_hierarchical_bootstrap_resamples_seeds_as_seeds():
+    """Three seeds whose differences are +1, −0.8, +0.3 on 400 problems with little noise
+    within a seed: the seed level dominates, and an interval must reach the seeds' spread
+    (cover 0). Resampling the 1200 (seed, problem) cells as if they were problems gives
+    ≈ ±0.05 around +0.17 and excludes 0: that implementation fails here."""
+    rng = np.random.default_rng(1)
+    k, n = 3, 400
+    counts = rng.integers(5, 20, size=(k, n)).astype(float)
+    b = counts * rng.uniform(1.0, 2.0, size=(k, n))
+    shift = np.array([1.0, -0.8, 0.3])[:, None]
+    a = b + counts * (shift + rng.normal(0, 0.05, size=(k, n)))
+    lo, hi = gf.hierarchical_bootstrap(a, counts, b, counts, reps=400)
+    assert lo < 0 < hi and hi - lo > 1.0
+    same = gf.hierarchical_bootstrap(b, counts, b, counts, reps=50)
+    assert same == [0.0, 0.0]  # paired: identical runs have no spread at all
+    lo, hi = gf.hierarchical_bootstrap(b + 0.1 * counts, counts, b, counts, reps=50)
+    assert lo == pytest.approx(0.1, abs=1e-12) and hi == pytest.approx(0.1, abs=1e-12)
+
+
+def test_answers_and_accuracy():
     acc, se = gf.accuracy_se([[True, False, False, False], [True, True, False, False]])
     assert acc == pytest.approx(3 / 8) and se == pytest.approx(np.std([1, 0.5, 0, 0], ddof=1) / 2)
     assert gf.extract_answer("so 3+4=7\n#### 1,234 apples") == "1234"
