@@ -145,6 +145,26 @@ BOOTSTRAP = 2000
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "gsm8k_finetune"
 
 
+def code_version() -> str:
+    """The commit this process runs (``+dirty`` with uncommitted changes to tracked files), so a
+    row says which code trained it; ``unknown`` outside a git checkout."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True, text=True,
+            check=True,
+        ).stdout.strip()  # fmt: skip
+        dirty = subprocess.run(
+            ["git", "diff", "--quiet", "HEAD", "--", "lora_da_ref", "benchmarks/gsm8k_finetune.py"],
+            cwd=root,
+        ).returncode  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+dirty" if dirty else "")
+
+
 @dataclass(frozen=True)
 class Sizes:
     prompt_tokens: int | None = 24  # keep the last this many prompt tokens (None: all)
@@ -629,7 +649,7 @@ def merge_rows(sources: Sequence[Path], out: Path) -> dict[str, int]:
     present must be identical up to timings, else the merge refuses (two different results for
     one run)."""
     copied = {"rows": 0, "heldout": 0}
-    timing = ("train_seconds", "init_seconds", "eval_seconds", "host", "finished")
+    timing = ("train_seconds", "init_seconds", "eval_seconds", "host", "code", "finished")
     for src in sources:
         for kind in copied:
             for path in sorted((Path(src) / kind).glob("*.json")):
@@ -838,6 +858,7 @@ class Experiment:
         self.base, self.tok, self.data, self.sizes = base, tokenizer, data, sizes
         self.device, self.out, self.log = device, out, log
         self.inits = Inits(base, data, sizes, device, out)
+        self.code = code_version()  # read once: the code this process loaded
 
     def row(self, method: str, lr: float, seed: int) -> dict:
         name = file_name(method, lr, seed, self.sizes)
@@ -865,6 +886,7 @@ class Experiment:
             "init_seconds": init_seconds,
             "wall_seconds": time.perf_counter() - t0,
             "host": os.uname().nodename,
+            "code": self.code,
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
         text = json.dumps(row) + "\n"

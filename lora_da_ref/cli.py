@@ -520,11 +520,11 @@ def _add_full_diagnostics(adapter: str) -> None:
             f"{path}: no saved statistics (statistics_dir: {statistics_dir!r}); run lora-da init "
             "with --save-statistics DIR to keep them"
         )
-    from lora_da_ref.torch.store import full_diagnostics
+    from lora_da_ref.torch.stages import diagnose_saved
 
     ranks = {n: int(d.get("rank", provenance["config"]["rank"]))
              for n, d in provenance["layers"].items()}  # fmt: skip
-    full = full_diagnostics(statistics_dir, provenance["config"], ranks)
+    full = diagnose_saved(statistics_dir, provenance["config"], ranks)
     for name, values in full.items():
         provenance["layers"].setdefault(name, {}).update(values)
     tmp = path.with_suffix(".json.tmp")

@@ -149,13 +149,12 @@ def make_plan(
 
 
 def _probe(model: Any, batches: list[dict], chunk: dict, config: Any) -> tuple[float, float, dict]:
-    from lora_da_ref.torch.pipeline import solve_layers
-    from lora_da_ref.torch.statistics import collect_statistics
+    from lora_da_ref.torch.stages import collect_statistics, lora_da_factors
 
     t0 = time.perf_counter()
     stats = collect_statistics(model, batches, chunk, config, progress=False)
     t1 = time.perf_counter()
-    factors = solve_layers(stats, list(chunk), config)
+    factors = lora_da_factors(stats, rank=config.rank, config=config)
     return t1 - t0, time.perf_counter() - t1, factors
 
 

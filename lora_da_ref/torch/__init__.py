@@ -15,7 +15,7 @@ with its intermediates) stays importable from its module: :mod:`.statistics`, :m
 from lora_da_ref.torch.adapter import apply_lora_da
 
 # Configuration and results
-from lora_da_ref.torch.config import LoraDAConfig, LoraFactors
+from lora_da_ref.torch.config import LoraDAConfig, LoraFactors, SolveConfig, StatisticsConfig
 
 # Data-parallel LoRA-DA over torch.distributed
 from lora_da_ref.torch.distributed import (
@@ -48,8 +48,11 @@ from lora_da_ref.torch.peft_init import (
 # Eigensolvers (Eqs. 5-8)
 from lora_da_ref.torch.solvers import smallest_eigvecs
 
+# The method in two stages (statistics once, solves many) and the diagnosis
+from lora_da_ref.torch.stages import collect_statistics, diagnose, lora_da_factors
+
 # K-FAC statistics (Algorithm 1, step 1)
-from lora_da_ref.torch.statistics import KFACStatistics, collect_statistics
+from lora_da_ref.torch.statistics import KFACStatistics
 
 __all__ = [
     "DenseFisher",
@@ -59,8 +62,11 @@ __all__ = [
     "LoraDAState",
     "LoraFactors",
     "RankFailedError",
+    "SolveConfig",
+    "StatisticsConfig",
     "apply_lora_da",
     "collect_statistics",
+    "diagnose",
     "find_target_modules",
     "fisher_gradient",
     "get_lora_da_state_dict",
@@ -72,6 +78,7 @@ __all__ = [
     "inverse_fisher_block_sum",
     "join_torchrun_group",
     "load_lora_da_state",
+    "lora_da_factors",
     "save_lora_da_state",
     "smallest_eigvecs",
 ]

@@ -17,7 +17,16 @@ import torch
 
 from lora_da_ref.presets import PRESETS, get_preset
 
-__all__ = ["LoraDAConfig", "LoraFactors", "preset_of"]
+__all__ = [
+    "LoraDAConfig",
+    "LoraFactors",
+    "SolveConfig",
+    "StatisticsConfig",
+    "preset_of",
+    "rank_of",
+    "solve_config_of",
+    "statistics_config_of",
+]
 
 # δ of the relative damping λ = δ·tr(M)/d (docs/numerics.md, "Precision and damping").
 DEFAULT_RELATIVE_DAMPING = 1e-2  # GPTQ's percdamp; measured: docs/numerics.md
@@ -167,25 +176,152 @@ class LoraDAConfig:
 
     @property
     def scales_b0(self) -> bool:
+        """:attr:`SolveConfig.scales_b0` of this config's solves."""
+        return self.solve_config().scales_b0
+
+    def statistics_config(self) -> StatisticsConfig:
+        """The first stage's part: what the statistics pass depends on. The diagnostics tier
+        decides its optional accumulators: the even/odd gradient sums (any tier but ``"off"``)
+        and the rounding measurement (``"full"``: about 0.2× a plain training pass, not nearly
+        free)."""
+        return StatisticsConfig(
+            **{f: getattr(self, f) for f in _STATISTICS_FIELDS},
+            split_halves=self.diagnostics != "off",
+            measure_rounding=self.diagnostics == "full",
+        )
+
+    def solve_config(self) -> SolveConfig:
+        """The second stage's part: the objective, the numerics and the diagnostics tier of the
+        per-layer solves (no forward pass)."""
+        return SolveConfig(**{f: getattr(self, f) for f in _SOLVE_FIELDS})
+
+    def replace(self, **changes: Any) -> LoraDAConfig:
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class StatisticsConfig:
+    """Settings of the statistics pass (Algorithm 1, step 1: ``Z``, ``Y``, ``G`` by hooks).
+
+    The fields are :class:`LoraDAConfig`'s of the same names (see there): ``token_mask``,
+    ``label_shift``, ``score_scale``, ``gradient_weight``, ``output_factor``, ``dtype`` (of the
+    per-batch products; the running sums are float64), ``layers_per_pass`` and
+    ``max_statistics_bytes``. Two optional accumulators, absent and free when off:
+
+    Attributes:
+        split_halves: keep the gradient sums of the even- and of the odd-numbered sequences
+            apart (one more (d_in, d_out) matrix per layer, no extra flops): the split-half
+            calibration diagnostics need them.
+        measure_rounding: sum each float32 product once more in float64, sketched by
+            :data:`~lora_da_ref.torch.statistics.ROUNDING_PROBES` sign columns, to measure the
+            rounding the statistics carry (nothing to measure for float64 products).
+    """
+
+    token_mask: Literal["labels", "attention"] = "attention"
+    label_shift: int = 1
+    score_scale: Literal["token", "batch"] = "batch"
+    gradient_weight: Literal["token", "sequence"] = "sequence"
+    output_factor: Literal["diagonal", "full"] = "diagonal"
+    dtype: torch.dtype = torch.float32
+    layers_per_pass: int | None = None
+    max_statistics_bytes: int | Literal["auto"] | None = "auto"
+    split_halves: bool = True
+    measure_rounding: bool = False
+
+    def __post_init__(self) -> None:
+        _validate_statistics(self)
+
+    @property
+    def records_rounding(self) -> bool:
+        """Whether the pass measures its rounding: asked for, and products below float64."""
+        return self.measure_rounding and self.dtype != torch.float64
+
+    def replace(self, **changes: Any) -> StatisticsConfig:
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class SolveConfig:
+    """Settings of the per-layer solves (Algorithm 1, steps 2–5), read from the statistics with
+    no forward pass. The fields are :class:`LoraDAConfig`'s of the same names (see there):
+    ``n_train``, ``variance_weight``, ``bias_weight``, ``damping``, ``damping_scale``,
+    ``normalize_delta``, ``scale_gamma``, ``solver``, ``solver_options``, ``seed``,
+    ``estimator``, ``diagnostics`` (the tier the entry points diagnose at) and
+    ``solve_workers``. The LoRA rank is the solve's argument (a rank per layer allowed), not a
+    setting."""
+
+    n_train: float = 100_000
+    variance_weight: float = 0.03
+    bias_weight: float = 1.0
+    damping: float = DEFAULT_RELATIVE_DAMPING
+    damping_scale: Literal["relative", "absolute"] = "relative"
+    normalize_delta: bool = True
+    scale_gamma: float | None = 1024.0
+    solver: Literal["eigh", "lobpcg"] = "eigh"
+    solver_options: dict[str, Any] = field(default_factory=dict)
+    seed: int = 0
+    estimator: Literal["plugin", "debiased", "damped"] = "plugin"
+    diagnostics: Literal["off", "cheap", "full"] = "cheap"
+    solve_workers: int | None = None
+
+    def __post_init__(self) -> None:
+        _validate_solve(self)
+
+    def __hash__(self) -> int:  # solver_options is a dict
+        return hash(tuple(sorted((k, repr(v)) for k, v in dataclasses.asdict(self).items())))
+
+    @property
+    def scales_b0(self) -> bool:
         """Whether B0 = A0ᵀΔŴ is scaled for training (σ-normalised or divided by √γ); the
         literal reading of Algorithm 1 is not (``paper_literal``: not for training)."""
         return self.normalize_delta or self.scale_gamma is not None
 
-    @property
-    def split_sums(self) -> bool:
-        """Whether the pass keeps the even/odd gradient sums (any diagnostics tier but off)."""
-        return self.diagnostics != "off"
-
-    @property
-    def records_rounding(self) -> bool:
-        """Whether the pass measures the rounding of its products (statistics in a dtype below
-        float64, the ``"full"`` diagnostics tier: it costs about 0.2× a plain training pass, not
-        nearly free): :func:`~lora_da_ref.torch.factors.precision_bound` and the probe then
-        scale their rounding model to the measured size."""
-        return self.diagnostics == "full" and self.dtype != torch.float64
-
-    def replace(self, **changes: Any) -> LoraDAConfig:
+    def replace(self, **changes: Any) -> SolveConfig:
         return dataclasses.replace(self, **changes)
+
+
+_STATISTICS_FIELDS = (
+    "token_mask", "label_shift", "score_scale", "gradient_weight", "output_factor", "dtype",
+    "layers_per_pass", "max_statistics_bytes",
+)  # fmt: skip
+_SOLVE_FIELDS = tuple(
+    f.name for f in dataclasses.fields(SolveConfig)
+)  # every SolveConfig field is a LoraDAConfig field of the same name
+
+
+def rank_of(config: LoraDAConfig | SolveConfig, rank: int | None) -> int:
+    """``rank``, else the bundle's ``config.rank`` (a :class:`SolveConfig` holds no rank)."""
+    if rank is not None:
+        return rank
+    if isinstance(config, LoraDAConfig):
+        return config.rank
+    raise TypeError("rank is required with a SolveConfig (the LoRA rank is not a solve setting)")
+
+
+def statistics_config_of(config: LoraDAConfig | StatisticsConfig | None) -> StatisticsConfig:
+    """The statistics settings of ``config`` (a :class:`LoraDAConfig` is split; ``None``: the
+    default preset's)."""
+    if config is None:
+        return LoraDAConfig().statistics_config()
+    if isinstance(config, StatisticsConfig):
+        return config
+    if isinstance(config, LoraDAConfig):
+        return config.statistics_config()
+    raise TypeError(
+        f"config must be a StatisticsConfig or LoraDAConfig, got {type(config).__name__}"
+    )
+
+
+def solve_config_of(config: LoraDAConfig | SolveConfig | None) -> SolveConfig:
+    """The solve settings of ``config`` (a :class:`LoraDAConfig` is split; ``None``: the
+    default preset's)."""
+    if config is None:
+        return LoraDAConfig().solve_config()
+    if isinstance(config, SolveConfig):
+        return config
+    if isinstance(config, LoraDAConfig):
+        return config.solve_config()
+    raise TypeError(f"config must be a SolveConfig or LoraDAConfig, got {type(config).__name__}")
 
 
 # Fields a user sets freely on top of a preset: they change neither the objective nor the numerics
@@ -218,37 +354,55 @@ _CHOICES = {
 
 
 def _validate(c: LoraDAConfig) -> None:
-    """Reject bad settings early, naming the field."""
+    """Reject bad settings early, naming the field: the bundle's own (rank, targets), then each
+    stage's by building it (its checks live with it)."""
     _positive_int("rank", c.rank)
-    if not _finite("n_train", c.n_train) > 0:
-        raise ValueError(f"n_train must be positive, got {c.n_train}")
-    if c.layers_per_pass is not None:
-        _positive_int("layers_per_pass", c.layers_per_pass)
-    if c.max_statistics_bytes not in (None, "auto"):
-        _positive_int("max_statistics_bytes", c.max_statistics_bytes)
-    if c.solve_workers is not None:
-        _positive_int("solve_workers", c.solve_workers)
-    if isinstance(c.label_shift, bool) or not isinstance(c.label_shift, int) or c.label_shift < 0:
-        raise ValueError(f"label_shift must be a non-negative integer, got {c.label_shift!r}")
-    if not isinstance(c.normalize_delta, bool):
-        raise TypeError(f"normalize_delta must be True or False, got {c.normalize_delta!r}")
     if isinstance(c.target_modules, str):
         _regex_or_all_linear(c.target_modules)
     elif not c.target_modules or not all(isinstance(t, str) and t for t in c.target_modules):
         raise ValueError(
             f"target_modules must be non-empty module-name suffixes, got {c.target_modules!r}"
         )
-    for name, choices in _CHOICES.items():
-        if getattr(c, name) not in choices:
-            raise ValueError(f"{name} must be one of {choices}, got {getattr(c, name)!r}")
+    _check_choices(c, ("diagnostics",))
+    c.statistics_config()
+    c.solve_config()
+
+
+def _check_choices(c: object, names: tuple[str, ...]) -> None:
+    for name in names:
+        if getattr(c, name) not in _CHOICES[name]:
+            raise ValueError(f"{name} must be one of {_CHOICES[name]}, got {getattr(c, name)!r}")
+
+
+def _validate_statistics(c: StatisticsConfig) -> None:
+    if c.layers_per_pass is not None:
+        _positive_int("layers_per_pass", c.layers_per_pass)
+    if c.max_statistics_bytes not in (None, "auto"):
+        _positive_int("max_statistics_bytes", c.max_statistics_bytes)
+    if isinstance(c.label_shift, bool) or not isinstance(c.label_shift, int) or c.label_shift < 0:
+        raise ValueError(f"label_shift must be a non-negative integer, got {c.label_shift!r}")
+    _check_choices(c, ("output_factor", "token_mask", "score_scale", "gradient_weight"))
+    if c.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"dtype must be torch.float32 or torch.float64, got {c.dtype}")
+    for name in ("split_halves", "measure_rounding"):
+        if not isinstance(getattr(c, name), bool):
+            raise TypeError(f"{name} must be True or False, got {getattr(c, name)!r}")
+
+
+def _validate_solve(c: SolveConfig) -> None:
+    if not _finite("n_train", c.n_train) > 0:
+        raise ValueError(f"n_train must be positive, got {c.n_train}")
+    if c.solve_workers is not None:
+        _positive_int("solve_workers", c.solve_workers)
+    if not isinstance(c.normalize_delta, bool):
+        raise TypeError(f"normalize_delta must be True or False, got {c.normalize_delta!r}")
+    _check_choices(c, ("solver", "damping_scale", "estimator", "diagnostics"))
     _finite("variance_weight", c.variance_weight)
     _finite("bias_weight", c.bias_weight)
     if _finite("damping", c.damping) < 0:
         raise ValueError(f"damping must be >= 0, got {c.damping}")
     if c.scale_gamma is not None and not _finite("scale_gamma", c.scale_gamma) > 0:
         raise ValueError(f"scale_gamma must be > 0 or None, got {c.scale_gamma}")
-    if c.dtype not in (torch.float32, torch.float64):
-        raise ValueError(f"dtype must be torch.float32 or torch.float64, got {c.dtype}")
     if not isinstance(c.solver_options, dict):
         raise TypeError(f"solver_options must be a dict, got {type(c.solver_options).__name__}")
 

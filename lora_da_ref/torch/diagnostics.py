@@ -52,7 +52,13 @@ from typing import Any, TextIO
 import torch
 from torch import Tensor
 
-from lora_da_ref.torch.config import LoraDAConfig, LoraFactors
+from lora_da_ref.torch.config import (
+    LoraDAConfig,
+    LoraFactors,
+    SolveConfig,
+    StatisticsConfig,
+    rank_of,
+)
 from lora_da_ref.torch.fisher import FisherMatrix
 from lora_da_ref.torch.guidance import calibration_noise, fisher_gradient, guidance_from_delta
 from lora_da_ref.torch.solvers import layer_seed, smallest_eigenpairs
@@ -76,7 +82,11 @@ def plug_in_sample_size(stats: KFACStatistics) -> float:
 
 
 def fisher_units(
-    config: LoraDAConfig, *, sequences: int, loss_tokens: int, attention_tokens: int
+    config: StatisticsConfig | LoraDAConfig,
+    *,
+    sequences: int,
+    loss_tokens: int,
+    attention_tokens: int,
 ) -> float:
     """A data set's size in the units of the Fisher the statistics estimate: ``W²/|P|``, as
     :func:`plug_in_sample_size` for the calibration set (module docstring, "Which |S|").
@@ -119,11 +129,12 @@ def principal_angles(A1: Tensor, A2: Tensor) -> Tensor:
 def calibration_diagnostics(
     stats: KFACStatistics,
     name: str,
-    config: LoraDAConfig,
+    config: SolveConfig | LoraDAConfig,
     J: FisherMatrix,
     delta: Tensor | None = None,
     *,
     split_solves: bool = True,
+    rank: int | None = None,
 ) -> dict[str, Any]:
     """SNR and split-half stability of layer ``name`` (module docstring), from the pass's
     statistics and the layer's (damped) K-FAC Fisher ``J``; ``delta``: the unnormalised
@@ -167,7 +178,7 @@ def calibration_diagnostics(
         guidance_from_delta(J, d, plain, name, size * w / (w1 + w2))
         for d, w in ((even, w1), (odd, w2))
     ]
-    out |= _stability([g.omega for g in guides], name, config)
+    out |= _stability([g.omega for g in guides], name, config, rank_of(config, rank))
     return out
 
 
@@ -177,16 +188,18 @@ def _snr(signal: float, noise: float) -> float:
     return (signal - noise) / noise
 
 
-def _stability(omegas: list[Tensor], name: str, config: LoraDAConfig) -> dict[str, float]:
+def _stability(
+    omegas: list[Tensor], name: str, config: SolveConfig | LoraDAConfig, rank: int
+) -> dict[str, float]:
     options = {"seed": layer_seed(config.seed, name), **config.solver_options}
     A = []
     for omega in omegas:
-        eig = smallest_eigenpairs(omega, config.rank, solver=config.solver, **options)
+        eig = smallest_eigenpairs(omega, rank, solver=config.solver, **options)
         A.append(eig.vectors.to(torch.float64))
     angles = principal_angles(A[0], A[1])
     omega2 = omegas[1].to(torch.float64)
     regret = float(torch.trace(A[0].mT @ omega2 @ A[0]) - torch.trace(A[1].mT @ omega2 @ A[1]))
-    scale = config.rank * _spectral_norm(omega2)
+    scale = rank * _spectral_norm(omega2)
     return {
         "split_angle_max": float(angles.max()),
         "split_angle_min": float(angles.min()),

@@ -40,7 +40,13 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor
 
-from lora_da_ref.torch.config import LoraDAConfig, LoraFactors
+from lora_da_ref.torch.config import (
+    LoraDAConfig,
+    LoraFactors,
+    SolveConfig,
+    rank_of,
+    solve_config_of,
+)
 from lora_da_ref.torch.diagnostics import (
     calibration_diagnostics,
     plug_in_sample_size,
@@ -62,6 +68,7 @@ __all__ = [
     "TRUST_RAD",
     "UNSCALED_B0_KEY",
     "LayerSolution",
+    "diagnose_layer",
     "init_lora_da_layer",
     "kfac_fisher",
     "layer_factors",
@@ -115,7 +122,7 @@ class LayerSolution:
 def kfac_fisher(
     stats: KFACStatistics,
     name: str,
-    config: LoraDAConfig,
+    config: SolveConfig | LoraDAConfig,
     z_factors: dict[str, CholeskyFactor] | None = None,
 ) -> KroneckerFisher:
     """``J ≈ (Y + λ_Y I) ⊗ (Z + λ_Z I)`` of layer ``name`` in float64; ``z_factors`` caches the
@@ -127,11 +134,17 @@ def kfac_fisher(
         if group not in z_factors:
             Z = stats.Z[group].to(SOLVE_DTYPE)  # (d1, d1)
             z_factors[group] = damping_of(
-                Z, config, lambda lam: damped_cholesky(Z, lam, name=f"Z of {group!r}")
+                Z,
+                config,
+                lambda lam: damped_cholesky(Z, lam, name=f"Z of {group!r}"),
+                products_dtype(stats),
             )
         Y = stats.Y[name].to(SOLVE_DTYPE)  # (d2, d2) or (d2,)
         return damping_of(
-            Y, config, lambda lam: KroneckerFisher(Y, z_factors[group], y_damping=lam)
+            Y,
+            config,
+            lambda lam: KroneckerFisher(Y, z_factors[group], y_damping=lam),
+            products_dtype(stats),
         )
     except ValueError as err:
         raise ValueError(
@@ -140,22 +153,31 @@ def kfac_fisher(
         ) from None
 
 
-def damping_of(M: Tensor, config: LoraDAConfig, factorise: Callable[[float], T]) -> T:
+def products_dtype(stats: KFACStatistics) -> torch.dtype:
+    """The dtype the statistics' per-batch products were rounded to (their sums are float64)."""
+    return getattr(torch, stats.dtype)
+
+
+def damping_of(
+    M: Tensor, config: SolveConfig | LoraDAConfig, factorise: Callable[[float], T],
+    dtype: torch.dtype,
+) -> T:  # fmt: skip
     """``factorise(λ)`` with the requested damping (:func:`requested_damping`); when ``M + λI``
-    is not positive definite and ``λ`` is below :func:`rounding_floor`, once more at the floor
-    (recorded in ``diagnostics["damping_raised"]``, warned about by the pipeline). Otherwise the
-    ``ValueError`` stands: no tenfold loop, no silent re-damping."""
+    is not positive definite and ``λ`` is below :func:`rounding_floor` of the products'
+    ``dtype``, once more at the floor (recorded in ``diagnostics["damping_raised"]``, warned
+    about by the pipeline). Otherwise the ``ValueError`` stands: no tenfold loop, no silent
+    re-damping."""
     requested = requested_damping(M, config)
     try:
         return factorise(requested)
     except ValueError:
-        floor = rounding_floor(M, config.dtype)
+        floor = rounding_floor(M, dtype)
         if not requested < floor:
             raise
         return factorise(floor)
 
 
-def requested_damping(M: Tensor, config: LoraDAConfig) -> float:
+def requested_damping(M: Tensor, config: SolveConfig | LoraDAConfig) -> float:
     """``δ·tr(M)/d`` (``damping_scale="relative"``) or ``δ`` (``"absolute"``)."""
     if config.damping_scale == "relative":
         return relative_damping(M, config.damping)
@@ -173,42 +195,64 @@ def rounding_floor(M: Tensor, dtype: torch.dtype) -> float:
 def solve_layer(
     stats: KFACStatistics,
     name: str,
-    config: LoraDAConfig,
+    config: SolveConfig | LoraDAConfig,
     z_factors: dict[str, CholeskyFactor] | None = None,
     *,
     probe: bool = True,
     rank: int | None = None,
 ) -> LayerSolution:
-    """Steps 2–5 of Algorithm 1 for one layer, keeping every intermediate, with the diagnostics
-    of ``config.diagnostics``: ``"cheap"`` adds the calibration SNR (plug-in and split-half
-    noise) and :func:`precision_bound`; ``"full"`` also the split-half solves and, when
-    ``probe``, :func:`precision_probe`. ``rank``: this layer's r (a PEFT ``rank_pattern``),
-    ``config.rank`` when ``None``; the statistics do not depend on it."""
-    if rank is not None and rank != config.rank:
-        config = config.replace(rank=rank)  # every use below (A0, split halves, probe) is r
+    """Steps 2–5 of Algorithm 1 for one layer, keeping every intermediate, then
+    :func:`diagnose_layer` at ``config.diagnostics``'s tier. ``rank``: this layer's r (a PEFT
+    ``rank_pattern``; a :class:`LoraDAConfig`'s ``rank`` when ``None``); the statistics do not
+    depend on it."""
+    rank = rank_of(config, rank)
+    config = solve_config_of(config)
     J = kfac_fisher(stats, name, config, z_factors)
     size = plug_in_sample_size(stats) if config.estimator != "plugin" else None
     guide = layer_guidance(J, stats.G[name].to(SOLVE_DTYPE), config, name, size)
     options = {"seed": layer_seed(config.seed, name), **config.solver_options}
-    eig = smallest_eigenpairs(guide.omega, config.rank, solver=config.solver, **options)
+    eig = smallest_eigenpairs(guide.omega, rank, solver=config.solver, **options)
     A, B = eig.vectors, eig.vectors.mT @ guide.delta_w  # (d1, r), (r, d2)
     scale = 1.0 if config.scale_gamma is None else math.sqrt(config.scale_gamma)
     diagnostics = _diagnostics(stats, name, config, J, guide.sigma, eig.diagnostics)
-    if config.diagnostics != "off":
-        delta = guide.delta_w * guide.sigma  # unnormalised ΔŴ (σ = 1 unless normalising)
-        full = config.diagnostics == "full"
-        diagnostics |= calibration_diagnostics(stats, name, config, J, delta, split_solves=full)
-        diagnostics["precision_bound"] = precision_bound(stats, name, config, J, guide, eig)
     solution = LayerSolution(J, guide, eig, A / scale, B / scale, diagnostics)
-    if probe and config.diagnostics == "full":
-        diagnostics["precision_probe"] = precision_probe(stats, name, config, solution, z_factors)
+    diagnose_layer(stats, name, config, solution, rank, z_factors, probe=probe)
     return solution
+
+
+def diagnose_layer(
+    stats: KFACStatistics,
+    name: str,
+    config: SolveConfig,
+    solution: LayerSolution,
+    rank: int,
+    z_factors: dict[str, CholeskyFactor] | None = None,
+    *,
+    probe: bool = True,
+) -> None:
+    """The diagnostics of ``config.diagnostics``'s tier, added to ``solution.diagnostics`` from
+    the solve's own intermediates (no second Fisher solve): ``"off"`` none; ``"cheap"`` the
+    calibration SNR (plug-in and split-half noise) and :func:`precision_bound`; ``"full"`` also
+    the split-half solves and, when ``probe``, :func:`precision_probe`."""
+    if config.diagnostics == "off":
+        return
+    J, guide, eig, diagnostics = solution.J, solution.guidance, solution.eig, solution.diagnostics
+    delta = guide.delta_w * guide.sigma  # unnormalised ΔŴ (σ = 1 unless normalising)
+    full = config.diagnostics == "full"
+    diagnostics |= calibration_diagnostics(
+        stats, name, config, J, delta, split_solves=full, rank=rank
+    )
+    diagnostics["precision_bound"] = precision_bound(stats, name, config, J, guide, eig)
+    if probe and full:
+        diagnostics["precision_probe"] = precision_probe(
+            stats, name, config, solution, z_factors, rank=rank
+        )
 
 
 def layer_factors(
     stats: KFACStatistics,
     name: str,
-    config: LoraDAConfig,
+    config: SolveConfig | LoraDAConfig,
     z_factors: dict[str, CholeskyFactor] | None = None,
     *,
     rank: int | None = None,
@@ -255,9 +299,11 @@ def init_lora_da_layer(
 def precision_probe(
     stats: KFACStatistics,
     name: str,
-    config: LoraDAConfig,
+    config: SolveConfig,
     solution: LayerSolution,
     z_factors: dict[str, CholeskyFactor] | None = None,
+    *,
+    rank: int,
 ) -> float | None:
     """How far rounding the statistics to their dtype can move A0 (radians; ``None`` for float64
     statistics): the largest principal angle between A0 and the A0 solved (in float64, same
@@ -274,7 +320,7 @@ def precision_probe(
     and, through ``z_factors`` (the pipeline's cache), the perturbed Z's Cholesky factor.
     """
     group = stats.group_of[name]
-    dtype = config.dtype  # the per-batch products were rounded to it
+    dtype = products_dtype(stats)  # the per-batch products were rounded to it
     if dtype == SOLVE_DTYPE:
         return None
     u = torch.finfo(dtype).eps / 2
@@ -290,19 +336,19 @@ def precision_probe(
     perturbed = KFACStatistics(
         {probe_group: Z}, {name: _perturb_gram(Y, c_y * u, gen)},
         {name: G + c_g * u * _scale_of(G) * _noise(G.shape, gen, G)}, {name: probe_group},
-        stats.tokens, stats.loss_tokens, stats.sequences, stats.batches,
+        stats.tokens, stats.loss_tokens, stats.sequences, stats.batches, dtype=stats.dtype,
     )  # fmt: skip
     # The perturbed solve needs only A0: no calibration diagnostics (they cost a block sum) and
     # no σ-normalisation (Ω/σ² has the same eigenvectors; σ costs a Gram eigen-solve).
     quiet = config.replace(diagnostics="off", normalize_delta=False)
-    other = solve_layer(perturbed, name, quiet, z_factors, probe=False)
+    other = solve_layer(perturbed, name, quiet, z_factors, probe=False, rank=rank)
     return _largest_angle(solution.eig.vectors, other.eig.vectors)
 
 
 def precision_bound(
     stats: KFACStatistics,
     name: str,
-    config: LoraDAConfig,
+    config: SolveConfig,
     J: KroneckerFisher,
     guide: Guidance,
     eig: EigenResult,
@@ -337,7 +383,7 @@ def precision_bound(
     A bound on the model's root-mean-square, not a worst case: compared with the measured
     float32-vs-float64 angles in docs/numerics.md ("Precision bound").
     """
-    dtype = config.dtype
+    dtype = products_dtype(stats)
     if dtype == SOLVE_DTYPE or "gap" not in eig.diagnostics:  # LOBPCG reports no λ_{r+1}
         return None
     gap = float(eig.diagnostics["gap"])
@@ -455,7 +501,7 @@ def untrusted_layers(factors: dict[str, LoraFactors]) -> dict[str, float]:
 
 
 def _diagnostics(
-    stats: KFACStatistics, name: str, config: LoraDAConfig, J: KroneckerFisher, sigma: float,
+    stats: KFACStatistics, name: str, config: SolveConfig, J: KroneckerFisher, sigma: float,
     solver: dict[str, Any],
 ) -> dict[str, Any]:  # fmt: skip
     return {
@@ -463,7 +509,7 @@ def _diagnostics(
         "damping": J.damping,
         "damping_raised": _raised(stats, name, config, J),
         "cond": J.conditioning(),
-        "statistics_dtype": str(config.dtype).removeprefix("torch."),
+        "statistics_dtype": stats.dtype,
         "delta_sigma": sigma,
         UNSCALED_B0_KEY: not config.scales_b0,
         "tokens": stats.tokens,
@@ -474,7 +520,7 @@ def _diagnostics(
 
 
 def _raised(
-    stats: KFACStatistics, name: str, config: LoraDAConfig, J: KroneckerFisher
+    stats: KFACStatistics, name: str, config: SolveConfig, J: KroneckerFisher
 ) -> dict[str, float]:
     """The factors whose damping the rounding floor raised: ``{factor: requested λ}``."""
     requested = {

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from lora_da_ref.torch.blas import gram_lower, symmetric_update
-from lora_da_ref.torch.config import LoraDAConfig
+from lora_da_ref.torch.config import LoraDAConfig, SolveConfig
 from lora_da_ref.torch.fisher import FisherMatrix, as_fisher
 
 __all__ = [
@@ -112,7 +112,7 @@ class Guidance:
 def layer_guidance(
     J: FisherMatrix,
     G: Tensor,
-    config: LoraDAConfig,
+    config: SolveConfig | LoraDAConfig,
     name: str = "W",
     sample_size: float | None = None,
 ) -> Guidance:
@@ -125,7 +125,7 @@ def layer_guidance(
 def guidance_from_delta(
     J: FisherMatrix,
     delta_w: Tensor,
-    config: LoraDAConfig,
+    config: SolveConfig | LoraDAConfig,
     name: str = "W",
     sample_size: float | None = None,
 ) -> Guidance:
@@ -140,7 +140,10 @@ def guidance_from_delta(
 
 
 def estimator_weights(
-    J: FisherMatrix, delta_w: Tensor, config: LoraDAConfig, sample_size: float | None
+    J: FisherMatrix,
+    delta_w: Tensor,
+    config: SolveConfig | LoraDAConfig,
+    sample_size: float | None,
 ) -> tuple[float, float]:
     """(β, α) of Eq. (19) for ``config.estimator`` (:class:`LoraDAConfig`), from the
     unnormalised ``ΔŴ`` (d1, d2) and |S|: ``"plugin"`` (β, α); ``"debiased"``

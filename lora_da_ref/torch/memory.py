@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lora_da_ref.torch.config import LoraDAConfig
+from lora_da_ref.torch.config import LoraDAConfig, StatisticsConfig, statistics_config_of
 from lora_da_ref.torch.statistics import ROUNDING_PROBES, RUNNING_SUM_DTYPE
 
 __all__ = [
@@ -102,20 +102,21 @@ def input_groups(shapes: Shapes) -> dict[str, str]:
 
 def statistics_bytes(
     targets: Mapping[str, nn.Linear] | Shapes,
-    config: LoraDAConfig,
+    config: StatisticsConfig | LoraDAConfig,
     group_of: Mapping[str, str] | None = None,
 ) -> dict[str, LayerBytes]:
     """Bytes of every module's running sums in one pass (module docstring), from shapes only.
 
     Args:
         targets: ``{name: nn.Linear}`` or ``{name: (d_in, d_out)}``.
-        config: ``output_factor`` and ``diagnostics`` decide Y's and G's size.
+        config: ``output_factor`` and the optional accumulators decide Y's and G's size.
         group_of: the input groups if known (e.g. ``KFACStatistics.group_of``); else estimated.
     """
+    config = statistics_config_of(config)
     shapes = _shapes(targets)
     groups = input_groups(shapes) if group_of is None else dict(group_of)
     size = torch.empty((), dtype=RUNNING_SUM_DTYPE).element_size()
-    halves = 2 if config.split_sums else 1  # G, and G_odd with split sums
+    halves = 2 if config.split_halves else 1  # G, and G_odd with split sums
     k = ROUNDING_PROBES if config.records_rounding else 0  # the sketches' columns
     full = config.output_factor == "full"
     out = {}
@@ -136,17 +137,18 @@ def _per_layer(per_module: Mapping[str, LayerBytes]) -> dict[str, int]:
 
 
 def plan_layers_per_pass(
-    targets: Mapping[str, nn.Linear] | Shapes, config: LoraDAConfig, budget: int
+    targets: Mapping[str, nn.Linear] | Shapes, config: StatisticsConfig | LoraDAConfig, budget: int
 ) -> int:
     """The largest ``k`` such that every pass of ``k`` consecutive layers fits in ``budget``
     bytes of statistics. Raises ``ValueError`` naming the layer when one layer alone does not."""
+    config = statistics_config_of(config)
     layers = list(_per_layer(statistics_bytes(targets, config)).items())
     worst = max(layers, key=lambda kv: kv[1])
     if worst[1] > budget:
         raise ValueError(
             f"max_statistics_bytes = {budget:,} is below the statistics of one layer: {worst[0]!r} "
             f"needs {worst[1]:,} bytes ({config.output_factor} Y"
-            f"{', split-half G' if config.split_sums else ''}); raise the budget, or "
+            f"{', split-half G' if config.split_halves else ''}); raise the budget, or "
             "use output_factor='diagonal' / diagnostics='off'"
         )
     sizes = [b for _, b in layers]
@@ -177,7 +179,9 @@ def available_bytes(device: torch.device | str | None = None) -> int | None:
         return None
 
 
-def statistics_budget(config: LoraDAConfig, device: torch.device | str | None = None) -> int | None:
+def statistics_budget(
+    config: StatisticsConfig | LoraDAConfig, device: torch.device | str | None = None
+) -> int | None:
     """The byte budget of one pass's statistics: ``config.max_statistics_bytes``, where
     ``"auto"`` is :data:`AUTO_BUDGET_FRACTION` of :func:`available_bytes` on ``device``."""
     if config.max_statistics_bytes != "auto":
@@ -188,7 +192,7 @@ def statistics_budget(config: LoraDAConfig, device: torch.device | str | None = 
 
 def resolve_layers_per_pass(
     targets: Mapping[str, nn.Linear] | Shapes,
-    config: LoraDAConfig,
+    config: StatisticsConfig | LoraDAConfig,
     device: torch.device | str | None = None,
 ) -> int | None:
     """The pass plan, decided once before any pass: ``None`` (one pass) when every target's

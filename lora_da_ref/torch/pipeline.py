@@ -31,7 +31,13 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from lora_da_ref.torch.config import LoraDAConfig, LoraFactors
+from lora_da_ref.torch.config import (
+    LoraDAConfig,
+    LoraFactors,
+    SolveConfig,
+    StatisticsConfig,
+    rank_of,
+)
 from lora_da_ref.torch.diagnostics import report_calibration
 from lora_da_ref.torch.factors import TRUST_RAD, layer_factors, untrusted_layers
 from lora_da_ref.torch.fisher import CholeskyFactor
@@ -75,16 +81,16 @@ class Strategy(Protocol):
         group's pass)."""
 
     def collect(
-        self, model: nn.Module, batches: list[Batch], targets: Targets, config: LoraDAConfig,
+        self, model: nn.Module, batches: list[Batch], targets: Targets, config: StatisticsConfig,
         loss_fn: LossFn | None, progress: bool,
     ) -> KFACSums:  # fmt: skip
         """Step 1: this process's unnormalised sums for ``targets``."""
 
-    def reduce(self, sums: KFACSums, targets: Targets, config: LoraDAConfig) -> KFACStatistics:
+    def reduce(self, sums: KFACSums, targets: Targets, config: StatisticsConfig) -> KFACStatistics:
         """The normalised statistics of the whole calibration set."""
 
     def plan(
-        self, targets: Targets, group_of: dict[str, str], config: LoraDAConfig
+        self, targets: Targets, group_of: dict[str, str], config: StatisticsConfig
     ) -> dict[str, int]:
         """The rank that solves each target."""
 
@@ -107,18 +113,18 @@ class SingleProcess:
         return materialise_batches(batches)  # all the data: not empty
 
     def collect(
-        self, model: nn.Module, batches: list[Batch], targets: Targets, config: LoraDAConfig,
+        self, model: nn.Module, batches: list[Batch], targets: Targets, config: StatisticsConfig,
         loss_fn: LossFn | None, progress: bool,
     ) -> KFACSums:  # fmt: skip
         return accumulate_statistics(
             model, batches, targets, config, loss_fn=loss_fn, progress=progress
         )
 
-    def reduce(self, sums: KFACSums, targets: Targets, config: LoraDAConfig) -> KFACStatistics:
+    def reduce(self, sums: KFACSums, targets: Targets, config: StatisticsConfig) -> KFACStatistics:
         return finalize(sums)
 
     def plan(
-        self, targets: Targets, group_of: dict[str, str], config: LoraDAConfig
+        self, targets: Targets, group_of: dict[str, str], config: StatisticsConfig
     ) -> dict[str, int]:
         return dict.fromkeys(targets, 0)
 
@@ -156,7 +162,8 @@ def run_pipeline(
     """
     ranks = layer_ranks(targets, config, ranks)
     batches = strategy.prepare(batches)
-    plan = pass_plan(model, targets, config)
+    pass_config, solve_config = config.statistics_config(), config.solve_config()
+    plan = pass_plan(model, targets, pass_config)
     show = progress and strategy.rank == 0
     bar = RunProgress(len(plan) * len(batches) + len(targets), show)
     factors: dict[str, LoraFactors] = {}
@@ -167,18 +174,18 @@ def run_pipeline(
             bar.stage(f"statistics, pass {i + 1}/{len(plan)} ({layers} layers)")
             stats = None if store is None else store.load(i, names)
             if stats is None:
-                sums = strategy.collect(model, batches, chunk, config, loss_fn, bar)
-                stats = strategy.reduce(sums, chunk, config)
+                sums = strategy.collect(model, batches, chunk, pass_config, loss_fn, bar)
+                stats = strategy.reduce(sums, chunk, pass_config)
                 del sums
                 if store is not None:
                     store.save(i, names, stats)
             else:
                 bar.step(len(batches))  # a pass saved by an earlier run
-            owners = strategy.plan(chunk, stats.group_of, config)
+            owners = strategy.plan(chunk, stats.group_of, pass_config)
             mine = [n for n in chunk if owners[n] == strategy.rank]
             bar.stage(f"solves, pass {i + 1}/{len(plan)}" if len(plan) > 1 else "solves")
             with strategy.stage("layer solve"):
-                solved = solve_layers(stats, mine, config, bar.step, ranks=ranks)
+                solved = solve_layers(stats, mine, solve_config, bar.step, ranks=ranks)
             del stats
             bar.step(len(chunk) - len(mine))  # the layers other processes solve
             factors |= strategy.gather(solved, owners, chunk, ranks)
@@ -191,14 +198,18 @@ def run_pipeline(
 
 
 def layer_ranks(
-    targets: Iterable[str], config: LoraDAConfig, ranks: Mapping[str, int] | None = None
+    targets: Iterable[str],
+    config: LoraDAConfig | SolveConfig,
+    ranks: Mapping[str, int] | None = None,
 ) -> dict[str, int]:
-    """The rank r of every target: ``ranks[name]``, else ``config.rank``."""
+    """The rank r of every target: ``ranks[name]``, else a :class:`LoraDAConfig`'s ``rank``."""
     ranks = {} if ranks is None else ranks
-    return {name: int(ranks.get(name, config.rank)) for name in targets}
+    return {name: int(rank_of(config, ranks.get(name))) for name in targets}
 
 
-def pass_plan(model: nn.Module, targets: Targets, config: LoraDAConfig) -> list[list[str]]:
+def pass_plan(
+    model: nn.Module, targets: Targets, config: StatisticsConfig | LoraDAConfig
+) -> list[list[str]]:
     """The target names of each statistics pass, planned once before any pass from the layer
     shapes and the memory budget of the model's device (:mod:`lora_da_ref.torch.memory`)."""
     device = next((p.device for p in model.parameters()), None)
@@ -240,7 +251,7 @@ MAX_AUTO_PARALLEL_WIDTH = 4096  # a wider input solves on all threads, one group
 def solve_layers(
     stats: KFACStatistics,
     names: Iterable[str],
-    config: LoraDAConfig,
+    config: SolveConfig | LoraDAConfig,
     done: Callable[[int], None] | None = None,
     *,
     ranks: Mapping[str, int] | None = None,
@@ -294,7 +305,9 @@ def layer_tasks(stats: KFACStatistics, names: Iterable[str]) -> dict[str, list[s
     return tasks
 
 
-def solve_workers(stats: KFACStatistics, tasks: dict[str, list[str]], config: LoraDAConfig) -> int:
+def solve_workers(
+    stats: KFACStatistics, tasks: dict[str, list[str]], config: SolveConfig | LoraDAConfig
+) -> int:
     """``config.solve_workers``, or automatically: torch's thread count (at most
     :data:`MAX_AUTO_SOLVE_WORKERS`) for CPU statistics whose inputs are at most
     :data:`MAX_AUTO_PARALLEL_WIDTH` wide, else 1."""
@@ -317,7 +330,7 @@ def _width(stats: KFACStatistics, name: str) -> int:
 def _solve_task(
     stats: KFACStatistics,
     names: list[str],
-    config: LoraDAConfig,
+    config: SolveConfig | LoraDAConfig,
     ranks: Mapping[str, int],
     z_factors: dict[str, CholeskyFactor] | None = None,
 ) -> dict[str, LoraFactors]:

@@ -61,7 +61,7 @@ import torch
 from torch import Tensor, nn
 
 from lora_da_ref.torch.blas import mirror_lower_
-from lora_da_ref.torch.config import LoraDAConfig
+from lora_da_ref.torch.config import LoraDAConfig, StatisticsConfig, statistics_config_of
 from lora_da_ref.torch.progress import RunProgress
 
 __all__ = [
@@ -70,7 +70,6 @@ __all__ = [
     "KFACStatistics",
     "KFACSums",
     "accumulate_statistics",
-    "collect_statistics",
     "default_loss_fn",
     "finalize",
     "materialise_batches",
@@ -104,7 +103,7 @@ class KFACSums:
     ``Z[g] = Σ_{t∈P} x xᵀ`` per input group ``g``; ``Y[m] = Σ_{t∈P} s sᵀ`` (or ``Σ s²``) and
     ``G[m] + G_odd[m] = Σ_b w_b ∇_W L_b`` per module ``m``; ``group_of[m]`` is m's input group;
     ``tokens`` = |P|, ``loss_tokens`` = Σ_b T_b, ``gradient_weight`` = Σ_b w_b. With
-    ``config.split_sums`` (any diagnostics tier but "off") the gradient sums of the even- and of
+    ``config.split_halves`` (any diagnostics tier but "off") the gradient sums of the even- and of
     the odd-numbered sequences of the stream (0, 1, 2, ... in the order seen; no extra flops, the
     two halves partition the rows) are kept apart, ``G[m]`` (d_in, d_out) the even ones and
     ``G_odd[m]`` (d_in, d_out) the odd ones, and ``split_weight`` is the odd half's share of
@@ -130,6 +129,7 @@ class KFACSums:
     batches: int = 0
     skipped_batches: int = 0
     rounding: dict[str, Tensor] = field(default_factory=dict)
+    dtype: str = "float32"  # of the per-batch products (the running sums are float64)
 
 
 @dataclass
@@ -157,6 +157,7 @@ class KFACStatistics:
     split_weights: tuple[float, float] = (0.0, 0.0)
     gradient_weight: float = 0.0
     rounding: dict[str, float] = field(default_factory=dict)
+    dtype: str = "float32"  # of the per-batch products: the rounding the statistics carry
 
     def halves(self, name: str) -> tuple[Tensor, Tensor] | None:
         """(G of the even sequences, G of the odd sequences) of module ``name``, or ``None``."""
@@ -201,8 +202,9 @@ def finalize(sums: KFACSums) -> KFACStatistics:
     weights = (w_even, w_odd) if split else (0.0, 0.0)
     rounding = _measured_rounding(sums, {"Z": Z, "Y": Y, "G": G})
     return KFACStatistics(
-        Z, Y, G, dict(sums.group_of), *counts, split, weights, sums.gradient_weight, rounding
-    )
+        Z, Y, G, dict(sums.group_of), *counts, split, weights, sums.gradient_weight, rounding,
+        sums.dtype,
+    )  # fmt: skip
 
 
 ROUNDING_PROBES = 8  # k, the columns of the sketch that measures the rounding of the products
@@ -240,27 +242,11 @@ def _measured_rounding(sums: KFACSums, stats: dict[str, dict[str, Tensor]]) -> d
     return out
 
 
-def collect_statistics(
-    model: nn.Module,
-    batches: Iterable[Batch],
-    targets: dict[str, nn.Linear],
-    config: LoraDAConfig,
-    *,
-    loss_fn: LossFn | None = None,
-    progress: bool = True,
-) -> KFACStatistics:
-    """Algorithm 1, step 1: ``finalize(accumulate_statistics(...))``."""
-    batches = materialise_batches(batches)  # the whole calibration set: not empty
-    return finalize(
-        accumulate_statistics(model, batches, targets, config, loss_fn=loss_fn, progress=progress)
-    )
-
-
 def accumulate_statistics(
     model: nn.Module,
     batches: Iterable[Batch],
     targets: dict[str, nn.Linear],
-    config: LoraDAConfig,
+    config: StatisticsConfig | LoraDAConfig,
     *,
     loss_fn: LossFn | None = None,
     progress: bool | RunProgress = True,
@@ -270,6 +256,7 @@ def accumulate_statistics(
     (:func:`lora_da_ref.torch.memory.resolve_layers_per_pass`), not this function's.
     ``batches`` may be empty (a shard of a distributed run); they are checked once
     (:func:`materialise_batches`), not again when the pipeline hands on checked ones."""
+    config = statistics_config_of(config)
     batches = materialise_batches(batches, allow_empty=True)
     loss_fn = default_loss_fn if loss_fn is None else loss_fn
     bar = RunProgress.of(progress, len(batches))
@@ -322,7 +309,7 @@ def model_guard(model: nn.Module) -> Iterator[None]:
             m.training = mode
 
 
-def token_masks(batch: Batch, config: LoraDAConfig) -> tuple[Tensor, int]:
+def token_masks(batch: Batch, config: StatisticsConfig) -> tuple[Tensor, int]:
     """The statistics positions ``P`` (bool, (batch, seq)) and the loss-token count ``T_b``.
 
     Loss tokens: ``labels[t + label_shift] != -100`` **and** ``attention_mask[t]`` when both are
@@ -335,7 +322,7 @@ def token_masks(batch: Batch, config: LoraDAConfig) -> tuple[Tensor, int]:
     return positions, int(loss_mask.sum())
 
 
-def _masks(batch: Batch, config: LoraDAConfig) -> tuple[Tensor, Tensor]:
+def _masks(batch: Batch, config: StatisticsConfig) -> tuple[Tensor, Tensor]:
     """(statistics positions P, loss tokens), both bool (batch, seq); see :func:`token_masks`."""
     labels, attention = batch.get("labels"), batch.get("attention_mask")  # one is there (checked)
     attention = None if attention is None else attention.bool()
@@ -351,7 +338,7 @@ def _masks(batch: Batch, config: LoraDAConfig) -> tuple[Tensor, Tensor]:
 def prepare_batch(
     batch: Mapping[str, Any],
     device: torch.device,
-    config: LoraDAConfig,
+    config: StatisticsConfig,
     model: nn.Module | None = None,
 ) -> Batch:
     """One calibration batch as the pass uses it: a plain ``dict`` (from any ``Mapping``, e.g.
@@ -505,9 +492,9 @@ class _BatchState:
 class _Collector:
     """Hooks of one pass: forward hooks on the targets, tensor hooks on their outputs."""
 
-    def __init__(self, targets: dict[str, nn.Linear], config: LoraDAConfig) -> None:
+    def __init__(self, targets: dict[str, nn.Linear], config: StatisticsConfig) -> None:
         self.targets, self.config = targets, config
-        self.sums = KFACSums()
+        self.sums = KFACSums(dtype=str(config.dtype).removeprefix("torch."))
         self._batch: _BatchState | None = None
 
     def run(
@@ -560,7 +547,7 @@ class _Collector:
             y_scale=y_scale,
             g_scale=g_scale,
             exact_scales=scales(RUNNING_SUM_DTYPE) if cfg.records_rounding else None,
-            halves=_halves(rows, start) if cfg.split_sums else None,
+            halves=_halves(rows, start) if cfg.split_halves else None,
         )
         with torch.enable_grad():
             loss = loss_fn(model, batch)
@@ -579,7 +566,7 @@ class _Collector:
         self.sums.tokens += int(b.positions.sum())
         self.sums.loss_tokens += loss_tokens
         self.sums.gradient_weight += weight
-        if self.config.split_sums:
+        if self.config.split_halves:
             self.sums.split_weight += odd_weight
         self.sums.sequences += b.rows
         self.sums.batches += 1

@@ -29,30 +29,32 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from lora_da_ref.torch.adapter import weight_fingerprint
-from lora_da_ref.torch.config import LoraDAConfig
-from lora_da_ref.torch.factors import solve_layer
+from lora_da_ref.torch.config import LoraDAConfig, StatisticsConfig, statistics_config_of
 from lora_da_ref.torch.statistics import Batch, KFACStatistics
 
-__all__ = ["MANIFEST", "StatisticsStore", "full_diagnostics", "saved_passes", "statistics_key"]
+__all__ = ["MANIFEST", "StatisticsStore", "saved_passes", "statistics_key"]
 
 MANIFEST = "manifest.json"
 FORMAT = 1
-# LoraDAConfig fields the statistics of a pass depend on (the rest only change the solves).
+# StatisticsConfig fields the values of a pass depend on (the pass plan's fields decide only
+# which layers share a pass; the rounding measurement adds a record, not a change).
 PASS_FIELDS = (
     "token_mask", "label_shift", "score_scale", "gradient_weight", "output_factor", "dtype",
 )  # fmt: skip
 
 
 def statistics_key(
-    config: LoraDAConfig, targets: Mapping[str, nn.Linear], batches: Iterable[Batch]
+    config: StatisticsConfig | LoraDAConfig,
+    targets: Mapping[str, nn.Linear],
+    batches: Iterable[Batch],
 ) -> dict[str, Any]:
     """What a pass's statistics depend on (module docstring), as JSON-ready values."""
+    config = statistics_config_of(config)
     settings = {f: str(getattr(config, f)) for f in PASS_FIELDS}
-    settings["split_sums"] = config.split_sums
+    settings["split_sums"] = config.split_halves  # the key's name in saved manifests
     digest = hashlib.sha256()
     for batch in batches:
         for name in sorted(batch):
@@ -118,8 +120,10 @@ class StatisticsStore:
                     fields[f.name] = {
                         n: fh.get_tensor(f"{f.name}/{n}") for n in meta["tensors"][f.name]
                     }
-                else:
+                elif f.name in meta["values"]:
                     fields[f.name] = meta["values"][f.name]
+                elif f.name == "dtype":  # saved before the statistics recorded it: the key's
+                    fields[f.name] = str(self.key["settings"]["dtype"]).removeprefix("torch.")
         fields["split_weights"] = tuple(fields["split_weights"])
         return KFACStatistics(**fields)
 
@@ -158,28 +162,6 @@ def saved_passes(directory: str | os.PathLike[str]) -> list[tuple[list[str], KFA
     store = StatisticsStore(directory, saved["key"], resume=True)
     return [(names, store.load(int(i), names)) for i, names in sorted(
         store.passes.items(), key=lambda kv: int(kv[0]))]  # fmt: skip
-
-
-def full_diagnostics(
-    directory: str | os.PathLike[str], settings: Mapping[str, Any], ranks: Mapping[str, int]
-) -> dict[str, dict[str, Any]]:
-    """The ``"full"`` diagnostics of every saved layer (the split-half solves and the precision
-    probe beside the cheap ones), solved from the saved statistics with the config recorded in
-    an adapter's provenance (``settings``) and each layer's rank: no pass over the data."""
-    fields = {f.name for f in dataclasses.fields(LoraDAConfig)}
-    values = {k: v for k, v in settings.items() if k in fields}
-    values["dtype"] = getattr(torch, str(values.get("dtype", "float32")))
-    if isinstance(values.get("target_modules"), list):
-        values["target_modules"] = tuple(values["target_modules"])
-    config = LoraDAConfig(**values).replace(diagnostics="full")
-    out = {}
-    for names, stats in saved_passes(directory):
-        z_factors: dict[str, Any] = {}
-        for name in names:
-            if name in ranks:
-                solved = solve_layer(stats, name, config.replace(rank=ranks[name]), z_factors)
-                out[name] = solved.diagnostics
-    return out
 
 
 def _check_key(saved: Mapping[str, Any], wanted: Mapping[str, Any], directory: Path) -> None:

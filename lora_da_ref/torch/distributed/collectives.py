@@ -17,7 +17,12 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from lora_da_ref.torch.config import LoraDAConfig, LoraFactors
+from lora_da_ref.torch.config import (
+    LoraDAConfig,
+    LoraFactors,
+    StatisticsConfig,
+    statistics_config_of,
+)
 from lora_da_ref.torch.statistics import ROUNDING_PROBES, RUNNING_SUM_DTYPE, KFACSums
 
 __all__ = ["BUCKET_NUMEL", "all_reduce_int", "all_reduce_sums", "broadcast_factors", "comm_device"]
@@ -26,7 +31,10 @@ BUCKET_NUMEL = 1 << 24  # elements per flat all-reduce buffer (128 MiB in float6
 
 
 def all_reduce_sums(
-    sums: KFACSums, targets: dict[str, nn.Linear], config: LoraDAConfig, group: dist.ProcessGroup
+    sums: KFACSums,
+    targets: dict[str, nn.Linear],
+    config: StatisticsConfig | LoraDAConfig,
+    group: dist.ProcessGroup,
 ) -> KFACSums:
     """SUM over ``group`` of every tensor and count of ``sums``, in place, in float64 (the running
     sums' dtype, :data:`~lora_da_ref.torch.statistics.RUNNING_SUM_DTYPE`).
@@ -37,13 +45,14 @@ def all_reduce_sums(
     that saw no tokens contributes zeros of the right shapes; the input groups (``group_of``)
     seen by the ranks must agree. Identical on every rank afterwards.
     """
+    config = statistics_config_of(config)
     names = list(targets)
     sums.group_of = _agree_on_groups(sums.group_of, names, group)
     if sums.group_of:
         _fill_missing(sums, targets, config)
         tensors = [sums.Z[n] for n in names if sums.group_of[n] == n]
         tensors += [sums.Y[n] for n in names] + [sums.G[n] for n in names]
-        tensors += [sums.G_odd[n] for n in names] if config.split_sums else []
+        tensors += [sums.G_odd[n] for n in names] if config.split_halves else []
         tensors += [sums.rounding[k] for k in _rounding_keys(sums, names)]
         _all_reduce_flat(tensors, group)
     _all_reduce_counts(sums, group)
@@ -80,7 +89,7 @@ def _agree_on_groups(
     return {n: names[int(c)] for n, c in zip(names, high, strict=True)}
 
 
-def _fill_missing(sums: KFACSums, targets: dict[str, nn.Linear], config: LoraDAConfig) -> None:
+def _fill_missing(sums: KFACSums, targets: dict[str, nn.Linear], config: StatisticsConfig) -> None:
     """Zeros for the statistics a rank never accumulated (its shard had no usable batch)."""
     device = next(iter(targets.values())).weight.device
     zeros = partial(torch.zeros, dtype=RUNNING_SUM_DTYPE, device=device)
@@ -92,7 +101,7 @@ def _fill_missing(sums: KFACSums, targets: dict[str, nn.Linear], config: LoraDAC
             sums.Y[name] = zeros(d_out, d_out) if config.output_factor == "full" else zeros(d_out)
         if name not in sums.G:
             sums.G[name] = zeros(d_in, d_out)
-        if config.split_sums and name not in sums.G_odd:  # a shard may hold no odd sequence
+        if config.split_halves and name not in sums.G_odd:  # a shard may hold no odd sequence
             sums.G_odd[name] = zeros(d_in, d_out)
     if not config.records_rounding:
         return
@@ -117,7 +126,11 @@ def _rounding_keys(sums: KFACSums, names: list[str]) -> list[str]:
 def _all_reduce_counts(sums: KFACSums, group: dist.ProcessGroup) -> None:
     """SUM of every scalar field of :class:`KFACSums` (token / sample counts, gradient weight),
     in float64: exact for integers below 2⁵³."""
-    scalars = [(f.name, type(f.default)) for f in fields(KFACSums) if f.default is not MISSING]
+    scalars = [  # the counts (the products' dtype is the same on every rank)
+        (f.name, type(f.default))
+        for f in fields(KFACSums)
+        if f.default is not MISSING and isinstance(f.default, int | float)
+    ]
     values = [float(getattr(sums, name)) for name, _ in scalars]
     counts = torch.tensor(values, dtype=torch.float64, device=comm_device(group))
     dist.all_reduce(counts, group=group)

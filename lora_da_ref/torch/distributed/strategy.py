@@ -17,7 +17,12 @@ from contextlib import AbstractContextManager
 import torch.distributed as dist
 from torch import nn
 
-from lora_da_ref.torch.config import LoraDAConfig, LoraFactors
+from lora_da_ref.torch.config import (
+    LoraDAConfig,
+    LoraFactors,
+    StatisticsConfig,
+    statistics_config_of,
+)
 from lora_da_ref.torch.distributed.collectives import all_reduce_sums, broadcast_factors
 from lora_da_ref.torch.distributed.failures import all_ranks_or_none
 from lora_da_ref.torch.distributed.lockstep import lockstep_plan, lockstep_sums, runs_collectives
@@ -56,7 +61,7 @@ class DataParallel:
             return materialise_batches(batches, allow_empty=True)
 
     def collect(
-        self, model: nn.Module, batches: list[Batch], targets: Targets, config: LoraDAConfig,
+        self, model: nn.Module, batches: list[Batch], targets: Targets, config: StatisticsConfig,
         loss_fn: LossFn | None, progress: bool | RunProgress,
     ) -> KFACSums:  # fmt: skip
         if isinstance(model, nn.parallel.DistributedDataParallel):
@@ -75,13 +80,13 @@ class DataParallel:
                 model, batches, targets, config, loss_fn=loss_fn, progress=show
             )
 
-    def reduce(self, sums: KFACSums, targets: Targets, config: LoraDAConfig) -> KFACStatistics:
+    def reduce(self, sums: KFACSums, targets: Targets, config: StatisticsConfig) -> KFACStatistics:
         sums = all_reduce_sums(sums, targets, config, self.group)
         with all_ranks_or_none(self.group, "finalize"):  # identical sums: all fail alike, or none
             return finalize(sums)
 
     def plan(
-        self, targets: Targets, group_of: dict[str, str], config: LoraDAConfig
+        self, targets: Targets, group_of: dict[str, str], config: StatisticsConfig
     ) -> dict[str, int]:
         return assign_layers(targets, group_of, config, dist.get_world_size(self.group))
 
@@ -122,7 +127,7 @@ def collect_statistics_distributed(
     model: nn.Module,
     batches: Iterable[Batch],
     targets: Targets,
-    config: LoraDAConfig,
+    config: StatisticsConfig | LoraDAConfig,
     group: dist.ProcessGroup,
     *,
     loss_fn: LossFn | None = None,
@@ -133,6 +138,7 @@ def collect_statistics_distributed(
     ``Z``, ``Y``, ``G`` of the union ``S = ∪_r S_r`` of every rank's ``batches`` ``S_r``; the
     same (bitwise) on every rank. Raises on every rank when any rank fails.
     """
+    config = statistics_config_of(config)
     strategy = DataParallel(group)
     shard = strategy.prepare(batches)
     sums = strategy.collect(model, shard, targets, config, loss_fn, progress)
@@ -140,7 +146,7 @@ def collect_statistics_distributed(
 
 
 def assign_layers(
-    targets: Targets, group_of: dict[str, str], config: LoraDAConfig, world_size: int
+    targets: Targets, group_of: dict[str, str], config: StatisticsConfig, world_size: int
 ) -> dict[str, int]:
     """Owner rank of each target's solve: whole input groups (shared ``Z``, one Cholesky) go to
     the least-loaded rank, largest first (LPT); cost ≈ Σ_m (d_in³ + d_in² d_out [+ d_out³ for a

@@ -52,7 +52,8 @@ from lora_da_ref.torch.factors import kfac_fisher, layer_factors
 from lora_da_ref.torch.fisher import DenseFisher
 from lora_da_ref.torch.guidance import Guidance, layer_guidance
 from lora_da_ref.torch.solvers import EigenResult, layer_seed, smallest_eigenpairs
-from lora_da_ref.torch.statistics import KFACStatistics, collect_statistics
+from lora_da_ref.torch.stages import collect_statistics
+from lora_da_ref.torch.statistics import KFACStatistics
 from lora_da_ref.torch.validation.cases import Batch, ValidationCase
 from lora_da_ref.torch.validation.metrics import (
     largest_angle,
