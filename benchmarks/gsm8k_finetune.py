@@ -32,9 +32,9 @@ Every choice below is fixed before any result is looked at (docs/gsm8k_finetune.
   ``pissa``: ``lora_da_ref.torch.baselines.pissa`` with the rsLoRA s (PEFT's convention; the
   residual ``W0 − s·A B`` is the base weight, the model is unchanged at start);
   ``lora_one``: ``baselines.lora_one`` (the official code: per-sequence mean gradient at batch 1,
-  ``A B = [−∇L]_r/(S_0 γ)``) with ``stable_gamma`` = 64, the value of LoRA-One's own README
-  command for math reasoning (``++init.stable_gamma=64``, rsLoRA, alpha 16; the LoRA-DA code
-  states no LoRA-One γ), W0 not offset;
+  ``A B = [−∇L]_r/(S_0 γ)``) with ``stable_gamma`` = 128, LoRA-One's current README and
+  ``gradient.yaml`` value (``lora_one_g64``: γ = 64, its README's earlier command for math
+  reasoning; the LoRA-DA code states no LoRA-One γ), W0 not offset;
   ``lora_da_official``: ``LoraDAConfig.official()`` (absolute damping 1e-6, LOBPCG 10 its);
   ``lora_da_default``: ``LoraDAConfig()`` (relative damping, eigh);
   ``lora_da_debiased``: the default with ``estimator="debiased"`` (β(1 + N/|S|));
@@ -57,8 +57,9 @@ Every choice below is fixed before any result is looked at (docs/gsm8k_finetune.
   plays no part in the choice: it is scored only for the chosen rate's runs, from the adapters
   each run saves.
 * **reported** (``--summarize``): held-out completion loss (token-weighted) mean ± s.d. over
-  seeds; each method's difference to ``lora`` with a paired bootstrap 95 % interval (problems
-  and seeds resampled together for both methods); the validation loss at the neighbouring rates;
+  seeds; each method's difference to ``lora``: the mean of the per-seed paired differences
+  with a Student-t 95 % interval (n − 1 degrees of freedom), a hierarchical bootstrap (seeds,
+  then problems within a seed) beside it; the validation loss at the neighbouring rates;
   loss curves (train loss per step, validation loss at ``curve_points`` steps); greedy
   exact-match accuracy (``gsm8k_answer``) on the first ``gen`` held-out problems with at most
   ``gen_tokens`` new tokens (KV cache) of the first ``gen_seeds`` seeds' runs, with its standard
@@ -1246,6 +1247,47 @@ def _plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
+# ----------------------------------------------------------------------------- LoRA-One's γ
+
+GAMMAS = (64.0, 128.0, 256.0)
+
+
+def gamma_study(exp: Experiment, gammas: Sequence[float] = GAMMAS) -> dict[str, Any]:
+    """LoRA-One's initial loss at each γ, from one calibration pass: ``A B = [−∇L]_r/(S_0 γ)``,
+    so the factors at γ are those at 128 times ``√(128/γ)`` each. For the base model, LoRA-DA's
+    default init (when cached) and LoRA-One at each γ: the validation loss at the init (step 0)
+    and the loss of seed 0's first training batch at the init (the curves' step 1, before the
+    first update)."""
+    data, device = exp.data, exp.device
+    factors, _ = exp.inits.factors("lora_one", 0)
+    ref = GAMMA_ONE["lora_one"]
+    fit = data["fit"]
+    gen = torch.Generator().manual_seed(0)
+    first = torch.randperm(len(fit), generator=gen).tolist()[: exp.sizes.batch]  # as train()
+    batch = [fit[i] for i in first]
+
+    @torch.no_grad()
+    def losses(model: Any) -> dict[str, float]:
+        model.eval()
+        sums = [token_losses(model, as_batch(e, device)) for e in batch]
+        step1 = float(sum(float(s.sum()) for s, _ in sums) / sum(int(n.sum()) for _, n in sums))
+        return {"step0_val_loss": pooled(per_problem(model, data["validation"], device)),
+                "step1_train_loss": step1}  # fmt: skip
+
+    out: dict[str, Any] = {"sizes_tag": exp.sizes.tag(), "base": losses(exp.base), "lora_one": {}}
+    for g in gammas:
+        c = math.sqrt(ref / g)
+        scaled = {n: replace(f, A=f.A * c, B=f.B * c) for n, f in factors.items()}
+        out["lora_one"][f"{g:g}"] = losses(build(exp.base, scaled, "none", 0))
+    cached = exp.inits.dir / "lora_da_default.pt"
+    if cached.is_file():
+        da = torch.load(cached, weights_only=False)
+        out["lora_da_default"] = losses(build(exp.base, da, "none", 0))
+    name = f"gamma_one{'_' + exp.sizes.label if exp.sizes.label else ''}.json"
+    atomic_write(json.dumps(out, indent=1) + "\n", exp.out / name)
+    return out
+
+
 # ----------------------------------------------------------------------------- probe
 
 
@@ -1310,6 +1352,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p.add_argument("--seeds", type=int, default=None, help="seeds at the chosen rate")
     p.add_argument("--gen", type=int, default=None, help="held-out problems to generate (0: none)")
     p.add_argument("--base", action="store_true", help="also score the base model (cached)")
+    p.add_argument("--gamma-study", action="store_true", help="LoRA-One's initial loss per γ")
     args = p.parse_args(argv)
     if args.quick and args.epoch:
         raise ValueError("--quick and --epoch are two different sizes: choose one")
@@ -1364,6 +1407,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         print(json.dumps(result, indent=1))
         return result
     exp = Experiment(base, tok, data, sizes, device, out, log)
+    if args.gamma_study:
+        result = gamma_study(exp)
+        print(json.dumps(result, indent=1))
+        return result
     if args.inits_only:
         for method in args.methods:
             exp.inits.factors(method, 0)

@@ -430,3 +430,29 @@ def test_quick_run_on_smollm2(tmp_path):
     assert set(result["methods"]) == set(methods)
     for m, e in result["methods"].items():
         assert math.isfinite(e["heldout_mean"]) and len(e["seeds"]) == gf.QUICK.seeds, m
+
+
+def test_gamma_study_rescales_lora_one_as_its_formula_says(tiny, tmp_path):
+    """The loss at γ = 64 from the rescaled γ = 128 factors equals LoRA-One made at γ = 64 by
+    its own code (catches a rescale by 128/γ instead of √(128/γ) per factor), and a larger γ
+    moves the model less."""
+    from lora_da_ref.torch.baselines import lora_one
+
+    model, tok, data = tiny
+    exp = gf.Experiment(model, tok, data, TINY, CPU, tmp_path, lambda m: None)
+    out = gf.gamma_study(exp)
+    direct = lora_one(
+        model,
+        [gf.as_batch(e, CPU) for e in data["fit"][: TINY.n_calib]],
+        rank=gf.RANK,
+        target_modules=gf.TARGETS,
+        stable_gamma=64.0,
+        loss_fn=gf.mean_loss,
+    )
+    m = gf.build(model, direct, "none", 0)
+    val = gf.pooled(gf.per_problem(m, data["validation"], CPU))
+    assert out["lora_one"]["64"]["step0_val_loss"] == pytest.approx(val, rel=1e-5)
+    base = out["base"]["step0_val_loss"]
+    moved = [abs(out["lora_one"][g]["step0_val_loss"] - base) for g in ("64", "128", "256")]
+    assert moved[0] > moved[2]
+    assert (tmp_path / "gamma_one.json").is_file()
