@@ -63,6 +63,7 @@ import torch
 from torch import Tensor
 
 from lora_da_ref.data import tiny_llama
+from lora_da_ref.torch import collect_statistics
 from lora_da_ref.torch import statistics as statistics_module
 from lora_da_ref.torch.blas import gram_lower, syevr_smallest, symmetric_update
 from lora_da_ref.torch.config import LoraDAConfig
@@ -70,7 +71,7 @@ from lora_da_ref.torch.factors import requested_damping
 from lora_da_ref.torch.init import find_target_modules, init_lora_da
 from lora_da_ref.torch.memory import layer_passes
 from lora_da_ref.torch.pipeline import layer_tasks, solve_layers, solve_workers
-from lora_da_ref.torch.statistics import accumulate_statistics, collect_statistics, gram_panels
+from lora_da_ref.torch.statistics import accumulate_statistics, gram_panels
 from lora_da_ref.torch.threads import one_blas_thread
 
 FULL = dict(layers=8, hidden=512, intermediate=1376, heads=8, vocab=1000, sequences=32, length=128)

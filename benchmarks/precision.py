@@ -14,8 +14,8 @@ measures its own rounding, solved at the cheap tier: ``bound32`` is the bound sc
 measurement), the eigengap ``λ_{r+1} − λ_r`` of the float64 Ω (absolute and over
 ``max|λ_i|``, i ≤ r), κ₂ of the undamped Z and Y, the damping applied and ``precision_probe``. Prints a JSON
 summary (median / p90 / max angle, worst layer, layers above 1e-3 rad) for the config and for
-``legacy``, the policy before issue 12 (absolute λ = 1e-6 raised tenfold until Cholesky succeeds,
-solves in the statistics dtype), on the same statistics.
+``legacy``, the policy before relative damping and float64 solves (absolute λ = 1e-6 raised
+tenfold until Cholesky succeeds, solves in the statistics dtype), on the same statistics.
 """
 
 from __future__ import annotations
@@ -34,11 +34,11 @@ import numpy as np
 import torch
 
 import lora_da_ref.torch.factors as F
+from lora_da_ref.torch import collect_statistics
 from lora_da_ref.torch.config import LoraDAConfig
 from lora_da_ref.torch.diagnostics import principal_angles
 from lora_da_ref.torch.init import find_target_modules
 from lora_da_ref.torch.memory import layer_passes
-from lora_da_ref.torch.statistics import collect_statistics
 
 GOAL_RAD = 1e-3
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -86,8 +86,8 @@ def _cond(M: torch.Tensor) -> float:
 
 
 def legacy_solve(stats: Any, name: str, config: LoraDAConfig) -> Any:
-    """The policy before issue 12: absolute λ = 1e-6 raised tenfold until Cholesky succeeds,
-    every solve in the statistics dtype."""
+    """The policy before relative damping and float64 solves: absolute λ = 1e-6 raised tenfold
+    until Cholesky succeeds, every solve in the statistics dtype."""
     dtype, F.SOLVE_DTYPE = F.SOLVE_DTYPE, config.dtype
     try:
         lam = 1e-6
@@ -199,7 +199,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--layers-per-pass", type=int, default=10)
     p.add_argument("--per-layer", action="store_true", help="include every layer in the JSON")
     p.add_argument("--layers", type=int, nargs="*", help="only these decoder layers")
-    p.add_argument("--no-legacy", action="store_true", help="skip the pre-issue-12 policy")
+    p.add_argument("--no-legacy", action="store_true", help="skip the legacy policy")
     p.add_argument("--deltas", type=float, nargs="*", help="also solve with these relative δ")
     p.add_argument("--out", default=None, help="also write the JSON here")
     p.add_argument(
