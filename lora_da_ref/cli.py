@@ -259,11 +259,22 @@ def _warnings_in_flag_names() -> Iterator[None]:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("default")
         yield
-    for w in caught:
-        text = str(w.message)
-        for python, flag in _FLAG_NAMES:
-            text = text.replace(python, flag)
-        warnings.warn_explicit(text, w.category, w.filename, w.lineno)
+    shown = warnings.formatwarning
+    warnings.formatwarning = _cli_warning  # no file, line or source line of the library
+    try:
+        for w in caught:
+            text = str(w.message)
+            for python, flag in _FLAG_NAMES:
+                text = text.replace(python, flag)
+            warnings.warn_explicit(text, w.category, w.filename, w.lineno)
+    finally:
+        warnings.formatwarning = shown
+
+
+def _cli_warning(
+    message: Warning | str, category: type[Warning], *args: object, **kw: object
+) -> str:
+    return f"lora-da: {category.__name__}: {message}\n"
 
 
 def _read_records(args: argparse.Namespace) -> list[tuple[str, ...]]:

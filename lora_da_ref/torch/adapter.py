@@ -14,7 +14,6 @@ Offsets:
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -23,6 +22,7 @@ import torch
 
 from lora_da_ref.torch.config import LoraFactors
 from lora_da_ref.torch.factors import UNSCALED_B0_KEY
+from lora_da_ref.torch.warn import warn_user
 
 __all__ = [
     "FINGERPRINT_KEY",
@@ -107,13 +107,12 @@ def apply_lora_da(
 def _warn_unscaled(factors: Mapping[str, LoraFactors]) -> None:
     unscaled = [n for n, f in factors.items() if f.diagnostics.get(UNSCALED_B0_KEY)]
     if unscaled:
-        warnings.warn(
+        warn_user(
             f"{len(unscaled)} of {len(factors)} layer(s) (e.g. {unscaled[0]!r}) carry an unscaled "
             "B0 = A0ᵀΔŴ (Algorithm 1 as printed, preset 'paper_literal'): with offset='none' the "
             "model starts at W0 + s·A0B0, far from W0. Not for training: use the default preset "
             "(σ-normalised ΔW, γ scaling), or offset='subtract' to start at W0.",
             LiteralPresetWarning,
-            stacklevel=3,
         )
 
 

@@ -39,7 +39,6 @@ import json
 import math
 import os
 import platform
-import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -61,6 +60,7 @@ from lora_da_ref.torch.adapter import (
 from lora_da_ref.torch.config import LoraDAConfig, LoraFactors, preset_of
 from lora_da_ref.torch.init import init_lora_da
 from lora_da_ref.torch.statistics import LossFn, materialise_batches
+from lora_da_ref.torch.warn import warn_user
 
 __all__ = [
     "PROVENANCE_FILE",
@@ -342,14 +342,13 @@ def _warn_on_preset_scaling(
         if p.lora_alpha is None
         else f"lora_alpha={p.lora_alpha:g}" + (", use_rslora=True" if p.use_rslora else "")
     )
-    warnings.warn(
+    warn_user(
         f"LoRA-DA preset {preset!r} is meant to start at {meant}: s = {want:.4g} at r = "
         f"{ranks[name]}; this LoraConfig gives s = {got:.4g} on {len(off)} of {len(scalings)} "
         f"layer(s) (e.g. {name}), so the model starts at W0 + {got:.4g}·A0B0 instead of "
         f"W0 + {want:.4g}·A0B0. Set lora_alpha/use_rslora as the preset does, or ignore this "
         "if intended.",
         PresetScalingWarning,
-        stacklevel=3,
     )
 
 
@@ -523,11 +522,10 @@ def _warn_ignored_fields(config: LoraDAConfig, peft_config: Any) -> None:
         if getattr(config, k) != getattr(default, k)
     ]
     if ignored and config.rank != peft_config.r:
-        warnings.warn(
+        warn_user(
             f"LoraDAConfig {', '.join(ignored)} ignored: rank and target modules come from the "
             f"LoraConfig (r={peft_config.r}, target_modules={peft_config.target_modules!r})",
             UserWarning,
-            stacklevel=4,
         )
 
 

@@ -22,7 +22,6 @@ distributed code.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
@@ -54,6 +53,7 @@ from lora_da_ref.torch.statistics import (
 )
 from lora_da_ref.torch.store import StatisticsStore
 from lora_da_ref.torch.threads import one_blas_thread, one_scipy_blas_thread
+from lora_da_ref.torch.warn import warn_user
 
 __all__ = [
     "SingleProcess",
@@ -221,12 +221,11 @@ def warn_untrusted(factors: dict[str, LoraFactors]) -> None:
     by more than :data:`~lora_da_ref.torch.factors.TRUST_RAD` (their ``precision_bound``)."""
     raised = [n for n, f in factors.items() if f.diagnostics.get("damping_raised")]
     if raised:
-        warnings.warn(
+        warn_user(
             f"LoRA-DA: the requested damping is below the rounding of the statistics on "
             f"{len(raised)} layer(s) ({', '.join(raised[:10])}{' ...' if len(raised) > 10 else ''}); "
             "it was raised to u·tr(M) (diagnostics['damping'], ['damping_raised']).",
             RuntimeWarning,
-            stacklevel=3,
         )
     bad = untrusted_layers(factors)
     if not bad:
@@ -235,12 +234,11 @@ def warn_untrusted(factors: dict[str, LoraFactors]) -> None:
     worst = sorted(bad, key=bad.get, reverse=True)
     listed = ", ".join(f"{n} ({bad[n]:.2g} rad)" for n in worst[:10])
     more = f" and {len(worst) - 10} more" if len(worst) > 10 else ""
-    warnings.warn(
+    warn_user(
         f"LoRA-DA: in {len(bad)} layer(s) rounding the {'/'.join(dtypes)} statistics may rotate "
         f"A0 by more than {TRUST_RAD:g} rad (diagnostics['precision_bound']): "
         f"{listed}{more}. Use LoraDAConfig(dtype=torch.float64) or a larger damping.",
         RuntimeWarning,
-        stacklevel=3,
     )
 
 
