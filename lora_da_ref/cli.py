@@ -612,13 +612,10 @@ def build_parser(command: str = ALL) -> argparse.ArgumentParser:
 
 
 def _version() -> str:
-    """The installed distribution's version; a source checkout that is not installed says so."""
-    from importlib.metadata import PackageNotFoundError, version
+    """``lora_da_ref.__version__``: one source of truth, installed or run from a checkout."""
+    from lora_da_ref import __version__
 
-    try:
-        return version("lora_da_ref")
-    except PackageNotFoundError:
-        return "(not installed)"
+    return __version__
 
 
 def main(argv: Sequence[str] | None = None) -> int:
