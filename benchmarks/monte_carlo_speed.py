@@ -1,6 +1,6 @@
 """Speed of ``monte_carlo_error`` (200 replicates of the constrained MLE); prints JSON.
 
-The foundation issue asks for 200 reps at d1·d2 ≈ 100 "in seconds".
+Goal: 200 reps at d1·d2 ≈ 100 in seconds, so that a Monte-Carlo check fits in a unit test.
 """
 
 from __future__ import annotations

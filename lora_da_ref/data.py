@@ -1,8 +1,9 @@
 """Calibration data for the CLI: JSONL texts -> token batches, plus an offline demo model.
 
-Calibration set ``S`` (MATH.md, "N and S"): the statistics of Algorithm 1 are estimated on a few
-hundred texts (official code: the first 256 training samples at batch size 1). This module reads
-them from a JSONL file, one JSON object per line with the text under a field (default ``"text"``):
+Calibration set ``S`` (docs/equations.md, "N and S"): the statistics of Algorithm 1 are estimated
+on a few hundred texts (official code: the first 256 training samples at batch size 1). This module
+reads them from a JSONL file, one JSON object per line with the text under a field (default
+``"text"``):
 
     {"text": "The quick brown fox jumps over the lazy dog."}
 

@@ -45,7 +45,7 @@ class InitProblem:
             Passing the true ``W_tgt − W0`` gives the "oracle" version of the theorems.
         n_calib: |S|, the number of calibration samples ``G`` and ``J`` were estimated from;
             ``None`` = exact (population) statistics. Only the calibration-noise-aware variants
-            (issue 11, ``docs/regime.md``) read it.
+            (claim 14, ``docs/regime.md``) read it.
     """
 
     W0: np.ndarray
@@ -163,7 +163,7 @@ def _noise_weights(p: InitProblem, delta: np.ndarray) -> tuple[float, float]:
 
 
 def _lora_da_debiased(p: InitProblem, r: int, rng: np.random.Generator) -> Factors:
-    """LoRA-DA with the calibration-noise bias of ``ΔŴΔŴᵀ`` removed (issue 11, claim 14).
+    """LoRA-DA with the calibration-noise bias of ``ΔŴΔŴᵀ`` removed (claim 14, ``docs/regime.md``).
 
     ``Ω = (1/N + 1/|S|) Σ_i Ĵ⁻¹_[i] − ΔŴΔŴᵀ``: unbiased for Eq. (19)'s Ω to leading order,
     i.e. variance weight ``β = 1 + N/|S|``. Equals ``lora_da`` for exact statistics.
@@ -174,7 +174,7 @@ def _lora_da_debiased(p: InitProblem, r: int, rng: np.random.Generator) -> Facto
 
 
 def _lora_da_damped(p: InitProblem, r: int, rng: np.random.Generator) -> Factors:
-    """LoRA-DA with the bias term damped by its estimated signal fraction (issue 11).
+    """LoRA-DA with the bias term damped by its estimated signal fraction (``docs/regime.md``).
 
     ``Ω = (1/N) Σ_i Ĵ⁻¹_[i] − α̂ ΔŴΔŴᵀ`` with the positive-part (James–Stein / Wiener) factor
     ``α̂ = max(0, 1 − 1/SNR̂)``, ``SNR̂ = |S|‖ΔŴ‖²/tr(Σ_i Ĵ⁻¹_[i])`` (≈ SNR/(SNR + 1)): plain
@@ -197,7 +197,7 @@ INITIALIZERS: dict[str, Initializer] = {
     "lora_da_no_bias": _lora_da(1.0, 0.0),
     "lora_da_no_variance": _lora_da(0.0, 1.0),
     "lora_da_no_variance_no_fisher": _lora_da(0.0, 1.0, fisher=False),
-    # Calibration-noise-aware estimators (issue 11; not in the paper; docs/regime.md).
+    # Calibration-noise-aware estimators (not in the paper; claim 14, docs/regime.md).
     "lora_da_debiased": _lora_da_debiased,
     "lora_da_damped": _lora_da_damped,
 }

@@ -11,9 +11,9 @@ builds the config from the entry's ``settings``, every other field keeping LoraD
   batch size 1) with the package's robust numerics (damping relative to each factor's scale,
   float64 solves, a dense eigh). Trained with rsLoRA, alpha 16 (the official scaling).
 - ``official``: ``conf/lora_da.yaml`` of the official code for fidelity studies: absolute damping
-  1e-6 and ``torch.lobpcg`` at 10 iterations with no convergence check (MATH.md, "Official
-  code"). The official code's 8 transformer layers per pass is ``layers_per_pass=8``; by default
-  every preset runs one pass when the statistics fit the memory budget.
+  1e-6 and ``torch.lobpcg`` at 10 iterations with no convergence check (docs/equations.md,
+  "Official code"). The official code's 8 transformer layers per pass is ``layers_per_pass=8``; by
+  default every preset runs one pass when the statistics fit the memory budget.
 - ``paper_literal``: Algorithm 1 as printed: β = α = 1, the full output factor, no normalisation
   and no γ, so ``B0 = A0ᵀΔŴ`` can be orders of magnitude larger than the weights (SmolLM2's step-0
   loss 24.5 against 1.61). **Not for training** with ``offset="none"`` (a ``LiteralPresetWarning``

@@ -2,7 +2,7 @@
 
 The tiny-LLaMA row of ``fig2`` trains every method at one untuned learning rate (1e-3), at which
 LoRA-DA's official preset starts from factors scaled by ~1/√γ and LoRA-One from orthonormal ones:
-the ranking may be the learning rate's and the scale's, not the subspace's (issue 11). Here, in the
+the ranking may be the learning rate's and the scale's, not the subspace's. Here, in the
 setting of ``_tiny_llama`` (same model, data, recipe):
 
 * every method (LoRA, LoRA-One, LoRA-DA's official preset) is trained at each learning rate of :data:`LRS`; the learning rate is **selected per

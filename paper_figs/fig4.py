@@ -35,7 +35,7 @@ from paper_figs.task import (
 SEED0 = 200
 RANKS = (1, 2, 4, 8, 16)
 # LoRA-DA's rank curve beside the two rows that separate calibration noise from the method
-# (issue 11): the debiased estimator (variance weight 1/N + 1/|S|, |S| = N_CALIB) and LoRA-DA
+# (docs/regime.md): the debiased estimator (variance weight 1/N + 1/|S|, |S| = N_CALIB) and LoRA-DA
 # from population statistics (exact J(W0), population G: no calibration noise).
 METHODS = ("lora", "lora_one", "lora_da", "lora_da_debiased", "lora_da_population")
 

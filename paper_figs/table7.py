@@ -13,7 +13,7 @@ registry, all from the same calibration statistics):
   LoRA-DA with *population statistics* (exact J(W0) and the population gradient G, so
   ΔW = −J⁻¹G keeps its linearisation error but has no calibration noise). The oracle removes both
   the calibration noise and the linearisation error; the population row separates the two
-  (issue 11; ``docs/regime.md``).
+  (``docs/regime.md``).
 
 Four metrics, mean ± s.d. over seeds: the analysis' quantity ‖Ŵ − W_tgt‖_F at the constrained MLE
 with A frozen (Eq. 11; lower is better), and the held-out excess target loss after the shared Adam

@@ -4,8 +4,8 @@ A claim is a function ``run(mode, broken=False) -> list[ClaimResult]``. Each :cl
 is one row of the ``python -m proofs_check`` table: a measured ``value`` compared with a named
 ``tolerance`` through ``relation`` (``"<="`` or ``">="``), with the tolerance's justification and,
 for Monte-Carlo rows, the standard error ``se``. ``passed`` is computed, never passed in; a NaN
-value fails. ``broken=True`` feeds the deliberately wrong input listed in issue 3, which must make
-at least one row fail.
+value fails. ``broken=True`` feeds the claim's deliberately wrong input (its module docstring's
+"Broken input"), which must make at least one row fail.
 """
 
 from __future__ import annotations
@@ -89,7 +89,8 @@ ClaimRun = Callable[..., list[ClaimResult]]
 
 @dataclass(frozen=True)
 class Claim:
-    """A registered claim: ``id`` (issue 3 numbering), a title, and its ``run`` function."""
+    """A registered claim: ``id`` (the claim's number in docs/theory.md), a title, and its ``run``
+    function."""
 
     id: str
     title: str

@@ -1,4 +1,5 @@
-"""The registry of claims (issue 3 numbering): dispatch by id through a dict, never string ifs."""
+"""The registry of claims, numbered as in docs/theory.md: dispatch by id through a dict, never
+string ifs."""
 
 from __future__ import annotations
 
@@ -37,7 +38,9 @@ CLAIMS: dict[str, Claim] = {
         Claim("12", "K-FAC exactness, Algorithm 1", kfac_exact.run),
         Claim("13", "price of the Loewner relaxation (beyond the paper)", relaxation_price.run),
         Claim(
-            "14", "calibration-noise lemma, E[Ω̂] at finite |S| (issue 11)", calibration_noise.run
+            "14",
+            "calibration-noise lemma, E[Ω̂] at finite |S| (beyond the paper)",
+            calibration_noise.run,
         ),
     ]
 }

@@ -1,4 +1,4 @@
-"""Claim 14 — the calibration-noise lemma (issue 11, beyond the paper).
+"""Claim 14 — the calibration-noise lemma (beyond the paper; docs/regime.md).
 
 LoRA-DA's displacement ``ΔŴ = −Ĵ⁻¹Ĝ`` (21) is computed from a calibration set ``S`` of ``|S|``
 pairs drawn from ``p(·; W_tgt)``; its noise enters the plug-in guidance matrix (19).

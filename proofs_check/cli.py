@@ -77,7 +77,7 @@ def _parser() -> argparse.ArgumentParser:
         "--only",
         metavar="ID",
         choices=sorted(CLAIMS, key=int),
-        help="run one claim (issue 3 numbering)",
+        help="run one claim (its number in docs/theory.md)",
     )
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
     return p

@@ -1,8 +1,8 @@
 """Claim 1 — Courant–Fischer, Eqs. (5)–(8).
 
-MATH.md: the problem ``min tr(AᵀΩA)`` over ``A ∈ R^{d×r}`` with ``AᵀA = I_r``, Ω symmetric, is
-solved by ``A* = [u1 … ur]``, the eigenvectors of the r smallest eigenvalues, with optimum
-``λ1 + … + λr``.
+docs/equations.md: the problem ``min tr(AᵀΩA)`` over ``A ∈ R^{d×r}`` with ``AᵀA = I_r``, Ω
+symmetric, is solved by ``A* = [u1 … ur]``, the eigenvectors of the r smallest eigenvalues, with
+optimum ``λ1 + … + λr``.
 
 Checks, on a random indefinite symmetric Ω and on a LoRA-DA guidance matrix Ω (Eq. 19):
   1a  ``|tr(A*ᵀΩA*) − (λ1+…+λr)|`` at the claimed minimiser (round-off level);

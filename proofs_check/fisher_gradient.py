@@ -1,7 +1,7 @@
 """Claim 9 — the Fisher–gradient displacement estimate, Eqs. (14)–(16) and (21).
 
-MATH.md: a second-order expansion of the mean target loss around ``W0`` (14), zero gradient at the
-optimum (15), and the Hessian replaced by the Fisher (16), give
+docs/equations.md: a second-order expansion of the mean target loss around ``W0`` (14), zero
+gradient at the optimum (15), and the Hessian replaced by the Fisher (16), give
 ``vec(W_tgt − W0) ≈ −J(W0)⁻¹ vec(G)`` (21).
 
 Checks:

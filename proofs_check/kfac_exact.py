@@ -1,6 +1,6 @@
 """Claim 12 — K-FAC exactness: ``J = Y ⊗ Z`` for the linear-Gaussian model (Algorithm 1).
 
-MATH.md: K-FAC approximates the Fisher of column-stacked ``vec(W)`` as ``J ≈ Y ⊗ Z`` with
+docs/equations.md: K-FAC approximates the Fisher of column-stacked ``vec(W)`` as ``J ≈ Y ⊗ Z`` with
 ``Z = E[x xᵀ]`` (d1, d1) and ``Y = E[g gᵀ]`` (d2, d2). For the linear-Gaussian model the output
 Fisher ``Λ(x) = Σ⁻¹`` does not depend on x, so ``J = E_x[Σ⁻¹ ⊗ x xᵀ] = Σ⁻¹ ⊗ Z`` exactly; for
 softmax ``Λ(x) = diag(p̄) − p̄p̄ᵀ`` varies with x and K-FAC is only an approximation.

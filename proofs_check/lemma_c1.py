@@ -1,7 +1,7 @@
 """Claim 5 — Lemma C.1 (25): the variance in the subspace is bounded by the projected inverse Fisher.
 
-MATH.md: ``E‖Ŵ − W^P‖² ≤ tr(Aᵀ J⁻¹ A)/N + o(1/N)`` (25); in the matrix case (48) the bound is
-``(1/N) Σ_i tr(Aᵀ J⁻¹_[i] A)``. ``Ŵ`` is the constrained MLE over ``W0 + AB`` and
+docs/equations.md: ``E‖Ŵ − W^P‖² ≤ tr(Aᵀ J⁻¹ A)/N + o(1/N)`` (25); in the matrix case (48) the
+bound is ``(1/N) Σ_i tr(Aᵀ J⁻¹_[i] A)``. ``Ŵ`` is the constrained MLE over ``W0 + AB`` and
 ``W^P = W0 + AAᵀΔW`` (44) the *Euclidean* projection of the target.
 
 Setting: linear-Gaussian (d2 = 3) and logistic (d2 = 1), ``d1 = 8``, Haar-random A with r = 2

@@ -1,6 +1,6 @@
 """Claim 4 — Auxiliary Lemma C.2 (26): covariance of the constrained MLE.
 
-MATH.md: the constrained MLE over ``W = W0 + A b`` (A fixed, orthonormal) satisfies
+docs/equations.md: the constrained MLE over ``W = W0 + A b`` (A fixed, orthonormal) satisfies
 ``√N (b̂ − b*) → N(0, (AᵀJA)⁻¹)`` — the Fisher of ``b`` is ``AᵀJA`` by the chain rule — so
 ``E‖Ŵ − W^P‖² ≈ tr((AᵀJA)⁻¹)/N``.
 

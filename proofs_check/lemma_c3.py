@@ -1,6 +1,6 @@
 """Claim 6 — Lemma C.3 (35)–(41): the inverse Fisher is Lipschitz in W.
 
-MATH.md: ``‖J(W_tgt)⁻¹ − J(W0)⁻¹‖ = O(‖W_tgt − W0‖)``, via the resolvent identity (39)
+docs/equations.md: ``‖J(W_tgt)⁻¹ − J(W0)⁻¹‖ = O(‖W_tgt − W0‖)``, via the resolvent identity (39)
 ``J1⁻¹ − J0⁻¹ = J1⁻¹(J0 − J1)J0⁻¹`` and the norm bound (40). What is verified numerically: the
 **slope 1** of ``‖J(W0 + tD)⁻¹ − J(W0)⁻¹‖₂`` against ``‖tD‖`` on a log–log sweep.
 

@@ -1,6 +1,6 @@
 """Claim 3 — the Loewner bound (27)/(33)/(34) and its equality condition.
 
-MATH.md: for SPD ``J`` and ``AᵀA = I``: ``(AᵀJA)⁻¹ ⪯ AᵀJ⁻¹A`` (33), hence
+docs/equations.md: for SPD ``J`` and ``AᵀA = I``: ``(AᵀJA)⁻¹ ⪯ AᵀJ⁻¹A`` (33), hence
 ``tr((AᵀJA)⁻¹) ≤ tr(AᵀJ⁻¹A)`` (34). **Equality holds iff col(A) is J-invariant**, e.g. when A's
 columns are eigenvectors of J, or J = cI.
 

@@ -1,6 +1,6 @@
 """Claim 8 — the matrix case (48): the variance bound as a block sum.
 
-MATH.md: ``vec(Ŵ − W^P) = (I ⊗ A) vec(B̂ − B*)``, and the variance bound becomes
+docs/equations.md: ``vec(Ŵ − W^P) = (I ⊗ A) vec(B̂ − B*)``, and the variance bound becomes
 ``(1/N) Σ_i tr(Aᵀ J⁻¹_[i] A) = tr((I⊗A)ᵀ J⁻¹ (I⊗A)) / N`` — the origin of the block sum in (19).
 ``J⁻¹_[i]`` is the i-th (d1, d1) diagonal block of ``J⁻¹`` (column-stacking vec).
 

@@ -1,6 +1,6 @@
 """Claim 7 — Pythagoras (23) and the bias formula (43)–(46).
 
-MATH.md: with ``W^P = W0 + AAᵀ(W_tgt − W0)`` (44), for any ``Ŵ`` in the subspace
+docs/equations.md: with ``W^P = W0 + AAᵀ(W_tgt − W0)`` (44), for any ``Ŵ`` in the subspace
 ``{W0 + AB}``: ``‖Ŵ − W_tgt‖² = ‖Ŵ − W^P‖² + ‖W^P − W_tgt‖²`` (23) — the cross term vanishes
 because ``Ŵ − W^P ∈ col(A)`` and ``W^P − W_tgt ⟂ col(A)`` — and the bias is
 ``‖W^P − W_tgt‖² = ‖ΔW‖² − tr(AᵀΔWΔWᵀA)`` (43)–(46). Being an identity for every ``Ŵ``, (23)

@@ -1,7 +1,8 @@
 """Claim 10 — Theorems 4.1 (d2 = 1) and 4.2 (general d2): A0 minimises the bound; measured error.
 
-MATH.md: the optimal ``A0`` solves (5) with ``Ω = (1/N) Σ_i J(W0)⁻¹_[i] − ΔWΔWᵀ`` (13)/(19), i.e.
-it minimises the bound ``tr(AᵀΩA) + ‖ΔW‖²`` of the expected error (11) ``E‖Ŵ − W_tgt‖²``.
+docs/equations.md: the optimal ``A0`` solves (5) with ``Ω = (1/N) Σ_i J(W0)⁻¹_[i] − ΔWΔWᵀ``
+(13)/(19), i.e. it minimises the bound ``tr(AᵀΩA) + ‖ΔW‖²`` of the expected error (11)
+``E‖Ŵ − W_tgt‖²``.
 
 Documented settings: logistic (d2 = 1), softmax (K = 4, d2 = 3), linear-Gaussian (d2 = 3);
 ``d1 = 8``, ``r = 2``; ``W0`` with logits of s.d. ≈ 1; ``ΔW = C_DISP · D / √N`` (random unit D:
@@ -13,8 +14,9 @@ estimate ``ΔW = −J⁻¹G`` (21), and Haar-random orthonormal A.
   10a (deterministic) ``N·(bound(A) − bound(A0)) ≥ −tol`` for every competitor;
   10b (Monte-Carlo) the measured error (11) of every method on fresh data sets (constrained MLE,
       ``monte_carlo_error``; the same data sets for every method, so differences are paired):
-      A0 passes when it is best, or within 2 paired s.e. of the best of the issue's baselines, at
-      every N. Reported per N: the best baseline, A0's rank, A0 against the practical LoRA-DA
+      A0 passes when it is best, or within 2 paired s.e. of the best baseline (every registered
+      initialiser and Haar-random A; not the Fisher–gradient LoRA-DA), at every N. Reported per
+      N: the best baseline, A0's rank, A0 against the practical LoRA-DA
       (ΔW = −J⁻¹G, not a baseline), the bound's relative gap to the measured error and the
       un-relaxed prediction's gap. A method that wins is a finding, never tuned away.
 Broken input: A0 taken from the r *largest* eigenvectors of Ω. It fails 10a, and 10b even at
@@ -43,7 +45,7 @@ REF_A = "Thm 4.1/4.2, (13), (19)"
 REF_B = "Thm 4.1/4.2, (11)"
 R = 2
 C_DISP = 5.0  # ‖ΔW‖_F·√N: bias N‖ΔW‖² = 25 is comparable to the variance N·tr(…) ≈ 20–50
-K_SE = 2.0  # issue 3: "within 2 s.e. of the best"
+K_SE = 2.0  # A0 passes within 2 paired s.e. of the best baseline: a tie at about 95 %
 SETTINGS = {
     "quick": {"ns": (100, 400, 1600), "reps": 150, "draws": 2000},
     "full": {"ns": (100, 400, 1600, 6400), "reps": 600, "draws": 20000},
@@ -120,10 +122,10 @@ def _paired(errs: dict[str, np.ndarray], a: str, b: str) -> tuple[float, float]:
 
 
 def _compare(s: Setting, subspaces, errs: dict[str, np.ndarray]) -> tuple[float, dict]:
-    """z of A0 against the best of issue 3's baselines, and the reported extras."""
+    """z of A0 against the best baseline, and the reported extras."""
     a0 = A0_NAME
     means = {k: float(v.mean()) for k, v in errs.items()}
-    pool = [k for k in errs if k != FG_NAME]  # A0 and the issue's baselines
+    pool = [k for k in errs if k != FG_NAME]  # A0 and the baselines (not the Fisher–gradient one)
     best = min(pool, key=means.get)
     diff, se = _paired(errs, a0, best)
     z = diff / se if best != a0 and se > 0 else 0.0
@@ -197,7 +199,7 @@ def run(
                     max(zs),
                     K_SE,
                     "<=",
-                    "issue 3: A0 best or within 2 s.e. of the best",
+                    "A0 best or within 2 s.e. of the best (a tie at about 95 %)",
                     details=det,
                 )
             )

@@ -1,6 +1,6 @@
 """Claim 2 — the variational identity (28) and its use in (29)–(31).
 
-MATH.md: for SPD ``M`` and a vector ``v``, ``vᵀM⁻¹v = max_u {2uᵀv − uᵀMu}``, attained at
+docs/equations.md: for SPD ``M`` and a vector ``v``, ``vᵀM⁻¹v = max_u {2uᵀv − uᵀMu}``, attained at
 ``u = M⁻¹v`` (28). The Loewner proof applies it in the full space with ``M = J`` and ``v = Aw``
 (29), restricts ``u`` to ``col(A)``, ``u = Az`` (30) — which cannot increase the maximum — and
 applies (28) again with ``M = AᵀJA``, ``v = w`` (31).

@@ -54,7 +54,7 @@ SHARDS: dict[str, tuple[str, torch.dtype, bool, list[int], list[int]]] = {
     "uneven64": ("paper64", torch.float64, False, [0, 2, 3, 4], [1, 5]),
     # rank 1 has no unmasked token at all; one pass per layer (layers_per_pass=1)
     "zero64": ("paper64_lpp1", torch.float64, False, [0, 1, 2], [5, 5]),
-    # float32 statistics, interleaved shards: A@B within 1e-6 of one process (issue 12)
+    # float32 statistics, interleaved shards: A@B within 1e-6 of one process
     "uneven32": ("paper32", torch.float32, False, [0, 2, 3, 4], [1, 5]),
     # rank 1 holds only the last batch: ((b0+b1)+b2+b3) + b4 is one process's order of additions
     "contiguous32": ("official32", torch.float32, False, [0, 1, 2, 3], [4]),

@@ -1,5 +1,6 @@
-"""Per-layer calibration diagnostics (issue 11, item 4): split-half gradient sums from the one
-pass, plug-in calibration SNR against Monte-Carlo truth, split-half stability of A0, summary."""
+"""Per-layer calibration diagnostics (docs/numerics.md, "Calibration diagnostics"): split-half
+gradient sums from the one pass, plug-in calibration SNR against Monte-Carlo truth, split-half
+stability of A0, summary."""
 
 from __future__ import annotations
 

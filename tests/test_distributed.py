@@ -40,8 +40,8 @@ F32_OUT_ATOL = 1e-6
 # backward stable, error ≲ d·eps32·‖Ω‖ ≤ 64·1.2e-7 ≈ 8e-6 relative (d ≤ 64 here); with eigengaps
 # O(‖Ω‖) the projector and AB move by about as much: 2e-5 (measured: 0, both ranks 1 thread).
 F32_SOLVE_ATOL = 2e-5
-# float32 statistics, two processes vs one (issue 12's goal): the per-batch products agree, the
-# float64 sums differ by ~eps64, the factors are rounded to float32 (~6e-8 relative): 1e-6.
+# float32 statistics, two processes vs one: the per-batch products agree, the float64 sums
+# differ by ~eps64, the factors are rounded to float32 (~6e-8 relative): 1e-6.
 SHARDS_RTOL = 1e-6
 RAISE_LIMIT_S = worker.GROUP_TIMEOUT_S  # a clean failure must not wait for any timeout
 FSDP_RAISE_LIMIT_S = 3 * worker.FAIL_TIMEOUT_S  # one group timeout, plus start-up slack
@@ -141,7 +141,7 @@ def test_float32_contiguous_shards_add_in_the_same_order(results):
 
 
 def test_float32_two_processes_match_one_process(results):
-    """Issue 12: float32 statistics on interleaved shards (a different order of additions) give
+    """float32 statistics on interleaved shards (a different order of additions) give
     A@B within SHARDS_RTOL of one process on every layer: per-batch float32 products are the
     same, the running sums and the all-reduce are float64, every solve is float64."""
     ranks = _ok(results, "uneven32")

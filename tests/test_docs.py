@@ -9,7 +9,9 @@ Conventions (also in docs/index.md, "Writing these pages"):
   (``bash -euo pipefail``, the installed ``lora-da`` script on PATH) in that directory before the
   blocks after it;
 - the README stays under 10 000 characters; every ``docs/*.md`` is on the map (docs/index.md);
-  every relative link, and every ``#anchor`` into a page, resolves.
+  every relative link, and every ``#anchor`` into a page, resolves;
+- every equation the code, the tests and the docs cite ("Eq. N", "Eqs. N–M") has a heading in
+  docs/equations.md, and every section of it cited by name exists.
 """
 
 from __future__ import annotations
@@ -62,8 +64,16 @@ def _anchors(page: Path) -> set[str]:
     return {_slug(h) for h in re.findall(r"^#{1,6} (.+)$", _prose(page), re.M)}
 
 
+# Pages whose blocks take long: docs/peft.md 42-46 s on the shared, loaded 2-core machine (31 s of
+# CPU). Their blocks run with ``-m slow``; their links are checked by default.
+SLOW_PAGES = {"docs/peft.md"}
+CODE_PAGES = [
+    pytest.param(p, marks=pytest.mark.slow) if _rel(p) in SLOW_PAGES else p for p in PAGES
+]
+
+
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize("page", PAGES, ids=_rel)
+@pytest.mark.parametrize("page", CODE_PAGES, ids=_rel)
 def test_code_blocks_run(page, tmp_path, monkeypatch):
     blocks = _blocks(page)
     for lang, flags in {(lang, flags) for lang, flags, _ in blocks}:
@@ -168,3 +178,61 @@ def test_equation_table_names_resolve():
             if not (ROOT / path).exists():
                 missing.append(path)
     assert not missing, f"docs/equations.md names what does not exist: {missing}"
+
+
+# A citation of the paper's equations: "Eq. 17", "Eq. (19)", "Eqs. (5)–(8)", "Eqs. 16, 21",
+# "Eqs. (14)–(16) and (21)", "Eq. (11)/(19)". A number glued to a letter ("11b") is not one.
+_EQ_ITEM = r"\(?\d+\)?(?!\w)"
+EQ_CITATION = re.compile(rf"\bEqs?\.\s*{_EQ_ITEM}(?:\s*(?:[–-]|,|/|and)\s*{_EQ_ITEM})*")
+EQ_HEADING = re.compile(r"^#{2,6} (Eqs?\. [^:\n]+)", re.M)
+EQ_RANGE = re.compile(r"(\d+)\)?\s*[–-]\s*\(?(\d+)")
+# Sections of docs/equations.md cited by name: (docs/equations.md, "Official code").
+SECTION_CITATION = re.compile(r"docs/equations\.md,?\s+\"([^\"]+)\"")
+CITING_DIRS = ("lora_da_ref", "proofs_check", "paper_figs", "benchmarks", "tests")
+
+
+def _citing_files() -> list[Path]:
+    files = [p for d in CITING_DIRS for p in sorted((ROOT / d).rglob("*.py"))]
+    return files + [p for p in PAGES if p.name != "equations.md"]
+
+
+def _equations_defined(text: str) -> set[int]:
+    """The equation numbers that have a heading in ``text``: "Eqs. (5)–(8)" defines 5, 6, 7, 8."""
+    numbers: set[int] = set()
+    for label in EQ_HEADING.findall(text):
+        numbers.update(int(n) for n in re.findall(r"\d+", label))
+        for lo, hi in EQ_RANGE.findall(label):
+            numbers.update(range(int(lo), int(hi) + 1))
+    return numbers
+
+
+def _equations_cited(text: str) -> set[int]:
+    """The equation numbers ``text`` cites; a cited range "(16)–(21)" needs its two ends only."""
+    return {int(n) for cite in EQ_CITATION.findall(text) for n in re.findall(r"\d+", cite)}
+
+
+def test_every_cited_equation_is_in_equations_md():
+    """Every "Eq. N" / "Eqs. N–M" of the code, the tests and the docs has its formula in
+    docs/equations.md, under a heading that names N; every section cited by name exists."""
+    equations = (DOCS / "equations.md").read_text()
+    defined = _equations_defined(equations)
+    headings = {
+        h.strip() for h in re.findall(r"^#{1,6} (.+)$", _prose(DOCS / "equations.md"), re.M)
+    }
+    assert {5, 6, 7, 8, 13, 16, 17, 19, 21, 22, 48} <= defined  # the parser reads the headings
+    missing = []
+    for path in _citing_files():
+        text = path.read_text()
+        missing += [f"{_rel(path)}: Eq. {n}" for n in sorted(_equations_cited(text) - defined)]
+        for section in SECTION_CITATION.findall(text):
+            if " ".join(section.split()) not in headings:
+                missing.append(f'{_rel(path)}: section "{section}"')
+    assert not missing, f"cited but not in docs/equations.md: {missing}"
+
+
+def test_equation_citation_parser():
+    assert _equations_cited("Eqs. (14)–(16) and (21); Eq. 17) and Eq. (11)/(19)") == {
+        11, 14, 16, 17, 19, 21,
+    }  # fmt: skip
+    assert _equations_cited("rows 11a (Eq. 22) and 11b") == {22}
+    assert _equations_defined("#### Eqs. (27), (28)–(31): x\n## Eq. 4\n") == {4, 27, 28, 29, 30, 31}

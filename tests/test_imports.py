@@ -1,4 +1,4 @@
-"""What each layer may import (issue 14, "Dependencies" and "Files that do one job").
+"""What each layer may import: optional dependencies stay optional, private modules private.
 
 - The NumPy reference (``lora_da_ref`` outside ``lora_da_ref.torch`` and its torch tools) and
   ``proofs_check`` import without torch, matplotlib, hypothesis or pytest installed.

@@ -1,5 +1,5 @@
-"""Inputs as Hugging Face users bring them (issue 12, "Inputs"): target modules written as in
-PEFT, padding side, ``BatchEncoding`` / ``DataLoader`` batches, batch grouping, gradient
+"""Inputs as Hugging Face users bring them (docs/numerics.md, "Inputs"): target modules written
+as in PEFT, padding side, ``BatchEncoding`` / ``DataLoader`` batches, batch grouping, gradient
 checkpointing."""
 
 from __future__ import annotations
@@ -117,7 +117,7 @@ def _max_rel_diff(a, b) -> float:
 # float64 sums: measured 1.4e-16 (default) / 1.5e-16 (official) here; 1e-13 leaves room for other
 # BLAS kernels. Without them (the model numbers the pads; HF computes RoPE's cos/sin in float32)
 # the difference was 2.2e-8 / 2.6e-8, and before the label-mask fix O(1) (pad → BOS counted as a
-# loss token). A float32 model: 6.8e-8 / 8.0e-8 measured, against the issue's bound 1e-6.
+# loss token). A float32 model: 6.8e-8 / 8.0e-8 measured, against the float32 bound 1e-6.
 PADDING_RTOL = {torch.float64: 1e-13, torch.float32: 1e-6}
 
 _PRESETS = {
@@ -348,7 +348,7 @@ def _per_sequence_reference(model, batches, targets, cfg):
     return {n: Y[n] / count for n in names}, {n: G[n] / sequences for n in names}
 
 
-# The issue's bound: the loss's softmax runs in float32 (HF casts the logits) even here.
+# 1e-6, not float64 round-off: the loss's softmax runs in float32 (HF casts the logits) even here.
 GROUPING_RTOL = 1e-6
 
 

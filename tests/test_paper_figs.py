@@ -28,12 +28,15 @@ CSV_RTOL = 0.0
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
+# ``paper_figs all --quick`` takes 60-75 s on the shared, loaded 2-core machine (51 s of CPU):
+# every test that uses it is marked slow (the committed-results tests below run by default).
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("paper_figs")
     return out, run_all(out, quick=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("item", ITEMS)
 def test_files_exist(quick_run, item):
     out, results = quick_run
@@ -43,6 +46,7 @@ def test_files_exist(quick_run, item):
     assert res.summary.startswith(item)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("item", ITEMS)
 def test_csvs_finite(quick_run, item):
     res = quick_run[1][item]
@@ -60,6 +64,7 @@ def test_csvs_finite(quick_run, item):
                 assert math.isfinite(value), f"{path.name}: {name} = {cell} in {row}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("item", ITEMS)
 def test_csv_matches_figure(quick_run, item):
     res = quick_run[1][item]
@@ -76,6 +81,7 @@ def test_csv_matches_figure(quick_run, item):
             )
 
 
+@pytest.mark.slow
 def test_consistency_check_can_fail(quick_run, tmp_path):
     """A CSV whose y values are perturbed no longer matches the figure."""
     res = quick_run[1]["table7"]
@@ -124,6 +130,7 @@ def _rows(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(fh))
 
 
+@pytest.mark.slow
 def test_quick_fig3_trajectories_are_the_committed_ones(quick_run):
     quick = read_series_csv(quick_run[1]["fig3"].csv)
     committed = read_series_csv(RESULTS / "fig3.csv")
@@ -139,6 +146,7 @@ def test_quick_fig3_trajectories_are_the_committed_ones(quick_run):
             )
 
 
+@pytest.mark.slow
 def test_quick_table7_constrained_mle_distances_are_the_committed_ones(quick_run):
     res = quick_run[1]["table7"]
     seeds_csv = next(p for p in res.extra_csv if p.name == "table7_seeds.csv")

@@ -200,8 +200,8 @@ def test_preset_detection_and_intended_scaling():
 
 
 def test_official_preset_is_the_official_yaml():
-    """The official preset spells out conf/lora_da.yaml (MATH.md), whatever the defaults become:
-    catches a default changed under the official preset's feet."""
+    """The official preset spells out conf/lora_da.yaml (docs/equations.md, "Official code"),
+    whatever the defaults become: catches a default changed under the official preset's feet."""
     c = LoraDAConfig.official()
     yaml = dict(
         variance_weight=0.03, bias_weight=1.0, output_factor="diagonal", damping=1e-6,

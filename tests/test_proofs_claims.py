@@ -50,9 +50,9 @@ def test_claim_is_reproducible(cid):
 
 
 def test_result_record_compares_and_rejects_nan():
-    ok = ClaimResult("x", "Eq. (0)", "m", 1.0, 2.0, "<=", "why")
-    bad = ClaimResult("x", "Eq. (0)", "m", float("nan"), 2.0, "<=", "why")
-    ge = ClaimResult("x", "Eq. (0)", "m", 1.0, 2.0, ">=", "why")
+    ok = ClaimResult("x", "r", "m", 1.0, 2.0, "<=", "why")
+    bad = ClaimResult("x", "r", "m", float("nan"), 2.0, "<=", "why")
+    ge = ClaimResult("x", "r", "m", 1.0, 2.0, ">=", "why")
     assert ok.passed and not bad.passed and not ge.passed
     with pytest.raises(ValueError, match="relation"):
         ClaimResult("x", "r", "m", 1.0, 2.0, "<", "why")

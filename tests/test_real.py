@@ -21,6 +21,8 @@ from lora_da_ref import real
 N_LOSS_ITEMS = 4  # held-out tasks in the forward-pass check
 
 
+# The tests marked slow take over ~40 s each on the shared, loaded 2-core machine, this fixture
+# (≈ 27 s there) counted in; the cheap ones that use it run by default.
 @pytest.fixture(scope="module")
 def loads(tmp_path_factory):
     """First load (builds a fresh cache from the GGUF) and second load (reads the cache)."""
@@ -53,6 +55,7 @@ def _completion_loss(model, batch) -> float:
         return float(model(**batch).loss)
 
 
+@pytest.mark.slow  # 18-21 s + the fixture
 def test_completion_loss_far_below_unigram_oracle(loads):
     """Held-out completion loss is below half the cross-entropy of an *oracle* unigram model.
 
@@ -168,6 +171,7 @@ def _rel(a, b) -> float:
     return float(torch.linalg.norm(a - b) / torch.linalg.norm(b))
 
 
+@pytest.mark.slow  # 100-230 s
 def test_smollm2_one_pass_statistics_equal_collect_statistics(loads):
     """The validation's one forward/backward per text reproduces the production statistics of
     both presets (float64 and float32), halves included (their merge is the full set)."""
@@ -198,6 +202,7 @@ def test_smollm2_one_pass_statistics_equal_collect_statistics(loads):
             assert _rel(ours.halves[preset][0].Z[key], value) <= STATS64_RTOL
 
 
+@pytest.mark.slow  # 15-25 s + the fixture
 def test_smollm2_kfac_truth_exact_where_it_must_be(loads):
     """K-FAC-exact control: ONE loss token at position 0 (causal attention: ℓ_0 depends on
     position 0 only, so ∇ℓ_0 = x sᵀ) makes the exact Fisher vec(x sᵀ)vec(x sᵀ)ᵀ = (s sᵀ) ⊗ (x xᵀ)
@@ -237,6 +242,7 @@ def test_smollm2_kfac_truth_exact_where_it_must_be(loads):
         assert e["kfac"]["fisher_err"] > 1e-3  # K-FAC is not exact here: the check is not vacuous
 
 
+@pytest.mark.slow  # 135-165 s
 def test_smollm2_quick_validation_is_finite(loads):
     from lora_da_ref.torch.validation.smollm2 import (
         SmolLM2Options,

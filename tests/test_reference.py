@@ -1,4 +1,4 @@
-"""The exact NumPy reference against direct, independent computations (issue: foundation).
+"""The exact NumPy reference against direct, independent computations.
 
 Each public function is recomputed here the slow, obvious way (explicit inverses, loops over
 output columns, full eigendecompositions) on the small problems of ``cases.py``.

@@ -1,4 +1,4 @@
-"""``paper_figs regime`` (issue 11): the committed regime map is what the code computes.
+"""``paper_figs regime`` (docs/regime.md): the committed regime map is what the code computes.
 
 * Default tests (seconds): a few (model, shift, seed) cells recomputed now equal the committed
   per-seed values (same seeds → the same numbers: a change of any initialiser, of the statistics or

@@ -1,7 +1,7 @@
 """apply_lora_da: PEFT orientation and scaling, the "subtract" offset, save/load, bad inputs.
 
 Factors here are hand-made (orthonormal A, small random B), independent of the statistics code:
-these tests check only the PEFT boundary (MATH.md "Conventions": lora_A.weight = Aᵀ,
+these tests check only the PEFT boundary (docs/equations.md, "Conventions": lora_A.weight = Aᵀ,
 lora_B.weight = Bᵀ, forward adds s · x A B).
 """
 
@@ -329,7 +329,7 @@ def test_failure_during_write_phase_rolls_back(monkeypatch):
     assert calls["n"] == 4 + 3  # 3 layers written, then rolled back
 
 
-# ----------------------------------------------------------------------------- guards (issue 12)
+# ----------------------------------------------------------------------------- guards
 
 
 def test_subtract_twice_is_refused_and_none_after_it_is_allowed():

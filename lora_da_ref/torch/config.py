@@ -164,7 +164,7 @@ class LoraDAConfig:
 
     @classmethod
     def official(cls, **overrides: Any) -> LoraDAConfig:
-        """``conf/lora_da.yaml`` of the official code (MATH.md, "Official code"; the ``official``
+        """``conf/lora_da.yaml`` of the official code (docs/equations.md, "Official code"; the ``official``
         preset). Its 8 layers per pass is ``layers_per_pass=8``."""
         return cls.preset("official", **overrides)
 
