@@ -268,7 +268,7 @@ def test_torch_estimators_match_the_numpy_registry(estimator):
     the same Ω up to rounding, so the same A0 and A0ᵀΔW. The case sits at SNR̂ ≈ 2, where the
     variants' A0 differ from the plug-in's by > 0.02 rad (checked; 0.057 rad for "damped"), so
     N/|S| inverted, a missing 1/|S| or a wrong trace moves A0 by far more than 1e-8."""
-    from lora_da_ref.initializers import InitProblem, initialize
+    from lora_da_ref.reference.initializers import InitProblem, initialize
     from lora_da_ref.torch.factors import solve_layer
 
     rng = np.random.default_rng(3)

@@ -16,7 +16,7 @@ pytest.importorskip("peft")
 from peft import AutoPeftModelForCausalLM, PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lora_da_ref.cli import SUBCOMMANDS, build_parser, main
+from lora_da_ref.cli.main import SUBCOMMANDS, build_parser, main
 from lora_da_ref.data import TINY_TEXTS, tokenize_batches
 from lora_da_ref.torch.adapter import lora_modules
 from lora_da_ref.torch.config import LoraDAConfig
@@ -295,7 +295,7 @@ def test_help_imports_no_torch(argv):
     """Heavy imports come after argument parsing, so --help answers at once (deterministic
     check: torch, transformers and peft are not imported)."""
     code = (
-        "import sys\nfrom lora_da_ref.cli import main\n"
+        "import sys\nfrom lora_da_ref.cli.main import main\n"
         f"try:\n    main({argv!r})\nexcept SystemExit:\n    pass\n"
         "print([m for m in ('torch', 'transformers', 'peft') if m in sys.modules])"
     )
@@ -311,7 +311,7 @@ def test_help_imports_no_torch(argv):
 def test_bad_device_is_one_line_before_anything_is_loaded(
     workspace, tmp_path, capsys, monkeypatch, device, message
 ):
-    import lora_da_ref.cli as cli
+    import lora_da_ref.cli.main as cli
 
     monkeypatch.setattr(torch.version, "cuda", None)  # as a CPU-only build of torch
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
@@ -478,7 +478,7 @@ def test_report_tables_figure_and_exit_status(workspace, tmp_path, capsys):
     ],
 )
 def test_flag_rules(diag, flagged):
-    from lora_da_ref.adapter_report import _flatten, flag_reasons
+    from lora_da_ref.cli.report import _flatten, flag_reasons
 
     assert bool(flag_reasons(_flatten(diag))) is flagged
 
@@ -489,7 +489,7 @@ def test_flag_rules(diag, flagged):
 def test_plan_extrapolates_the_probe_snr_as_the_noise_law_says():
     """SNR(S) = (‖ΔŴ‖² − noise_probe)/(noise_probe·|S_probe|/|S|): the signal does not shrink with
     |S|, the noise does. Breaks if the noise is subtracted at the full size instead."""
-    from lora_da_ref.plan import size_for_snr, snr_at_size
+    from lora_da_ref.cli.plan import size_for_snr, snr_at_size
 
     signal, noise, size, full = 3.0, 2.0, 8.0, 40.0
     probe_snr = (signal + noise - noise) / noise  # as calibration_snr: delta_sq = signal + noise
@@ -502,7 +502,7 @@ def test_plan_extrapolates_the_probe_snr_as_the_noise_law_says():
 
 
 def test_plan_on_the_tiny_model(workspace, tmp_path, capsys):
-    from lora_da_ref.plan import _units
+    from lora_da_ref.cli.plan import _units
     from lora_da_ref.torch.memory import statistics_bytes
 
     data = tmp_path / "calib.jsonl"
@@ -578,7 +578,7 @@ def test_new_flags_reach_the_config(workspace, tmp_path):
 
 
 def test_report_ranks_flags_summarises_and_reads_snr_as_a_ratio(workspace, tmp_path, capsys):
-    from lora_da_ref.adapter_report import figure_panels, load_rows
+    from lora_da_ref.cli.report import figure_panels, load_rows
 
     out = tmp_path / "adapter"
     assert _init(workspace, out) == 0
