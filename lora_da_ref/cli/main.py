@@ -20,7 +20,8 @@ and the same provenance. Output in ``ADAPTER_DIR``: PEFT's ``adapter_config.json
 ``ADAPTER_DIR/base_model`` (model and tokenizer); ``base_model_name_or_path`` points there.
 
 ``lora-da report ADAPTER_DIR`` prints the per-layer diagnostics by module type, writes a PNG and
-exits 1 when a layer is flagged (rules in :mod:`lora_da_ref.cli.report`).
+exits 1 when a layer failed (rules, and the flags that do not fail a layer, in
+:mod:`lora_da_ref.cli.report`).
 
 Heavy imports (torch, transformers, peft) happen inside the subcommands, after parsing, so
 ``lora-da --help`` answers at once; only the chosen subcommand's arguments are declared.
@@ -494,15 +495,16 @@ def _add_report_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _run_report(args: argparse.Namespace) -> int:
-    """Per-layer diagnostics table by module type, a PNG, exit 1 if any layer is flagged."""
-    from lora_da_ref.cli.report import format_report, load_rows, write_figure
+    """Per-layer diagnostics table by module type, a PNG, exit 1 if any layer failed."""
+    from lora_da_ref.cli.report import failed, format_report, layer_kinds, load_rows, write_figure
 
     if args.full:
         _add_full_diagnostics(args.adapter)
     provenance, rows = load_rows(args.adapter)
     if args.json:
         doc = [{"name": r.name, "kind": r.kind, "index": r.index, **r.values,
-                "flags": r.reasons} for r in rows]  # fmt: skip
+                "flags": r.reasons, "flag_kinds": sorted(layer_kinds(r.values))}
+               for r in rows]  # fmt: skip
         print(json.dumps(doc, indent=2))
     else:
         print(format_report(provenance, rows, top=args.top or len(rows)))
@@ -512,7 +514,7 @@ def _run_report(args: argparse.Namespace) -> int:
         written = write_figure(rows, figure)
         note = f"figure: {written}" if written else "figure skipped: matplotlib is not installed"
         print(f"lora-da report: {note}", file=sys.stderr)
-    return 1 if any(r.reasons for r in rows) else 0
+    return 1 if failed(rows) else 0
 
 
 def _add_full_diagnostics(adapter: str) -> None:
@@ -576,7 +578,7 @@ SUBCOMMANDS: dict[str, Subcommand] = {
         _run_plan,
     ),
     "report": Subcommand(
-        "per-layer diagnostics of a LoRA-DA adapter; exit 1 if a layer is flagged",
+        "per-layer diagnostics of a LoRA-DA adapter; exit 1 if a layer failed",
         _add_report_arguments,
         _run_report,
     ),
