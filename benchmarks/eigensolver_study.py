@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lora_da_ref.linalg import principal_angles
+from lora_da_ref.reference.linalg import principal_angles
 from lora_da_ref.torch.config import LoraDAConfig
 from lora_da_ref.torch.solvers import OFFICIAL_NITER, random_start, smallest_eigenpairs
 
@@ -125,12 +125,12 @@ def synthetic_rows(sizes, gaps, max_iter: int) -> list[dict[str, Any]]:
 def llama_rows(hidden: int, max_iter: int) -> list[dict[str, Any]]:
     """Ω of every linear layer of a random 2-layer LLaMA, official preset statistics (float64
     here, so the float32/float64 solver columns isolate the solver), exact space by eigh."""
+    from lora_da_ref.cli.validate import METHODS
     from lora_da_ref.data import tiny_llama
     from lora_da_ref.torch import collect_statistics
     from lora_da_ref.torch.fisher import KroneckerFisher
     from lora_da_ref.torch.guidance import layer_guidance  # the production Ω of a layer
     from lora_da_ref.torch.init import find_target_modules
-    from lora_da_ref.validate import METHODS
 
     model = tiny_llama(0, hidden=hidden, vocab=128)
     gen = torch.Generator().manual_seed(1)

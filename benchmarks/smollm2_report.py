@@ -33,8 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from lora_da_ref.cli import PRESETS
-    from lora_da_ref.cli import main as lora_da
+    from lora_da_ref.cli.main import PRESETS
+    from lora_da_ref.cli.main import main as lora_da
     from lora_da_ref.real import collate, humaneval, load_smollm2, tokenize_humaneval
     from lora_da_ref.torch import initialize_lora_da_weights, save_lora_da_state
 

@@ -15,25 +15,33 @@ import importlib
 from typing import Any
 
 # Eigen-solution, Eqs. (5)–(8).
-from lora_da_ref.eigen import smallest_eigenpairs, smallest_eigvecs
+from lora_da_ref.reference.eigen import smallest_eigenpairs, smallest_eigvecs
 
 # Fisher representations (which matrix vs how it is stored).
-from lora_da_ref.fisher import DenseFisher, FisherMatrix, KroneckerFisher, as_fisher
+from lora_da_ref.reference.fisher import DenseFisher, FisherMatrix, KroneckerFisher, as_fisher
 
 # Guidance matrix and Fisher–gradient, Eqs. (13), (16), (19)–(21).
-from lora_da_ref.guidance import fisher_gradient, guidance_matrix, inverse_fisher_block_sum
+from lora_da_ref.reference.guidance import (
+    fisher_gradient,
+    guidance_matrix,
+    inverse_fisher_block_sum,
+)
 
 # Initialisers: LoRA-DA (Eq. 17), baselines and ablations.
-from lora_da_ref.initializers import INITIALIZERS, InitProblem, initialize, lora_da_init
+from lora_da_ref.reference.initializers import INITIALIZERS, InitProblem, initialize, lora_da_init
 
 # Conventions and helpers.
-from lora_da_ref.linalg import principal_angles, random_orthonormal, unvec, vec
+from lora_da_ref.reference.linalg import principal_angles, random_orthonormal, unvec, vec
 
 # Synthetic models with an exact Fisher, and the Monte-Carlo estimate of the objective (11).
-from lora_da_ref.monte_carlo import MonteCarloResult, monte_carlo_error, subspace_projection
+from lora_da_ref.reference.monte_carlo import (
+    MonteCarloResult,
+    monte_carlo_error,
+    subspace_projection,
+)
 
 # The objective (11) and its parts, Eqs. (23)–(27), (43)–(48).
-from lora_da_ref.objective import (
+from lora_da_ref.reference.objective import (
     ErrorBound,
     bias_term,
     expected_error_bound,
@@ -41,7 +49,7 @@ from lora_da_ref.objective import (
     unrelaxed_variance,
     variance_term,
 )
-from lora_da_ref.synthetic import (
+from lora_da_ref.reference.synthetic import (
     ConvergenceError,
     LinearGaussian,
     LogisticRegression,

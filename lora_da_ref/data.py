@@ -7,7 +7,7 @@ reads them from a JSONL file, one JSON object per line with the text under a fie
 
     {"text": "The quick brown fox jumps over the lazy dog."}
 
-(:mod:`lora_da_ref.jsonl`, torch-free, re-exported here) and tokenises them into the batches
+(:mod:`lora_da_ref.cli.jsonl`, torch-free, re-exported here) and tokenises them into the batches
 ``init_lora_da`` consumes: dicts of ``input_ids``, ``attention_mask`` and ``labels``
 (``labels = input_ids`` with padding set to ``-100``, so only real tokens enter the empirical
 Fisher, as the official code's HF mean token cross-entropy).
@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from lora_da_ref.jsonl import read_jsonl_pairs, read_jsonl_texts
+from lora_da_ref.cli.jsonl import read_jsonl_pairs, read_jsonl_texts
 
 __all__ = [
     "IGNORE_INDEX",

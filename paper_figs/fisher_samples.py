@@ -15,7 +15,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 
-from lora_da_ref.linalg import principal_angles
+from lora_da_ref.reference.linalg import principal_angles
 from paper_figs.output import (
     ItemResult,
     plot_sweep,

@@ -36,10 +36,10 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.colors import ListedColormap
 
-from lora_da_ref.initializers import InitProblem, initialize
-from lora_da_ref.linalg import kron_average, random_orthonormal, unvec, vec
-from lora_da_ref.monte_carlo import monte_carlo_error
-from lora_da_ref.synthetic import (
+from lora_da_ref.reference.initializers import InitProblem, initialize
+from lora_da_ref.reference.linalg import kron_average, random_orthonormal, unvec, vec
+from lora_da_ref.reference.monte_carlo import monte_carlo_error
+from lora_da_ref.reference.synthetic import (
     LinearGaussian,
     LogisticRegression,
     SoftmaxRegression,

@@ -30,7 +30,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 
-from lora_da_ref.initializers import InitProblem
+from lora_da_ref.reference.initializers import InitProblem
 from paper_figs.output import (
     METHOD_COLORS,
     METHOD_LABELS,

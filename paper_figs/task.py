@@ -4,7 +4,7 @@ The synthetic task (one shared setting for every synthetic item, fixed before an
 looked at):
 
 * a softmax regression with ``d1 = 16`` inputs and ``K = 5`` classes (``W`` is ``(16, 4)``, the
-  identifiable K−1 parametrisation of :class:`lora_da_ref.synthetic.SoftmaxRegression`), and a
+  identifiable K−1 parametrisation of :class:`lora_da_ref.reference.synthetic.SoftmaxRegression`), and a
   logistic regression with ``d1 = 16`` (``W`` is ``(16, 1)``), inputs uniform on the package's
   anisotropic, non-Gaussian design pool (pool seed 0, spectrum ``k^-1``);
 * per seed, a "pre-trained" ``W0`` (logit scale 2) and a target ``W_tgt = W0 + ΔW`` whose shift
@@ -32,9 +32,9 @@ from typing import Literal
 import numpy as np
 from scipy.special import expit
 
-from lora_da_ref.initializers import InitProblem, initialize
-from lora_da_ref.linalg import random_orthonormal
-from lora_da_ref.synthetic import LogisticRegression, SoftmaxRegression
+from lora_da_ref.reference.initializers import InitProblem, initialize
+from lora_da_ref.reference.linalg import random_orthonormal
+from lora_da_ref.reference.synthetic import LogisticRegression, SoftmaxRegression
 
 # ---- the shared synthetic setting ---------------------------------------------------------------
 D1 = 16

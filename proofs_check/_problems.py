@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from lora_da_ref.linalg import random_orthonormal, sym
+from lora_da_ref.reference.linalg import random_orthonormal, sym
 
 EPS = float(np.finfo(np.float64).eps)
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lora_da_ref.linalg import sym
+from lora_da_ref.reference.linalg import sym
 
 ARMIJO_C = 1e-4  # sufficient-decrease constant (Nocedal & Wright §3.1)
 MAX_HALVINGS = 60

@@ -44,9 +44,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lora_da_ref.guidance import inverse_fisher_block_sum
-from lora_da_ref.linalg import kron_average, unvec, vec
-from lora_da_ref.synthetic import SyntheticModel
+from lora_da_ref.reference.guidance import inverse_fisher_block_sum
+from lora_da_ref.reference.linalg import kron_average, unvec, vec
+from lora_da_ref.reference.synthetic import SyntheticModel
 from proofs_check._record import ClaimResult, Mode, check_mode
 from proofs_check.models import MEAN_MAP, direction, make_model, population_gradient
 

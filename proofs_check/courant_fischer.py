@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from lora_da_ref.eigen import smallest_eigenpairs
-from lora_da_ref.guidance import guidance_matrix
-from lora_da_ref.linalg import random_orthonormal
+from lora_da_ref.reference.eigen import smallest_eigenpairs
+from lora_da_ref.reference.guidance import guidance_matrix
+from lora_da_ref.reference.linalg import random_orthonormal
 from proofs_check._problems import EPS, random_spd, random_symmetric
 from proofs_check._record import ClaimResult, Mode, check_mode
 from proofs_check._stiefel import descend

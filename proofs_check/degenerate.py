@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from lora_da_ref.guidance import guidance_matrix
-from lora_da_ref.initializers import InitProblem, initialize, lora_da_init
-from lora_da_ref.linalg import principal_angles
+from lora_da_ref.reference.guidance import guidance_matrix
+from lora_da_ref.reference.initializers import InitProblem, initialize, lora_da_init
+from lora_da_ref.reference.linalg import principal_angles
 from proofs_check._problems import EPS, matrix_with_singular_gap, random_spd
 from proofs_check._record import ClaimResult, Mode, check_mode
 

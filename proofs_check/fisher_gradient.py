@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from lora_da_ref.guidance import fisher_gradient
+from lora_da_ref.reference.guidance import fisher_gradient
 from proofs_check._problems import EPS
 from proofs_check._record import ClaimResult, Mode, check_mode
 from proofs_check.models import direction, loglog_slope, make_model, population_gradient

@@ -20,10 +20,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from lora_da_ref.fisher import KroneckerFisher
-from lora_da_ref.initializers import lora_da_init
-from lora_da_ref.linalg import principal_angles
-from lora_da_ref.objective import expected_error_bound
+from lora_da_ref.reference.fisher import KroneckerFisher
+from lora_da_ref.reference.initializers import lora_da_init
+from lora_da_ref.reference.linalg import principal_angles
+from lora_da_ref.reference.objective import expected_error_bound
 from proofs_check._problems import EPS
 from proofs_check._record import ClaimResult, Mode, check_mode
 from proofs_check.models import (

@@ -7,7 +7,7 @@ bound is ``(1/N) Σ_i tr(Aᵀ J⁻¹_[i] A)``. ``Ŵ`` is the constrained MLE ove
 Setting: linear-Gaussian (d2 = 3) and logistic (d2 = 1), ``d1 = 8``, Haar-random A with r = 2
 (a generic, not J-invariant subspace), ``ΔW = C_DISP · D / √N`` with a random unit direction D
 (the standing assumption ‖ΔW‖ = O(1/√N)), ``J = J(W_tgt)`` exact. ``E‖Ŵ − W^P‖²`` is estimated
-with ``lora_da_ref.monte_carlo.monte_carlo_error`` (fresh data sets, constrained MLE).
+with ``lora_da_ref.reference.monte_carlo.monte_carlo_error`` (fresh data sets, constrained MLE).
 
 Check (per model, at each N): ``N·E‖Ŵ − W^P‖² − N·bound ≤ 3 × N·s.e.``. Reported: the slack
 ``(bound − measured)/measured``; the un-relaxed prediction of Lemma C.2 ``tr((AᵀJA)⁻¹)/N``; and
@@ -25,10 +25,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from lora_da_ref.guidance import inverse_fisher_block_sum
-from lora_da_ref.linalg import random_orthonormal
-from lora_da_ref.monte_carlo import monte_carlo_error
-from lora_da_ref.objective import unrelaxed_variance
+from lora_da_ref.reference.guidance import inverse_fisher_block_sum
+from lora_da_ref.reference.linalg import random_orthonormal
+from lora_da_ref.reference.monte_carlo import monte_carlo_error
+from lora_da_ref.reference.objective import unrelaxed_variance
 from proofs_check._record import ClaimResult, Mode, check_mode
 from proofs_check.models import direction, input_second_moment, make_model
 

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from lora_da_ref.linalg import random_orthonormal
-from lora_da_ref.synthetic import ConvergenceError
+from lora_da_ref.reference.linalg import random_orthonormal
+from lora_da_ref.reference.synthetic import ConvergenceError
 from proofs_check._record import ClaimResult, Mode, check_mode
 from proofs_check.models import make_model
 

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from lora_da_ref.fisher import KroneckerFisher
-from lora_da_ref.linalg import random_orthonormal, vec
-from lora_da_ref.objective import variance_term
+from lora_da_ref.reference.fisher import KroneckerFisher
+from lora_da_ref.reference.linalg import random_orthonormal, vec
+from lora_da_ref.reference.objective import variance_term
 from proofs_check._problems import EPS, random_spd
 from proofs_check._record import ClaimResult, Mode, check_mode
 

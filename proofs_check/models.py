@@ -20,7 +20,7 @@ from collections.abc import Callable
 import numpy as np
 from scipy.special import expit
 
-from lora_da_ref.synthetic import (
+from lora_da_ref.reference.synthetic import (
     LinearGaussian,
     LogisticRegression,
     SoftmaxRegression,

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from lora_da_ref.linalg import random_orthonormal
-from lora_da_ref.objective import bias_term
+from lora_da_ref.reference.linalg import random_orthonormal
+from lora_da_ref.reference.objective import bias_term
 from proofs_check._problems import EPS
 from proofs_check._record import ClaimResult, Mode, check_mode
 

@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from lora_da_ref.linalg import random_orthonormal
-from lora_da_ref.monte_carlo import monte_carlo_error
-from lora_da_ref.objective import projected_fisher
+from lora_da_ref.reference.linalg import random_orthonormal
+from lora_da_ref.reference.monte_carlo import monte_carlo_error
+from lora_da_ref.reference.objective import projected_fisher
 from proofs_check._record import ClaimResult, Mode, check_mode
 from proofs_check._stiefel import descend, riemannian_gradient
 from proofs_check.models import MODEL_NAMES, SHORT

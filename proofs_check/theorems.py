@@ -30,13 +30,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lora_da_ref.eigen import fix_signs
-from lora_da_ref.guidance import guidance_matrix
-from lora_da_ref.initializers import INITIALIZERS, InitProblem, initialize
-from lora_da_ref.linalg import random_orthonormal
-from lora_da_ref.monte_carlo import monte_carlo_error
-from lora_da_ref.objective import expected_error_bound, unrelaxed_variance
-from lora_da_ref.synthetic import SyntheticModel
+from lora_da_ref.reference.eigen import fix_signs
+from lora_da_ref.reference.guidance import guidance_matrix
+from lora_da_ref.reference.initializers import INITIALIZERS, InitProblem, initialize
+from lora_da_ref.reference.linalg import random_orthonormal
+from lora_da_ref.reference.monte_carlo import monte_carlo_error
+from lora_da_ref.reference.objective import expected_error_bound, unrelaxed_variance
+from lora_da_ref.reference.synthetic import SyntheticModel
 from proofs_check._problems import EPS
 from proofs_check._record import ClaimResult, Mode, check_mode
 from proofs_check.models import MODEL_NAMES, SHORT, direction, make_model, population_gradient

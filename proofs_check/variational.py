@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from lora_da_ref.linalg import random_orthonormal, sym
+from lora_da_ref.reference.linalg import random_orthonormal, sym
 from proofs_check._problems import EPS, random_spd
 from proofs_check._record import ClaimResult, Mode, check_mode
 

@@ -55,7 +55,7 @@ def test_bad_data_file_is_one_line_with_file_line_and_cause_before_torch(files, 
     data.write_bytes(content)
     for command in (["init", "--out", str(files / "out")], ["plan"]):
         argv = [*command, "--model", str(files / "model"), "--data", str(data)]
-        rc, heavy, err = _run_main("lora_da_ref.cli", argv)
+        rc, heavy, err = _run_main("lora_da_ref.cli.main", argv)
         assert rc == 2 and heavy == [], (rc, heavy, err)
         lines = err.strip().splitlines()
         assert len(lines) == 1, err
@@ -88,7 +88,7 @@ def test_bad_argument_is_one_line_before_torch(files, monkeypatch, case):
     monkeypatch.chdir(files)
     argv = ["init", "--model", "model", "--data", "good.jsonl", "--out", "out", *extra]
     code = (
-        "import sys\nfrom lora_da_ref.cli import main\n"
+        "import sys\nfrom lora_da_ref.cli.main import main\n"
         f"rc = main({argv!r})\nprint(rc, [m for m in {HEAVY!r} if m in sys.modules])"
     )
     proc = subprocess.run(
@@ -112,13 +112,13 @@ def test_bad_argument_is_one_line_before_torch(files, monkeypatch, case):
     ids=["before-the-subcommand", "wrong-subcommand"],
 )  # fmt: skip
 def test_misplaced_option_gets_a_hint(argv, hint):
-    rc, heavy, err = _run_main("lora_da_ref.cli", argv)
+    rc, heavy, err = _run_main("lora_da_ref.cli.main", argv)
     assert rc == 2 and heavy == []
     assert len(err.strip().splitlines()) == 1 and hint in err, err
 
 
 def test_config_is_an_alias_of_preset_and_version_answers():
-    from lora_da_ref.cli import build_parser
+    from lora_da_ref.cli.main import build_parser
 
     base = ["init", "--model", "m", "--data", "d", "--out", "o"]
     parser = build_parser("init")
@@ -132,7 +132,7 @@ def test_config_is_an_alias_of_preset_and_version_answers():
 
 
 def test_size_parser():
-    from lora_da_ref.cli_checks import parse_size
+    from lora_da_ref.cli.checks import parse_size
 
     assert parse_size("auto") == "auto" and parse_size("None") is None
     assert parse_size("500M") == 500 * 2**20 and parse_size("8G") == 8 * 2**30
@@ -143,7 +143,7 @@ def test_size_parser():
 
 
 @pytest.mark.parametrize(
-    "module", ["lora_da_ref.validate", "paper_figs.__main__"], ids=["validate", "paper_figs"]
+    "module", ["lora_da_ref.cli.validate", "paper_figs.__main__"], ids=["validate", "paper_figs"]
 )
 def test_other_command_lines_help_imports_no_torch(module):
     rc, heavy, err = _run_main(module, ["--help"])

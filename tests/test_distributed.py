@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from lora_da_ref.cli import main as cli_main
+from lora_da_ref.cli.main import main as cli_main
 from lora_da_ref.data import TINY_TEXTS
 from lora_da_ref.torch import collect_statistics, find_target_modules, init_lora_da
 from lora_da_ref.torch.distributed import assign_layers, resolve_process_group

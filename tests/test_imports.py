@@ -6,7 +6,7 @@
   model) imports without matplotlib, hypothesis or pytest: those are extras (``figs``, ``test``).
 
 - No file imports a private module of ``lora_da_ref`` (a ``_name`` module) from outside the
-  package that holds it: shared helpers are public (``lora_da_ref.linalg``, ``lora_da_ref.checks``).
+  package that holds it: shared helpers are public (``lora_da_ref.reference.linalg``, ``lora_da_ref.reference.checks``).
 
 Each import check runs in a fresh interpreter whose ``sys.meta_path`` refuses the blocked packages, as if
 they were not installed, then asserts that none of them was loaded.
@@ -23,8 +23,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 EXTRAS = ("matplotlib", "hypothesis", "pytest", "_pytest")
-# Top-level modules of lora_da_ref that are torch tools (they may import torch).
-TORCH_TOOLS = {"__main__", "cli", "data", "real", "validate"}
+# Modules of lora_da_ref outside lora_da_ref.torch that are torch tools (they may import torch).
+TORCH_TOOLS = {"__main__", "cli.main", "cli.validate", "data", "real"}
 
 _BLOCKER = """
 import importlib, importlib.abc, sys
@@ -67,8 +67,11 @@ def _import_blocked(modules: list[str], blocked: tuple[str, ...]) -> subprocess.
 
 
 def test_numpy_reference_imports_without_torch_or_extras():
-    modules = _modules("lora_da_ref", skip={"torch", *TORCH_TOOLS}) + _modules("proofs_check")
-    assert "lora_da_ref.synthetic" in modules and "lora_da_ref" in modules
+    tools = {f"lora_da_ref.{name}" for name in TORCH_TOOLS}
+    modules = [m for m in _modules("lora_da_ref", skip={"torch"}) if m not in tools]
+    modules += _modules("proofs_check")
+    assert "lora_da_ref.reference.synthetic" in modules and "lora_da_ref" in modules
+    assert "lora_da_ref.cli.jsonl" in modules  # the command line's helpers load no torch
     done = _import_blocked(modules, ("torch", *EXTRAS))
     assert done.returncode == 0, done.stderr[-3000:]
 
@@ -129,7 +132,13 @@ def test_no_private_module_is_used_across_packages():
 
 PACKAGE = "lora_da_ref"
 # The torch path never reaches back into the command line's modules.
-CLI_MODULES = ("lora_da_ref.cli", "lora_da_ref._cli_checks", "lora_da_ref.plan")
+# (validate_args is not one: it declares the validation runner's arguments without torch, and
+# lora_da_ref.torch.validation.cli parses with it)
+CLI_MODULES = tuple(
+    f"lora_da_ref.cli.{p.stem}"
+    for p in sorted((ROOT / "lora_da_ref" / "cli").glob("*.py"))
+    if p.stem != "validate_args"
+)
 # Packages the torch path may import inside a function: the optional extras (installed only with
 # their feature, or costly to import), and the standard library.
 LAZY_EXTRAS = {

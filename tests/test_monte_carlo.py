@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lora_da_ref.linalg import random_orthonormal
-from lora_da_ref.monte_carlo import monte_carlo_error, subspace_projection
-from lora_da_ref.synthetic import (
+from lora_da_ref.reference.linalg import random_orthonormal
+from lora_da_ref.reference.monte_carlo import monte_carlo_error, subspace_projection
+from lora_da_ref.reference.synthetic import (
     ConvergenceError,
     LinearGaussian,
     LogisticRegression,

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-import lora_da_ref.eigen as np_eigen
-import lora_da_ref.fisher as np_fisher
-import lora_da_ref.initializers as np_init
-from lora_da_ref.linalg import principal_angles
+import lora_da_ref.reference.eigen as np_eigen
+import lora_da_ref.reference.fisher as np_fisher
+import lora_da_ref.reference.initializers as np_init
+from lora_da_ref.reference.linalg import principal_angles
 from lora_da_ref.torch import KroneckerFisher, LoraDAConfig, find_target_modules, init_lora_da_layer
 from lora_da_ref.torch.pipeline import SingleProcess, run_pipeline, solve_layers, solve_workers
 from lora_da_ref.torch.solvers import smallest_eigenpairs
@@ -213,7 +213,7 @@ def test_the_one_layer_call_is_the_numpy_twin_and_not_the_model_call():
     import inspect
 
     import lora_da_ref.torch as public
-    from lora_da_ref.initializers import lora_da_init
+    from lora_da_ref.reference.initializers import lora_da_init
 
     assert {"init_lora_da", "init_lora_da_layer"} <= set(public.__all__)
     assert "lora_da_init" not in public.__all__  # the anagram of init_lora_da

@@ -11,10 +11,10 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lora_da_ref.eigen import smallest_eigenpairs
-from lora_da_ref.initializers import InitProblem, initialize, lora_da_init
-from lora_da_ref.linalg import principal_angles, random_orthonormal
-from lora_da_ref.objective import bias_term
+from lora_da_ref.reference.eigen import smallest_eigenpairs
+from lora_da_ref.reference.initializers import InitProblem, initialize, lora_da_init
+from lora_da_ref.reference.linalg import principal_angles, random_orthonormal
+from lora_da_ref.reference.objective import bias_term
 from proofs_check._problems import EPS, matrix_with_singular_gap, random_spd, random_symmetric
 from proofs_check._stiefel import descend
 

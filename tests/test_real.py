@@ -292,7 +292,7 @@ def test_lora_one_subspace_from_the_gram_matrix_equals_the_svd(shape):
     """The stability check's LoRA-One subspace (top-r left singular vectors from the smaller
     Gram matrix) equals the SVD's, for tall and wide G. Caught: the r smallest Gram eigenpairs
     (1.57 rad), and for tall G the right singular vectors V instead of G·V (a shape error)."""
-    from lora_da_ref.linalg import principal_angles
+    from lora_da_ref.reference.linalg import principal_angles
     from lora_da_ref.torch.validation.smollm2 import top_left_singular
 
     rng = np.random.default_rng(0)

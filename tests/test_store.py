@@ -88,7 +88,7 @@ def test_cli_resume_gives_the_same_adapter_and_report_full_needs_no_pass(tmp_pat
     then adds the split-half and probe diagnostics from the saved statistics."""
     import json
 
-    from lora_da_ref.cli import main
+    from lora_da_ref.cli.main import main
     from lora_da_ref.data import TINY_TEXTS
     from lora_da_ref.torch.store import MANIFEST
 

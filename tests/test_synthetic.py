@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lora_da_ref.linalg import random_orthonormal, vec
-from lora_da_ref.synthetic import (
+from lora_da_ref.reference.linalg import random_orthonormal, vec
+from lora_da_ref.reference.synthetic import (
     ConvergenceError,
     LinearGaussian,
     LogisticRegression,

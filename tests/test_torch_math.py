@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-import lora_da_ref.eigen as np_eigen
-import lora_da_ref.fisher as np_fisher
-import lora_da_ref.guidance as np_guidance
-from lora_da_ref.linalg import principal_angles
+import lora_da_ref.reference.eigen as np_eigen
+import lora_da_ref.reference.fisher as np_fisher
+import lora_da_ref.reference.guidance as np_guidance
+from lora_da_ref.reference.linalg import principal_angles
 from lora_da_ref.torch import (
     DenseFisher,
     KroneckerFisher,

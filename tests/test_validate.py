@@ -1,4 +1,4 @@
-"""Ground truths of ``lora_da_ref.validate`` and the exact per-token Fisher.
+"""Ground truths of ``lora_da_ref.cli.validate`` and the exact per-token Fisher.
 
 * Linear-Gaussian synthetic model (K-FAC is exact): torch statistics on a factorial design and the
   torch math vs the NumPy reference (dense population Fisher).
@@ -16,11 +16,12 @@ import pytest
 import torch
 from torch import nn
 
-import lora_da_ref.eigen as np_eigen
-import lora_da_ref.fisher as np_fisher
-import lora_da_ref.guidance as np_guidance
-from lora_da_ref.linalg import principal_angles
-from lora_da_ref.synthetic import LinearGaussian, SoftmaxRegression
+import lora_da_ref.reference.eigen as np_eigen
+import lora_da_ref.reference.fisher as np_fisher
+import lora_da_ref.reference.guidance as np_guidance
+from lora_da_ref.cli.validate import kfac_exact_case, main, tiny_llama_case, validate
+from lora_da_ref.reference.linalg import principal_angles
+from lora_da_ref.reference.synthetic import LinearGaussian, SoftmaxRegression
 from lora_da_ref.torch import (
     DenseFisher,
     KroneckerFisher,
@@ -30,7 +31,6 @@ from lora_da_ref.torch import (
     smallest_eigvecs,
 )
 from lora_da_ref.torch.exact import exact_empirical_fisher
-from lora_da_ref.validate import kfac_exact_case, main, tiny_llama_case, validate
 from tests.report import allclose_report, relative_error
 from tests.torch_cases import assert_state_equal, model_state
 
@@ -239,7 +239,7 @@ def _production_solves_numpy_reference_omega(case):
 
 
 def test_cli_json_and_bad_input(capsys, monkeypatch):
-    import lora_da_ref.validate as v
+    import lora_da_ref.cli.validate as v
 
     monkeypatch.setitem(
         v.BUILTIN_CASES, "kfac-exact", lambda: kfac_exact_case(12, 8)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import lora_da_ref
-from lora_da_ref.cli import main
+from lora_da_ref.cli.main import main
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -51,7 +51,7 @@ def test_an_init_warns_at_the_users_call(monkeypatch):
 
 
 def test_the_command_line_prints_no_source_line(capsys):
-    from lora_da_ref.cli import _warnings_in_flag_names
+    from lora_da_ref.cli.main import _warnings_in_flag_names
 
     with warnings.catch_warnings():
         warnings.simplefilter("always")

@@ -114,7 +114,7 @@ class LoraDAConfig:
             ``|S| = W²/|P|`` and ``noise = tr(Σ_i Ĵ⁻¹_[i])/|S|`` are those of the calibration
             diagnostics (:mod:`lora_da_ref.torch.diagnostics`), in the units of ``n_train``.
             The twins of ``lora_da_debiased`` / ``lora_da_damped`` in
-            :data:`lora_da_ref.initializers.INITIALIZERS`.
+            :data:`lora_da_ref.reference.initializers.INITIALIZERS`.
         solve_workers: how many layer groups (the layers reading one input share Z's factor)
             are solved side by side, in threads, each on one BLAS thread
             (:mod:`lora_da_ref.torch.threads`). ``None``: torch's thread count

@@ -52,6 +52,7 @@ from typing import Any, TextIO
 import torch
 from torch import Tensor
 
+from lora_da_ref.snr import SNR_LIMIT, layer_snr
 from lora_da_ref.torch.config import (
     LoraDAConfig,
     LoraFactors,
@@ -225,12 +226,13 @@ def _spectral_norm(M: Tensor, iterations: int = 30) -> float:
 
 
 def calibration_summary(factors: dict[str, LoraFactors]) -> str | None:
-    """One line: how many layers have plug-in SNR < 1, with the medians; ``None`` without data."""
-    snr = {n: f.diagnostics.get("calibration_snr") for n, f in factors.items()}
+    """One line: how many layers have an SNR (:func:`lora_da_ref.snr.layer_snr`: split-half where
+    recorded) below 1, with the medians; ``None`` without data. Information, not a failure."""
+    snr = {n: layer_snr(f.diagnostics) for n, f in factors.items()}
     snr = {n: s for n, s in snr.items() if s is not None}
     if not snr:
         return None
-    low = [n for n, s in snr.items() if s < 1]
+    low = [n for n, s in snr.items() if s < SNR_LIMIT]
     angles = [
         f.diagnostics["split_angle_max"]
         for f in factors.values()
@@ -239,11 +241,14 @@ def calibration_summary(factors: dict[str, LoraFactors]) -> str | None:
     parts = [f"median SNR {pystats.median(snr.values()):.3g}"]
     if angles:
         parts.append(f"median split-half angle {pystats.median(angles):.2f} rad")
-    line = f"LoRA-DA calibration: {len(low)} of {len(snr)} layers have SNR < 1 ({', '.join(parts)})"
+    line = (
+        f"LoRA-DA calibration: {len(low)} of {len(snr)} layers have SNR < 1 ({', '.join(parts)}; "
+        "SNR = (‖ΔŴ‖² − noise)/noise, 0 = as much noise as signal)"
+    )
     if low:
         line += (
-            ": LoRA-DA's subspace is not determined by this calibration set in those layers; "
-            "use more calibration samples (the noise falls as 1/|S|)"
+            ": this calibration set does not determine LoRA-DA's subspace in those layers; "
+            "more calibration samples lower the noise as 1/|S|"
         )
     return line
 

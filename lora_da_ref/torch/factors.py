@@ -1,7 +1,7 @@
 """From the finalized K-FAC statistics of one layer to its LoRA-DA factors (Algorithm 1, steps 2–5).
 
 Pure functions, no hooks and no process groups: the pipeline (:mod:`lora_da_ref.torch.init`),
-:mod:`lora_da_ref.validate` and the benchmarks all import this one map. Paper orientation,
+:mod:`lora_da_ref.cli.validate` and the benchmarks all import this one map. Paper orientation,
 ``W`` (d_in, d_out) = (d1, d2); ``J ≈ Y ⊗ Z`` (:mod:`lora_da_ref.torch.fisher`).
 
 Per layer:
@@ -25,7 +25,7 @@ where it exceeds :data:`TRUST_RAD`. The ``"full"`` diagnostics add ``precision_p
 (:func:`precision_probe`: one perturbed re-solve per layer).
 
 :func:`init_lora_da_layer` is the same map from ``(J, G, n, r)`` for one layer, with the NumPy
-reference's signature (:func:`lora_da_ref.initializers.lora_da_init`; the whole model is
+reference's signature (:func:`lora_da_ref.reference.initializers.lora_da_init`; the whole model is
 :func:`lora_da_ref.torch.init.init_lora_da`); :func:`solve_layer` keeps every intermediate
 (:class:`LayerSolution`) for validation; :func:`layer_factors` returns what the pipeline stores.
 """
@@ -89,7 +89,7 @@ TRUST_RAD = 1e-3  # a layer whose precision_bound exceeds this is reported as no
 
 @dataclass
 class LayerSolution:
-    """Every intermediate of one layer's solve (what :mod:`lora_da_ref.validate` compares).
+    """Every intermediate of one layer's solve (what :mod:`lora_da_ref.cli.validate` compares).
 
     Attributes:
         J: the K-FAC Fisher (damping applied in ``J.damping``).
@@ -275,7 +275,7 @@ def init_lora_da_layer(
     **solver_options: Any,
 ) -> tuple[Tensor, Tensor]:
     """LoRA-DA initialisation of ONE layer, Theorem 4.1 / 4.2 and Eq. (17); the torch twin of
-    :func:`lora_da_ref.initializers.lora_da_init` (same arguments, same return). The whole model
+    :func:`lora_da_ref.reference.initializers.lora_da_init` (same arguments, same return). The whole model
     (statistics, then this map per layer) is :func:`lora_da_ref.torch.init.init_lora_da`.
 
     ``ΔW = −J⁻¹G`` (Eq. 21) unless ``delta_w`` is given; Ω from Eq. (19); ``A0`` = the r smallest

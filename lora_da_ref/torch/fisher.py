@@ -1,6 +1,6 @@
 """Torch Fisher representations: *which* matrix (the Fisher of vec W) apart from *how it is stored*.
 
-Mirrors :mod:`lora_da_ref.fisher` (same class and method names). Conventions: ``W`` is
+Mirrors :mod:`lora_da_ref.reference.fisher` (same class and method names). Conventions: ``W`` is
 (d1, d2) = (d_in, d_out); ``vec`` stacks columns, so in row-major torch ``vec(W) = Wᵀ.reshape(-1)``;
 K-FAC's Kronecker order is ``J ≈ Y ⊗ Z`` with ``Y`` (d2, d2) over outputs and ``Z`` (d1, d1) over
 inputs. Every representation offers

@@ -1,5 +1,5 @@
 """Torch versions of the Fisher–gradient and the guidance matrix Ω (same names as
-:mod:`lora_da_ref.guidance`), and Ω of one layer as the configuration asks for it (Eq. 19 with
+:mod:`lora_da_ref.reference.guidance`), and Ω of one layer as the configuration asks for it (Eq. 19 with
 the config's β, α, N, estimator and σ-normalisation: :func:`layer_guidance`).
 
 Shapes follow the paper: ``G``, ``ΔW`` are (d1, d2) = (d_in, d_out); ``J`` is the Fisher of

@@ -1,4 +1,4 @@
-"""How far is the production path from the exact theory? ``python -m lora_da_ref.validate``.
+"""How far is the production path from the exact theory? ``python -m lora_da_ref.cli.validate``.
 
 Modules, one job each:
 

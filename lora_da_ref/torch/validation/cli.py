@@ -1,5 +1,5 @@
-"""What ``python -m lora_da_ref.validate`` / ``lora-da validate`` runs (:func:`run`); their
-arguments are declared once, torch-free, in :mod:`lora_da_ref.validate_args`."""
+"""What ``python -m lora_da_ref.cli.validate`` / ``lora-da validate`` runs (:func:`run`); their
+arguments are declared once, torch-free, in :mod:`lora_da_ref.cli.validate_args`."""
 
 from __future__ import annotations
 
@@ -9,13 +9,13 @@ import json
 import torch
 from torch import nn
 
+from lora_da_ref.cli.validate_args import REAL_CASE
 from lora_da_ref.data import read_jsonl_texts, tokenize_batches
 from lora_da_ref.torch.targets import find_target_modules
 from lora_da_ref.torch.validation.cases import BUILTIN_CASES, ValidationCase
 from lora_da_ref.torch.validation.compare import DEFAULT_RANK, validate
 from lora_da_ref.torch.validation.report import format_report
 from lora_da_ref.torch.validation.smollm2 import SmolLM2Options, format_smollm2, run_smollm2
-from lora_da_ref.validate_args import REAL_CASE
 
 __all__ = ["run"]
 

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lora_da_ref.linalg import principal_angles
+from lora_da_ref.reference.linalg import principal_angles
 from lora_da_ref.torch.solvers import smallest_eigenpairs
 
 __all__ = [

@@ -55,7 +55,7 @@ from torch import Tensor, nn
 
 from lora_da_ref import guidance as np_guidance
 from lora_da_ref import real
-from lora_da_ref.linalg import principal_angles
+from lora_da_ref.reference.linalg import principal_angles
 from lora_da_ref.torch.config import DEFAULT_TARGETS, LoraDAConfig
 from lora_da_ref.torch.factors import kfac_fisher
 from lora_da_ref.torch.guidance import layer_guidance

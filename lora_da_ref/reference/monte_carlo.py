@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lora_da_ref.checks import as_array, check_generator, check_positive_int
-from lora_da_ref.synthetic import ConvergenceError, SyntheticModel
+from lora_da_ref.reference.checks import as_array, check_generator, check_positive_int
+from lora_da_ref.reference.synthetic import ConvergenceError, SyntheticModel
 
 __all__ = ["MonteCarloResult", "monte_carlo_error", "subspace_projection"]
 

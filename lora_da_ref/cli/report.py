@@ -7,7 +7,10 @@ damping, condition numbers (any key starting with ``cond``), the eigensolver, it
 relative residual ``‖ΩV − VΛ‖/‖Ω‖``, a fallback, the calibration SNR and split-half stability.
 Keys absent from the file are skipped, so older and newer files both read.
 
-A layer is **flagged** (exit status 1) when any of these holds:
+A layer is **flagged** by any of these rules, each in one of three kinds (:data:`KIND_OF`),
+which the closing line counts apart, each with what to do:
+
+**Failed** (exit status 1): the factors are not what Algorithm 1 asks for.
 
 * ``residual``: the eigen-solve's relative residual is not finite or exceeds
   :data:`RESIDUAL_LIMIT` (1e-3): A0 is then not an eigenbasis of Ω to better than 0.1 % of its
@@ -15,15 +18,22 @@ A layer is **flagged** (exit status 1) when any of these holds:
 * ``warning``: the init recorded a warning for the layer (a non-empty ``warning``/``warnings``/
   ``flags`` entry, or ``trustworthy`` false), e.g. the statistics dtype cannot resolve cond(Z);
 * ``cond``: a recorded condition number is infinite or NaN (numerically singular factor);
-* ``precision``: ``precision_bound`` (a first-order bound on how far rounding the statistics to
-  their dtype may rotate A0; ``precision_probe`` for inits that predate it) exceeds
-  :data:`PRECISION_LIMIT` (1e-3 rad, the torch path's ``TRUST_RAD``);
-* ``snr``: the calibration SNR (``calibration_snr``, or ``snr``; signal/noise with signal =
-  ‖ΔŴ‖² − noise) is below :data:`SNR_LIMIT` (1): the mean gradient G is smaller than its own
-  sampling noise. The table shows it as ``snr_ratio = ‖ΔŴ‖²/noise`` (SNR + 1), which reads at
-  face value: 1 is pure noise, and the flag is below 2;
-* ``stability``: the split-half stability (1 = the two halves give the same subspace) is below
-  :data:`STABILITY_LIMIT` (0.5).
+* ``precision`` measured: the precision probe (``precision_probe``, the full diagnostics tier:
+  A0 re-solved from statistics perturbed at their rounding) moved A0 by more than
+  :data:`PRECISION_LIMIT` (1e-3 rad, the torch path's ``TRUST_RAD``).
+
+**Numerically unverified** (exit status 0): ``precision`` bound: ``precision_bound`` (a
+first-order bound on how far rounding the statistics to their dtype may rotate A0) exceeds
+1e-3 rad. The bound is conservative (on SmolLM2 it is 68× the measured angle at the median,
+docs/numerics.md): the layer is not known to be wrong, only not verified; ``lora-da report
+--full`` (or an init at ``--diagnostics full``) measures it.
+
+**Not determined by this data** (exit status 0): ``snr``, the layer's SNR (:func:`layer_snr`:
+the split-half estimate where the init kept the halves, else the plug-in), is below
+:data:`SNR_LIMIT` (1): the calibration noise in ΔŴ is larger than its signal; ``stability``: the
+split-half stability is below :data:`STABILITY_LIMIT` (0.5). The SNR is an estimate of signal
+over noise, not a forecast: within one calibration size it ranks layers by split-half stability
+only loosely (docs/real_regime.md). More calibration data lowers the noise as 1/|S|.
 
 A solver fallback (LOBPCG did not converge and dense ``eigh`` was used) is shown but does not flag
 the layer: the fallback's answer is exact. Flagged layers are listed worst first
@@ -42,10 +52,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lora_da_ref.snr import SNR_LIMIT, layer_snr
+
 __all__ = [
+    "KIND_OF",
     "PRECISION_LIMIT",
     "RESIDUAL_LIMIT",
-    "SNR_LIMIT",
     "STABILITY_LIMIT",
     "LayerRow",
     "figure_panels",
@@ -57,20 +69,32 @@ __all__ = [
 ]
 
 RESIDUAL_LIMIT = 1e-3
-SNR_LIMIT = 1.0
 STABILITY_LIMIT = 0.5
 PROVENANCE_FILE = "lora_da.json"
 # Shown in this order when present; any other numeric key starting with "cond" is added.
 _COLUMNS = (
     "damping", "cond", "solver", "iterations", "residual", "precision_bound", "precision_probe",
-    "snr_ratio", "split_angle_max", "stability",
+    "snr", "split_angle_max", "stability",
 )  # fmt: skip
-# The calibration SNR as a ratio, which a reader can take at face value: 1 is pure noise.
-SNR_RATIO = "snr_ratio"
+# The one SNR of the report (layer_snr), shown as itself: its scale is explained in the legend.
+SNR = "snr"
 SNR_LEGEND = (
-    "snr_ratio = ‖ΔŴ‖²/noise (= calibration SNR + 1): 1 = pure noise; flagged below 2, where "
-    "the noise is more than half of ‖ΔŴ‖²"
+    "snr = (‖ΔŴ‖² − noise)/noise, the calibration noise's share of ΔŴ (split-half estimate where "
+    "recorded, else plug-in): 0 = as much noise as signal, negative = noise only; below 1 the "
+    "data do not determine the layer's subspace (more data: the noise falls as 1/|S|)"
 )
+# The three kinds of flag (module docstring): what a user does about each differs.
+KIND_OF = {
+    "residual": "failed", "warning": "failed", "cond": "failed", "precision_measured": "failed",
+    "precision": "unverified", "snr": "undetermined", "stability": "undetermined",
+}  # fmt: skip
+_ADVICE = {
+    "failed": "failed (exit 1)",
+    "unverified": "numerically unverified: the cheap precision bound is above 1e-3 rad; measure "
+    "it with lora-da report --full",
+    "undetermined": "not determined by this data: the calibration noise is above the signal; "
+    "more calibration data lowers it as 1/|S|",
+}
 PRECISION_LIMIT = 1e-3  # rad; the torch path's TRUST_RAD (lora_da_ref.torch.factors)
 _WARNING_KEYS = ("warning", "warnings", "flags")
 
@@ -101,7 +125,7 @@ def load_rows(path: str | Path) -> tuple[dict[str, Any], list[LayerRow]]:
         raise ValueError(f"{file}: no per-layer diagnostics ('layers' is missing or empty)")
     rows = []
     for name, diag in layers.items():
-        flat = _with_snr_ratio(_flatten(diag if isinstance(diag, Mapping) else {}))
+        flat = _with_snr(_flatten(diag if isinstance(diag, Mapping) else {}))
         index = re.search(r"\.(\d+)\.", f".{name}.")
         row = LayerRow(name, name.rsplit(".", 1)[-1], int(index.group(1)) if index else None, flat)
         row.reasons = flag_reasons(flat)
@@ -138,15 +162,20 @@ def _flags(diag: Mapping[str, Any]) -> list[tuple[str, str, float]]:
         number = _number(value)
         if key.startswith("cond") and number is not None and not math.isfinite(number):
             out.append(("cond", f"{key} = {value}", math.inf))
-    key = "precision_bound" if "precision_bound" in diag else "precision_probe"  # older inits
-    precision = _number(diag.get(key))
-    if precision is not None and not precision <= PRECISION_LIMIT:
-        text = f"{key} {precision:.3g} rad > {PRECISION_LIMIT:g} (statistics dtype too coarse)"
-        out.append(("precision", text, _decades(precision, PRECISION_LIMIT)))
-    ratio = _number(_with_snr_ratio(dict(diag)).get(SNR_RATIO))
-    if ratio is not None and not ratio >= SNR_LIMIT + 1:
-        text = f"SNR {ratio:.3g} < {SNR_LIMIT + 1:g} (‖ΔŴ‖² under twice its noise)"
-        out.append(("snr", text, _decades(SNR_LIMIT + 1, ratio)))
+    probe = _number(diag.get("precision_probe"))
+    bound = _number(diag.get("precision_bound"))
+    if probe is not None and not probe <= PRECISION_LIMIT:  # measured: a re-solve moved A0
+        text = (
+            f"precision_probe {probe:.3g} rad > {PRECISION_LIMIT:g} (statistics dtype too coarse)"
+        )
+        out.append(("precision_measured", text, _decades(probe, PRECISION_LIMIT)))
+    elif probe is None and bound is not None and not bound <= PRECISION_LIMIT:
+        text = f"precision_bound {bound:.3g} rad > {PRECISION_LIMIT:g} (unverified)"
+        out.append(("precision", text, _decades(bound, PRECISION_LIMIT)))
+    snr = layer_snr(diag)
+    if snr is not None and not snr >= SNR_LIMIT:
+        text = f"SNR {snr:.3g} < {SNR_LIMIT:g} (noise above signal)"
+        out.append(("snr", text, _decades(SNR_LIMIT + 1, max(snr + 1, 0.0))))
     stability = _number(diag.get("stability"))
     if stability is not None and not stability >= STABILITY_LIMIT:
         text = f"stability {stability:.3g} < {STABILITY_LIMIT:g}"
@@ -167,7 +196,7 @@ def format_report(provenance: Mapping[str, Any], rows: list[LayerRow], top: int 
     a summary (medians, flags by kind) and a verdict."""
     cols = _columns(rows)
     lines = [_header(provenance, rows)]
-    if any(SNR_RATIO in r.values for r in rows):
+    if any(SNR in r.values for r in rows):
         lines.append(SNR_LEGEND)
     lines.append("")
     for kind in dict.fromkeys(r.kind for r in rows):
@@ -191,9 +220,27 @@ def format_report(provenance: Mapping[str, Any], rows: list[LayerRow], top: int 
     if fallbacks:
         lines.append(f"note: {fallbacks} layer(s) used the eigh fallback (exact; not flagged)")
     lines += _summary(rows, cols)
-    verdict = "FAIL" if flagged else "PASS"
-    lines.append(f"{verdict}: {len(flagged)} of {len(rows)} layers flagged")
+    lines.append(closing_line(rows))
     return "\n".join(lines)
+
+
+def layer_kinds(diag: Mapping[str, Any]) -> set[str]:
+    """The kinds of flag (``failed``, ``unverified``, ``undetermined``) a layer carries."""
+    return {KIND_OF[kind] for kind, _, _ in _flags(diag)}
+
+
+def failed(rows: list[LayerRow]) -> bool:
+    """Whether any layer failed (the report's exit status 1)."""
+    return any("failed" in layer_kinds(r.values) for r in rows)
+
+
+def closing_line(rows: list[LayerRow]) -> str:
+    """PASS/FAIL on the failed layers alone, then the count of each other kind with what to do."""
+    counts = {k: sum(k in layer_kinds(r.values) for r in rows) for k in _ADVICE}
+    verdict = "FAIL" if counts["failed"] else "PASS"
+    parts = [f"{verdict}: {counts['failed']} of {len(rows)} layers failed"]
+    parts += [f"{counts[k]} {_ADVICE[k]}" for k in ("unverified", "undetermined") if counts[k]]
+    return "; ".join(parts)
 
 
 def _summary(rows: list[LayerRow], cols: list[str]) -> list[str]:
@@ -240,7 +287,7 @@ def write_figure(rows: list[LayerRow], out: str | Path) -> Path | None:
         positive = [y for r in rows if (y := _number(r.values.get(metric))) is not None and y > 0]
         if positive and (metric == "residual" or max(positive) / min(positive) > 100):
             ax.set_yscale("log")
-        limit = {"residual": RESIDUAL_LIMIT, SNR_RATIO: SNR_LIMIT + 1}.get(metric)
+        limit = {"residual": RESIDUAL_LIMIT, SNR: SNR_LIMIT}.get(metric)
         if limit is not None:
             ax.axhline(limit, color="red", lw=0.8, ls="--", label="flag limit")
         ax.set_ylabel(metric)
@@ -267,11 +314,11 @@ def _varies(rows: list[LayerRow], col: str) -> bool:
     return len(values) > 1
 
 
-def _with_snr_ratio(flat: dict[str, Any]) -> dict[str, Any]:
-    """Add :data:`SNR_RATIO` = ‖ΔŴ‖²/noise (= calibration SNR + 1) when the init recorded it."""
-    snr = _number(flat.get("calibration_snr", flat.get("snr")))
+def _with_snr(flat: dict[str, Any]) -> dict[str, Any]:
+    """Add :data:`SNR` (:func:`layer_snr`) when the init recorded one."""
+    snr = layer_snr(flat)
     if snr is not None:
-        flat[SNR_RATIO] = snr + 1.0
+        flat[SNR] = snr
     return flat
 
 

@@ -12,9 +12,11 @@ whole data, so the statistics time scales with the tokens and the number of pass
 size, so ``t_solve ≈ t_probe_solve · targets/probed targets``. Rough: the probe includes one-time
 costs, so small models are over-estimated.
 
-**Calibration SNR at the full size.** The probe's factors carry the plug-in diagnostics
-(:mod:`lora_da_ref.torch.diagnostics`): ``delta_sq = ‖ΔŴ‖²``, ``noise = tr(Σ_i Ĵ⁻¹_[i])/|S|`` and
-``calibration_snr = (delta_sq − noise)/noise``. With ``ΔŴ = ΔW + E``, ``E‖E‖² = noise``, the
+**Calibration SNR at the full size.** The probe's factors carry the calibration diagnostics
+(:mod:`lora_da_ref.torch.diagnostics`): ``delta_sq = ‖ΔŴ‖²``, a noise estimate (split-half, from
+the probe's two halves, or the plug-in ``tr(Σ_i Ĵ⁻¹_[i])/|S|``) and the SNR
+``(delta_sq − noise)/noise`` (:func:`lora_da_ref.snr.layer_snr`: the split-half one where
+recorded). With ``ΔŴ = ΔW + E``, ``E‖E‖² = noise``, the
 expected ``‖ΔŴ‖²`` is ``‖ΔW‖² + noise``: the probe's signal is ``delta_sq − noise_probe``, and it
 does not depend on |S|, while the noise falls as ``1/|S|``: ``noise(S) = noise_probe · |S_probe|/|S|``.
 Hence
@@ -40,6 +42,8 @@ import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+from lora_da_ref.snr import layer_snr
 
 __all__ = ["ModuleSNR", "Plan", "format_plan", "make_plan", "size_for_snr", "snr_at_size"]
 
@@ -192,7 +196,7 @@ def _units(batches: list[dict], config: Any) -> tuple[int, int, float]:
 def _module_snr(factors: Mapping[str, Any], plan: Plan) -> list[ModuleSNR]:
     kinds: dict[str, list[float]] = {}
     for name, f in factors.items():
-        snr = f.diagnostics.get("calibration_snr")
+        snr = layer_snr(f.diagnostics)
         if snr is not None:
             kinds.setdefault(name.rsplit(".", 1)[-1], []).append(float(snr))
     out = []

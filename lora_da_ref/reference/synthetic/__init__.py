@@ -5,13 +5,13 @@ Every model draws ``x`` uniformly from a fixed, seeded, non-Gaussian and anisotr
 ``y | x``), and ``y ~ p(y | x; W)`` with logits/mean ``f = Wᵀx``, ``W`` of shape ``(d1, d2)``.
 """
 
-from lora_da_ref.linalg import kron_average
-from lora_da_ref.synthetic.inputs import InputKind, design_pool
-from lora_da_ref.synthetic.linear_gaussian import LinearGaussian
-from lora_da_ref.synthetic.logistic import LogisticRegression
-from lora_da_ref.synthetic.mle import ConvergenceError, newton_constrained_mle
-from lora_da_ref.synthetic.model import SyntheticModel
-from lora_da_ref.synthetic.softmax import SoftmaxRegression
+from lora_da_ref.reference.linalg import kron_average
+from lora_da_ref.reference.synthetic.inputs import InputKind, design_pool
+from lora_da_ref.reference.synthetic.linear_gaussian import LinearGaussian
+from lora_da_ref.reference.synthetic.logistic import LogisticRegression
+from lora_da_ref.reference.synthetic.mle import ConvergenceError, newton_constrained_mle
+from lora_da_ref.reference.synthetic.model import SyntheticModel
+from lora_da_ref.reference.synthetic.softmax import SoftmaxRegression
 
 __all__ = [
     "ConvergenceError",

@@ -10,9 +10,9 @@ from __future__ import annotations
 import numpy as np
 from scipy.special import expit
 
-from lora_da_ref.checks import check_class_labels
-from lora_da_ref.synthetic.inputs import InputKind
-from lora_da_ref.synthetic.model import SyntheticModel
+from lora_da_ref.reference.checks import check_class_labels
+from lora_da_ref.reference.synthetic.inputs import InputKind
+from lora_da_ref.reference.synthetic.model import SyntheticModel
 
 __all__ = ["LogisticRegression"]
 

@@ -20,7 +20,8 @@ and the same provenance. Output in ``ADAPTER_DIR``: PEFT's ``adapter_config.json
 ``ADAPTER_DIR/base_model`` (model and tokenizer); ``base_model_name_or_path`` points there.
 
 ``lora-da report ADAPTER_DIR`` prints the per-layer diagnostics by module type, writes a PNG and
-exits 1 when a layer is flagged (rules in :mod:`lora_da_ref.adapter_report`).
+exits 1 when a layer failed (rules, and the flags that do not fail a layer, in
+:mod:`lora_da_ref.cli.report`).
 
 Heavy imports (torch, transformers, peft) happen inside the subcommands, after parsing, so
 ``lora-da --help`` answers at once; only the chosen subcommand's arguments are declared.
@@ -39,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lora_da_ref.cli_checks import (
+from lora_da_ref.cli.checks import (
     DefaultsHelpFormatter,
     check_common,
     check_model_dir,
@@ -278,8 +279,8 @@ def _cli_warning(
 
 
 def _read_records(args: argparse.Namespace) -> list[tuple[str, ...]]:
-    """The data's fields, read and checked before torch is imported (:mod:`lora_da_ref.jsonl`)."""
-    from lora_da_ref.jsonl import read_jsonl_fields
+    """The data's fields, read and checked before torch is imported (:mod:`lora_da_ref.cli.jsonl`)."""
+    from lora_da_ref.cli.jsonl import read_jsonl_fields
 
     fields = (args.text_field,)
     if args.prompt_field is not None:
@@ -455,7 +456,7 @@ def _run_plan(args: argparse.Namespace) -> int:
     check_common(args)
     records = _read_records(args)
     device = _check_device(args.device)
-    from lora_da_ref.plan import format_plan, make_plan
+    from lora_da_ref.cli.plan import format_plan, make_plan
     from lora_da_ref.torch.targets import find_target_modules
 
     config, _ = _lora_da_config(args)
@@ -494,15 +495,16 @@ def _add_report_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _run_report(args: argparse.Namespace) -> int:
-    """Per-layer diagnostics table by module type, a PNG, exit 1 if any layer is flagged."""
-    from lora_da_ref.adapter_report import format_report, load_rows, write_figure
+    """Per-layer diagnostics table by module type, a PNG, exit 1 if any layer failed."""
+    from lora_da_ref.cli.report import failed, format_report, layer_kinds, load_rows, write_figure
 
     if args.full:
         _add_full_diagnostics(args.adapter)
     provenance, rows = load_rows(args.adapter)
     if args.json:
         doc = [{"name": r.name, "kind": r.kind, "index": r.index, **r.values,
-                "flags": r.reasons} for r in rows]  # fmt: skip
+                "flags": r.reasons, "flag_kinds": sorted(layer_kinds(r.values))}
+               for r in rows]  # fmt: skip
         print(json.dumps(doc, indent=2))
     else:
         print(format_report(provenance, rows, top=args.top or len(rows)))
@@ -512,13 +514,13 @@ def _run_report(args: argparse.Namespace) -> int:
         written = write_figure(rows, figure)
         note = f"figure: {written}" if written else "figure skipped: matplotlib is not installed"
         print(f"lora-da report: {note}", file=sys.stderr)
-    return 1 if any(r.reasons for r in rows) else 0
+    return 1 if failed(rows) else 0
 
 
 def _add_full_diagnostics(adapter: str) -> None:
     """The full diagnostics of every layer from the statistics the init saved, merged into the
     adapter's lora_da.json (the init's own per-layer entries are kept)."""
-    from lora_da_ref.adapter_report import PROVENANCE_FILE
+    from lora_da_ref.cli.report import PROVENANCE_FILE
 
     where = Path(adapter)
     path = where / PROVENANCE_FILE if where.is_dir() else where
@@ -576,7 +578,7 @@ SUBCOMMANDS: dict[str, Subcommand] = {
         _run_plan,
     ),
     "report": Subcommand(
-        "per-layer diagnostics of a LoRA-DA adapter; exit 1 if a layer is flagged",
+        "per-layer diagnostics of a LoRA-DA adapter; exit 1 if a layer failed",
         _add_report_arguments,
         _run_report,
     ),
@@ -584,8 +586,8 @@ SUBCOMMANDS: dict[str, Subcommand] = {
         "write a tiny random LLaMA + tokenizer (demo)", _add_tiny_arguments, _run_tiny
     ),
     "validate": Subcommand(  # its arguments are torch-free; running it imports torch
-        "production path vs exact Fisher/Ω/A0, per layer (see lora_da_ref.validate)",
-        lambda p: __import__("lora_da_ref.validate_args", fromlist=["x"]).add_arguments(p),
+        "production path vs exact Fisher/Ω/A0, per layer (see lora_da_ref.cli.validate)",
+        lambda p: __import__("lora_da_ref.cli.validate_args", fromlist=["x"]).add_arguments(p),
         lambda a: __import__("lora_da_ref.torch.validation.cli", fromlist=["x"]).run(a),
     ),
 }

@@ -22,8 +22,8 @@ from typing import Literal
 
 import numpy as np
 
-from lora_da_ref.checks import check_positive_int
-from lora_da_ref.linalg import random_orthonormal
+from lora_da_ref.reference.checks import check_positive_int
+from lora_da_ref.reference.linalg import random_orthonormal
 
 __all__ = ["InputKind", "design_pool"]
 

@@ -1,16 +1,16 @@
 """The guidance matrix Ω of Theorems 4.1/4.2 and the Fisher–gradient displacement.
 
 Shapes follow the paper: ``W``, ``G``, ``ΔW`` are (d1, d2) = (d_in, d_out); ``J`` is the Fisher of
-column-stacked ``vec(W)``, given densely or as a :class:`~lora_da_ref.fisher.FisherMatrix`.
+column-stacked ``vec(W)``, given densely or as a :class:`~lora_da_ref.reference.fisher.FisherMatrix`.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from lora_da_ref.checks import as_matrix, check_finite_scalar, check_positive_int
-from lora_da_ref.fisher import FisherMatrix, as_fisher
-from lora_da_ref.linalg import sym
+from lora_da_ref.reference.checks import as_matrix, check_finite_scalar, check_positive_int
+from lora_da_ref.reference.fisher import FisherMatrix, as_fisher
+from lora_da_ref.reference.linalg import sym
 
 __all__ = ["fisher_gradient", "guidance_matrix", "inverse_fisher_block_sum"]
 

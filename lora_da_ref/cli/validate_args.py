@@ -1,4 +1,4 @@
-"""The arguments of ``python -m lora_da_ref.validate`` / ``lora-da validate``, without torch.
+"""The arguments of ``python -m lora_da_ref.cli.validate`` / ``lora-da validate``, without torch.
 
 ``--help`` and a bad flag should answer at once, so the parser is declared here, before torch is
 imported; :func:`lora_da_ref.torch.validation.cli.run` runs the parsed arguments. The choices and
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from lora_da_ref.cli_checks import DefaultsHelpFormatter
+from lora_da_ref.cli.checks import DefaultsHelpFormatter
 
 __all__ = ["add_arguments", "build_parser"]
 
@@ -25,7 +25,7 @@ SMOLLM2 = {"texts": 64, "rank": 8, "kfac_layers": 2, "kfac_block": (32, 12), "kf
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """Arguments of ``python -m lora_da_ref.validate`` / ``lora-da validate``."""
+    """Arguments of ``python -m lora_da_ref.cli.validate`` / ``lora-da validate``."""
     p.add_argument("--case", choices=sorted([*BUILTIN_CASES, REAL_CASE]), nargs="+", default=None,
                    help="built-in cases (default: all but smollm2; ignored with --model); "
                         "smollm2 = the real SmolLM2-135M-Instruct on HumanEval (docs/real_model.md)")  # fmt: skip
@@ -65,7 +65,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m lora_da_ref.validate",
+        prog="python -m lora_da_ref.cli.validate",
         description="Compare the LoRA-DA production path with the exact theory, layer by layer.",
         formatter_class=DefaultsHelpFormatter,
     )

@@ -13,11 +13,11 @@ from __future__ import annotations
 import numpy as np
 from scipy import linalg
 
-from lora_da_ref.checks import as_array
-from lora_da_ref.linalg import random_orthonormal, sym
-from lora_da_ref.synthetic.inputs import InputKind
-from lora_da_ref.synthetic.mle import DEFAULT_MAX_ITER, ConvergenceError
-from lora_da_ref.synthetic.model import SyntheticModel
+from lora_da_ref.reference.checks import as_array
+from lora_da_ref.reference.linalg import random_orthonormal, sym
+from lora_da_ref.reference.synthetic.inputs import InputKind
+from lora_da_ref.reference.synthetic.mle import DEFAULT_MAX_ITER, ConvergenceError
+from lora_da_ref.reference.synthetic.model import SyntheticModel
 
 __all__ = ["LinearGaussian"]
 

@@ -17,7 +17,7 @@ from collections.abc import Callable
 import numpy as np
 from scipy import linalg
 
-from lora_da_ref.linalg import kron_average, unvec, vec
+from lora_da_ref.reference.linalg import kron_average, unvec, vec
 
 __all__ = ["DEFAULT_MAX_ITER", "ConvergenceError", "newton_constrained_mle"]
 

@@ -1,4 +1,4 @@
-"""How far is the production path from the exact theory? ``python -m lora_da_ref.validate``.
+"""How far is the production path from the exact theory? ``python -m lora_da_ref.cli.validate``.
 
 The thin entry point of :mod:`lora_da_ref.torch.validation` (cases, metrics, comparison, report,
 command line); ``lora-da validate`` runs the same command. Built-in cases (``--case``):
@@ -7,7 +7,7 @@ real pretrained SmolLM2-135M-Instruct on HumanEval, all 210 projections; see doc
 ``--model DIR --data FILE.jsonl`` runs on a local Hugging Face causal LM instead; ``--json``
 prints JSON.
 
-The arguments are parsed before torch is imported (:mod:`lora_da_ref.validate_args`), so
+The arguments are parsed before torch is imported (:mod:`lora_da_ref.cli.validate_args`), so
 ``--help`` and a bad flag answer at once; the other names load :mod:`lora_da_ref.torch.validation`
 on first use.
 """
@@ -19,7 +19,7 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from lora_da_ref.validate_args import add_arguments, build_parser
+from lora_da_ref.cli.validate_args import add_arguments, build_parser
 
 if TYPE_CHECKING:  # the names __getattr__ loads, for readers and type checkers
     from lora_da_ref.torch.validation.cases import (

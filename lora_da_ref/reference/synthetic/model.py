@@ -1,6 +1,6 @@
 """Common interface of the synthetic models: GLMs ``p(y | x; W)`` whose mean/logits are ``f = Wᵀx``.
 
-Conventions (see :mod:`lora_da_ref.linalg`): ``W`` is ``(d1, d2)`` = ``(d_in, d_out)``; ``vec`` stacks
+Conventions (see :mod:`lora_da_ref.reference.linalg`): ``W`` is ``(d1, d2)`` = ``(d_in, d_out)``; ``vec`` stacks
 columns; data are stored row-wise, ``X`` is ``(n, d1)`` and the logits of all samples are
 ``F = X W``, ``(n, d2)``.
 
@@ -16,7 +16,7 @@ Every model here has a canonical link, so with the *output residual*
 ``E_x`` is the uniform average over the model's design pool (``inputs.design_pool``), so the
 population Fisher is exact. A concrete model only supplies the four maps ``F ↦ NLL terms, e, Λ,
 labels`` and a label validator; everything else (gradients, Fishers, the (constrained) MLE) is
-here, the MLE by the Newton solver of :mod:`lora_da_ref.synthetic.mle`.
+here, the MLE by the Newton solver of :mod:`lora_da_ref.reference.synthetic.mle`.
 """
 
 from __future__ import annotations
@@ -25,10 +25,10 @@ from abc import ABC, abstractmethod
 
 import numpy as np
 
-from lora_da_ref.checks import as_array, check_generator, check_positive_int
-from lora_da_ref.linalg import kron_average, sym
-from lora_da_ref.synthetic.inputs import InputKind, design_pool
-from lora_da_ref.synthetic.mle import DEFAULT_MAX_ITER, newton_constrained_mle
+from lora_da_ref.reference.checks import as_array, check_generator, check_positive_int
+from lora_da_ref.reference.linalg import kron_average, sym
+from lora_da_ref.reference.synthetic.inputs import InputKind, design_pool
+from lora_da_ref.reference.synthetic.mle import DEFAULT_MAX_ITER, newton_constrained_mle
 
 __all__ = ["SyntheticModel"]
 

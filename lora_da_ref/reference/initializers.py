@@ -16,11 +16,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lora_da_ref.checks import as_matrix, check_positive_int, check_rank
-from lora_da_ref.eigen import fix_signs, smallest_eigvecs
-from lora_da_ref.fisher import FisherMatrix, as_fisher
-from lora_da_ref.guidance import fisher_gradient, guidance_matrix
-from lora_da_ref.linalg import random_orthonormal
+from lora_da_ref.reference.checks import as_matrix, check_positive_int, check_rank
+from lora_da_ref.reference.eigen import fix_signs, smallest_eigvecs
+from lora_da_ref.reference.fisher import FisherMatrix, as_fisher
+from lora_da_ref.reference.guidance import fisher_gradient, guidance_matrix
+from lora_da_ref.reference.linalg import random_orthonormal
 
 __all__ = [
     "INITIALIZERS",

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lora_da_ref.checks import as_matrix, check_positive_int
-from lora_da_ref.fisher import FisherMatrix, as_fisher
+from lora_da_ref.reference.checks import as_matrix, check_positive_int
+from lora_da_ref.reference.fisher import FisherMatrix, as_fisher
 
 __all__ = [
     "ORTHONORMALITY_TOL",

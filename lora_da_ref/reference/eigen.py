@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import linalg
 
-from lora_da_ref.checks import as_symmetric, check_rank
+from lora_da_ref.reference.checks import as_symmetric, check_rank
 
 __all__ = ["fix_signs", "smallest_eigenpairs", "smallest_eigvecs"]
 

@@ -14,7 +14,7 @@ import re
 from argparse import SUPPRESS, Action, HelpFormatter, Namespace
 from pathlib import Path
 
-from lora_da_ref.jsonl import check_data_file
+from lora_da_ref.cli.jsonl import check_data_file
 
 __all__ = [
     "DefaultsHelpFormatter",

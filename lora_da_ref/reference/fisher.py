@@ -9,7 +9,7 @@ The theory (Theorems 4.1/4.2) needs three things from the Fisher ``J`` of ``vec(
 
 :class:`DenseFisher` is exact (the reference); :class:`KroneckerFisher` is K-FAC's ``J ≈ Y ⊗ Z``
 (Algorithm 1), with ``Y`` (d2, d2) over outputs — optionally diagonal — and ``Z`` (d1, d1) over
-inputs. Kronecker order follows column-stacking ``vec``: ``vec(x gᵀ) = g ⊗ x`` (see :mod:`lora_da_ref.linalg`).
+inputs. Kronecker order follows column-stacking ``vec``: ``vec(x gᵀ) = g ⊗ x`` (see :mod:`lora_da_ref.reference.linalg`).
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ import numpy as np
 from scipy import linalg
 from scipy.linalg import lapack
 
-from lora_da_ref.checks import as_symmetric, check_positive_int
-from lora_da_ref.linalg import sym, unvec, vec
+from lora_da_ref.reference.checks import as_symmetric, check_positive_int
+from lora_da_ref.reference.linalg import sym, unvec, vec
 
 __all__ = ["DenseFisher", "FisherMatrix", "KroneckerFisher", "as_fisher"]
 
