@@ -168,7 +168,7 @@ def test_validate_arguments_match_the_torch_constants():
     """The torch-free parser repeats the torch modules' choices and defaults (it is declared
     before torch loads): they must agree with BUILTIN_CASES, DEFAULT_RANK, METHODS, PARTS and
     SmolLM2Options."""
-    from lora_da_ref import validate_args as v
+    from lora_da_ref.cli import validate_args as v
     from lora_da_ref.torch.validation.cases import BUILTIN_CASES
     from lora_da_ref.torch.validation.compare import DEFAULT_RANK, METHODS
     from lora_da_ref.torch.validation.smollm2 import PARTS, SmolLM2Options
