@@ -53,8 +53,8 @@ import scipy.linalg
 import torch
 from torch import Tensor, nn
 
-from lora_da_ref.reference import guidance as np_guidance
 from lora_da_ref import real
+from lora_da_ref.reference import guidance as np_guidance
 from lora_da_ref.reference.linalg import principal_angles
 from lora_da_ref.torch.config import DEFAULT_TARGETS, LoraDAConfig
 from lora_da_ref.torch.factors import kfac_fisher
