@@ -10,6 +10,7 @@ reported by the study, not asserted away).
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import numpy as np
@@ -113,3 +114,51 @@ def test_study_detects_an_unconverged_solver():
     row = study.study_omega(omega, exact, max_iter=12)
     assert row["official_float64"] > study.TARGET_ANGLE
     assert row["iters_to_1e-3_float64"] is None  # not within 12 iterations
+
+
+# ----------------------------------------------------------------------------- --certified mode
+
+
+def test_rescale_spectrum_keeps_the_ends_and_the_distribution():
+    """Quantile rescaling keeps λ_min, λ_max, the order and the fraction below any level; the head
+    variant keeps the smallest eigenvalues (hence the gap at r) exactly. Catches an interpolation
+    on the wrong grid (clamped ends: repeated λ_min) or a head that is not kept."""
+    lam = np.sort(np.random.default_rng(0).standard_normal(100) ** 3)
+    for d in (100, 333, 1024):
+        new = study.rescale_spectrum(lam, d)
+        assert new.shape == (d,) and bool(np.all(np.diff(new) >= 0))
+        assert new[0] == lam[0] and new[-1] == lam[-1] and new[1] > new[0]
+        assert abs((new < 0).mean() - (lam < 0).mean()) <= 2 / 100
+    head = study.rescale_spectrum(lam, 1024, head=study.HEAD)
+    assert np.array_equal(head[: study.HEAD], lam[: study.HEAD]) and head[-1] == lam[-1]
+    assert head.shape == (1024,) and bool(np.all(np.diff(head) >= 0))
+
+
+def test_omega_with_spectrum_has_it():
+    lam = study.rescale_spectrum(np.linspace(-1, 0.5, 50), 80)
+    omega = study.omega_with_spectrum(lam)
+    assert torch.allclose(torch.linalg.eigvalsh(omega), torch.from_numpy(lam), atol=1e-12)
+
+
+def test_certified_case_row():
+    """One row of ``--certified`` on the study's Ω (d = 256, gap 1e-2): the certified solver (with
+    a budget that lets it finish) is within its certificate of eigh; the official 10 iterations
+    are not within 1e-3 rad; times and counts are recorded."""
+    omega, _ = study.synthetic_omega(256, 1e-2)
+    row = study.certified_case(omega, max_matvecs=100_000)
+    assert row["certified"] and row["fallback"] is None
+    assert row["angle_certified"] <= row["certificate_rad"] <= study.TARGET_ANGLE
+    assert row["angle_official"] > study.TARGET_ANGLE
+    assert row["gap"] == pytest.approx(1e-2, rel=1e-6)
+    assert row["iterations"] > 0 and row["matvecs"] >= row["iterations"] * study.RANK
+    for key in ("time_eigh_s", "time_official_s", "time_certified_s"):
+        assert row[key] > 0
+
+
+def test_certified_mode_quick_runs(capsys):
+    """``--certified --quick``: synthetic Ω at d = 256, no model needed, one JSON document."""
+    assert study.main(["--certified", "--quick"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [r["d"] for r in report["rows"]] == [256, 256]
+    assert report["budget_fraction_of_eigh_flops"] == 0.2 and report["smollm2_sources"] == {}
+    assert all(r["angle_certified"] <= study.TARGET_ANGLE for r in report["rows"])
