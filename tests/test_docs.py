@@ -236,3 +236,14 @@ def test_equation_citation_parser():
     }  # fmt: skip
     assert _equations_cited("rows 11a (Eq. 22) and 11b") == {22}
     assert _equations_defined("#### Eqs. (27), (28)–(31): x\n## Eq. 4\n") == {4, 27, 28, 29, 30, 31}
+
+
+def test_the_readme_docs_table_lists_every_page():
+    """Every page in docs/ has a row in the README's documentation table (a new page without
+    one is invisible from the front door)."""
+    readme = (ROOT / "README.md").read_text()
+    table = readme[readme.index("## Documentation") :]
+    rows = set(re.findall(r"^\| \[docs/([\w.]+\.md)\]", table, flags=re.M))
+    pages = {p.name for p in (ROOT / "docs").glob("*.md")} - {"index.md"}  # the map, above it
+    assert "[docs/index.md](docs/index.md)" in table
+    assert pages - rows == set(), f"pages missing from the README's docs table: {pages - rows}"
