@@ -254,6 +254,7 @@ def test_every_subcommand_is_registered_in_the_parser():
         "make-tiny-model": ["dir"],
         "plan": ["--model", "m", "--data", "d"],
         "report": ["adapter"],
+        "gsm8k-data": ["--out", "calib.jsonl"],
     }
     for name in SUBCOMMANDS:
         assert parser.parse_args([name, *argv.get(name, [])]).command == name
@@ -270,7 +271,9 @@ def test_python_dash_m_entry_point_runs():
 
 # ----------------------------------------------------------------------------- help
 
-OWN_SUBCOMMANDS = ("init", "plan", "report", "make-tiny-model", "validate")
+OWN_SUBCOMMANDS = (
+    "init", "plan", "report", "real-model", "gsm8k-data", "make-tiny-model", "validate",
+)  # fmt: skip
 
 
 def _subparser(name: str):
