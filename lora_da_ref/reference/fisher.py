@@ -18,12 +18,21 @@ from abc import ABC, abstractmethod
 
 import numpy as np
 from scipy import linalg
-from scipy.linalg import lapack
+from scipy.linalg import blas, lapack
+from threadpoolctl import threadpool_limits
 
 from lora_da_ref.reference.checks import as_symmetric, check_positive_int
 from lora_da_ref.reference.linalg import sym, unvec, vec
 
-__all__ = ["DenseFisher", "FisherMatrix", "KroneckerFisher", "as_fisher"]
+__all__ = [
+    "CHOLESKY_BLOCK_SIZE",
+    "DPOTRF_MAX_SIZE",
+    "TRTRI_THREADED_MAX_SIZE",
+    "DenseFisher",
+    "FisherMatrix",
+    "KroneckerFisher",
+    "as_fisher",
+]
 
 
 class FisherMatrix(ABC):
@@ -51,35 +60,135 @@ class FisherMatrix(ABC):
         return G
 
 
-class DenseFisher(FisherMatrix):
-    """The exact Fisher as a dense SPD (d1·d2, d1·d2) matrix, factorised once by Cholesky."""
+# The NumPy/SciPy wheels bundle OpenBLAS (0.3.30 in SciPy's, 0.3.31 in NumPy's) whose threaded
+# SYRK driver segfaults on large outputs with the SkylakeX kernels, 2 threads (backtrace:
+# dgemm_oncopy_SKYLAKEX ← inner_thread ← dsyrk_thread_UT ← dpotrf_U_parallel). Measured on the
+# 2-core development machine, each size in a fresh subprocess: scipy.linalg.cholesky,
+# numpy.linalg.cholesky and lapack.dpotrf (upper) all die with SIGSEGV at n = 16384; dpotrf
+# succeeds at n = 12000, 13000 and 14000; dsyrk alone dies at n = 16384 (k = 1024; not at k ≤ 512)
+# and succeeds at n = 15000 (k = 1024), 12288 (k = 4096), 8192 (k = 8192), 2048 (k = 14336). One
+# BLAS thread, or the Haswell kernels, factorise n = 16384. dpotrf runs as one LAPACK call only up
+# to DPOTRF_MAX_SIZE, half the smallest crashing size; above it, DenseFisher factorises by blocks.
+DPOTRF_MAX_SIZE = 8192
+# Block of the blocked Cholesky: every dpotrf and every SYRK output is CHOLESKY_BLOCK_SIZE at most
+# (a quarter of the crashing size). One BLAS thread, n = 16384, CPU seconds on the loaded machine
+# (indicative): one dpotrf call 29.5; blocks of 2048 39.2, 4096 33.2, 8192 35.2.
+CHOLESKY_BLOCK_SIZE = 4096
+# Largest n at which the threaded dtrtri (triangular inverse, both triangles) was measured to
+# succeed on the same machine (75–81 s loaded). Above it, inverse_block_sum runs dtrtri on one
+# BLAS thread: the crashes of this class need several threads, and larger sizes were not measured.
+TRTRI_THREADED_MAX_SIZE = 16384
 
-    def __init__(self, J: np.ndarray, d1: int, d2: int) -> None:
+
+class DenseFisher(FisherMatrix):
+    """The exact Fisher as a dense SPD (d1·d2, d1·d2) matrix, factorised once by Cholesky.
+
+    The factor is stored upper, ``J = UᵀU`` with ``U = Lᵀ`` (:attr:`cholesky_factor` is the lower
+    ``L``), computed from ``J``'s lower triangle like ``scipy.linalg.cholesky(J, lower=True)``.
+    Up to :data:`DPOTRF_MAX_SIZE` it is one LAPACK ``dpotrf`` call. Above, the bundled OpenBLAS's
+    threaded ``dpotrf`` segfaults (n = 16384 on 2 threads, see the constant), so the factor is
+    computed by a left-looking blocked Cholesky, exact in float64 and equal to LAPACK's to
+    round-off: for each block column ``k`` of width ``b`` (:data:`CHOLESKY_BLOCK_SIZE`),
+    ``U_kk = chol(J_kk − U_:k,kᵀ U_:k,k)`` (``dsyrk`` b × b, ``dpotrf`` b × b) and
+    ``U_k,rest = U_kk⁻ᵀ (J_k,rest − U_:k,kᵀ U_:k,rest)`` (``gemm``, ``dtrsm``). All of it is level-3
+    BLAS on both cores; no ``dpotrf`` and no SYRK output is larger than ``b``. The alternative,
+    one ``dpotrf`` on one BLAS thread, factorises n = 16384 too but leaves a core idle
+    (docs/benchmarks.md, "Exact reference at large sizes").
+
+    Args:
+        J: (d1·d2, d1·d2) symmetric positive definite; only its lower triangle is factorised.
+        cholesky_block: block size of the factorisation; ``None`` = automatic (one call up to
+            :data:`DPOTRF_MAX_SIZE`, else :data:`CHOLESKY_BLOCK_SIZE`). A small value forces the
+            blocked path on a small J (the tests).
+    """
+
+    def __init__(
+        self, J: np.ndarray, d1: int, d2: int, *, cholesky_block: int | None = None
+    ) -> None:
         self.d1, self.d2 = check_positive_int("d1", d1), check_positive_int("d2", d2)
         self.J = as_symmetric("J", J, size=self.d1 * self.d2)
-        try:
-            self._chol = linalg.cholesky(self.J, lower=True)  # J = L Lᵀ
-        except linalg.LinAlgError as err:
-            raise ValueError("J must be positive definite (Cholesky factorisation failed)") from err
+        n = self.J.shape[0]
+        if cholesky_block is None:
+            cholesky_block = n if n <= DPOTRF_MAX_SIZE else CHOLESKY_BLOCK_SIZE
+        self.cholesky_block = min(check_positive_int("cholesky_block", cholesky_block), n)
+        if self.cholesky_block > DPOTRF_MAX_SIZE:
+            raise ValueError(
+                f"cholesky_block must be <= DPOTRF_MAX_SIZE = {DPOTRF_MAX_SIZE}, "
+                f"got {self.cholesky_block}"
+            )
+        self._U = _blocked_cholesky_upper(self.J, self.cholesky_block)  # J = UᵀU, F-order
         self._block_sum: np.ndarray | None = None
 
+    @property
+    def cholesky_factor(self) -> np.ndarray:
+        """The lower Cholesky factor ``L`` (n, n), ``J = L Lᵀ`` (a read-only view of ``Uᵀ``)."""
+        L = self._U.T
+        L.flags.writeable = False
+        return L
+
     def solve(self, G: np.ndarray) -> np.ndarray:
-        x = linalg.cho_solve((self._chol, True), vec(self._check_G(G)))  # (d1·d2,)
+        x = linalg.cho_solve((self._U, False), vec(self._check_G(G)), check_finite=False)
         return unvec(x, self.d1, self.d2)
 
     def inverse_block_sum(self) -> np.ndarray:
-        # J⁻¹ = L⁻ᵀ L⁻¹, so block i of J⁻¹ is M_iᵀ M_i with M_i the columns i·d1…(i+1)·d1 of L⁻¹.
-        # Summing M_iᵀ M_i never forms J⁻¹: ~n³/3 flops for the triangular inverse, n²·d1 for the sum.
+        # J⁻¹ = U⁻¹U⁻ᵀ, so block i of J⁻¹ is R_i R_iᵀ with R_i the rows i·d1…(i+1)·d1 of U⁻¹
+        # (zero left of column i·d1). Summing R_i R_iᵀ never forms J⁻¹: ~n³/3 flops for the
+        # triangular inverse, ~n²·d1 for the sum.
         if self._block_sum is None:
-            Linv, info = lapack.dtrtri(self._chol, lower=1)  # (n, n) lower triangular
+            n, d1, b = self._U.shape[0], self.d1, self.cholesky_block
+            if n <= TRTRI_THREADED_MAX_SIZE:
+                Uinv, info = lapack.dtrtri(self._U, lower=0)  # (n, n) upper, F-order
+            else:
+                with threadpool_limits(1, user_api="blas"):
+                    Uinv, info = lapack.dtrtri(self._U, lower=0)
             if info != 0:
                 raise ValueError(f"triangular inverse of chol(J) failed (LAPACK info={info})")
-            blocks = Linv.reshape(-1, self.d2, self.d1)  # (n, d2, d1): blocks[:, i] = M_i
-            self._block_sum = sym(np.einsum("nia,nib->ab", blocks, blocks))  # (d1, d1)
+            total = np.zeros((d1, d1))
+            for i in range(self.d2):
+                R = Uinv[i * d1 : (i + 1) * d1, i * d1 :]  # (d1, n − i·d1)
+                # Output rows in chunks of b: NumPy turns R @ Rᵀ into a SYRK, kept at b × b.
+                # R is upper triangular from its left edge: row a is zero left of column a.
+                for a in range(0, d1, b):
+                    total[a : a + b] += R[a : a + b, a:] @ R[:, a:].T
+            self._block_sum = sym(total)
         return self._block_sum
 
     def to_dense(self) -> np.ndarray:
         return self.J
+
+
+def _blocked_cholesky_upper(J: np.ndarray, block: int) -> np.ndarray:
+    """Upper ``U`` (F-order), ``J = UᵀU``, from ``J``'s lower triangle; left-looking, blocks of ``block``.
+
+    ``J.T`` is ``J`` read in Fortran order, so the copy below is a plain memory copy and its upper
+    triangle is ``J``'s lower one. With ``block ≥ n`` this is one ``dpotrf`` call.
+    """
+    n = J.shape[0]
+    U = np.array(J.T, order="F")  # (n, n); upper triangle = J's lower triangle
+    for k in range(0, n, block):
+        e = min(k + block, n)
+        if k > 0:  # subtract the contribution of the rows above: U_:k,kᵀ U_:k,(k…n)
+            Uk = U[:k, k:e]  # (k, b)
+            U[k:e, k:e] = blas.dsyrk(-1.0, Uk, beta=1.0, c=U[k:e, k:e], trans=1, lower=0)
+            if e < n:
+                U[k:e, e:] -= (U[:k, e:].T @ Uk).T  # (b, n − e); gemm
+        # dpotrf works in place when the block is contiguous (one block), else on a copy.
+        Ukk, info = lapack.dpotrf(U[k:e, k:e], lower=0, clean=1, overwrite_a=1)
+        if info > 0:
+            raise ValueError(
+                "J must be positive definite (Cholesky factorisation failed: the leading minor "
+                f"of order {k + info} is not positive)"
+            )
+        if info < 0:
+            raise ValueError(f"Cholesky factorisation of J failed (LAPACK info={info})")
+        if not np.may_share_memory(Ukk, U):
+            U[k:e, k:e] = Ukk
+        if e < n:
+            U[e:, k:e] = 0.0  # below the diagonal block: J's upper triangle, not part of U
+            U[k:e, e:] = linalg.solve_triangular(
+                Ukk, U[k:e, e:], trans="T", lower=False, check_finite=False
+            )  # U_kk⁻ᵀ (…); dtrsm
+    return U
 
 
 class KroneckerFisher(FisherMatrix):

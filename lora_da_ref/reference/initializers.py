@@ -96,6 +96,7 @@ def lora_da_init(
     """
     G = as_matrix("G", G)
     r = check_rank(r, G.shape[0])
+    J = as_fisher(J, *G.shape)  # checked and factorised once for ΔW and Ω (not once for each)
     delta = fisher_gradient(J, G) if delta_w is None else as_matrix("delta_w", delta_w, G.shape)
     omega = guidance_matrix(
         J, delta, n, variance_weight=variance_weight, bias_weight=bias_weight
