@@ -225,7 +225,7 @@ def split_half_stability(
     """The split-half metrics of two halves' Ω, as ``calibration_diagnostics`` measures them
     (the config's solver and per-layer seed, regret of half 1's A under half 2's Ω relative to
     ``r‖Ω₂‖₂``), and the two A (d, r)."""
-    from lora_da_ref.torch.diagnostics import principal_angles
+    from lora_da_ref.torch.diagnostics import power_spectral_norm, principal_angles
     from lora_da_ref.torch.solvers import layer_seed, smallest_eigenpairs
 
     options = {"seed": layer_seed(config.seed, name), **config.solver_options}
@@ -238,7 +238,7 @@ def split_half_stability(
     angles = principal_angles(A[0], A[1])
     omega2 = omegas[1].to(torch.float64)
     regret = float(torch.trace(A[0].mT @ omega2 @ A[0]) - torch.trace(A[1].mT @ omega2 @ A[1]))
-    scale = config.rank * spectral_norm(omega2)
+    scale = config.rank * power_spectral_norm(omega2)  # the diagnostics' own scale
     metrics = {
         "split_angle_max": float(angles.max()),
         "split_angle_min": float(angles.min()),
@@ -246,22 +246,6 @@ def split_half_stability(
         "split_rel_regret": regret / scale if scale > 0 else math.nan,
     }
     return metrics, A
-
-
-def spectral_norm(M: torch.Tensor, iterations: int = 30) -> float:
-    """max |λ| of a symmetric M by power iteration from a seeded start (the scale of the
-    relative regret; the same iteration as ``calibration_diagnostics``')."""
-    gen = torch.Generator(device=M.device).manual_seed(0)
-    v = torch.randn(M.shape[0], dtype=M.dtype, device=M.device, generator=gen)
-    v = v / v.norm()
-    value = 0.0
-    for _ in range(iterations):
-        w = M @ v
-        value = float(w.norm())
-        if value == 0.0:
-            return 0.0
-        v = w / value
-    return value
 
 
 def z_spectrum(stats: Any, name: str) -> torch.Tensor:

@@ -302,27 +302,24 @@ def rank_of(config: LoraDAConfig | SolveConfig, rank: int | None) -> int:
 def statistics_config_of(config: LoraDAConfig | StatisticsConfig | None) -> StatisticsConfig:
     """The statistics settings of ``config`` (a :class:`LoraDAConfig` is split; ``None``: the
     default preset's)."""
-    if config is None:
-        return LoraDAConfig().statistics_config()
-    if isinstance(config, StatisticsConfig):
-        return config
-    if isinstance(config, LoraDAConfig):
-        return config.statistics_config()
-    raise TypeError(
-        f"config must be a StatisticsConfig or LoraDAConfig, got {type(config).__name__}"
-    )
+    return _stage_config(config, StatisticsConfig, LoraDAConfig.statistics_config)
 
 
 def solve_config_of(config: LoraDAConfig | SolveConfig | None) -> SolveConfig:
     """The solve settings of ``config`` (a :class:`LoraDAConfig` is split; ``None``: the
     default preset's)."""
-    if config is None:
-        return LoraDAConfig().solve_config()
-    if isinstance(config, SolveConfig):
+    return _stage_config(config, SolveConfig, LoraDAConfig.solve_config)
+
+
+def _stage_config(config: Any, kind: type, split: Any) -> Any:
+    """``config`` if it is already a ``kind``, else ``split`` of the bundle (the default's)."""
+    if isinstance(config, kind):
         return config
-    if isinstance(config, LoraDAConfig):
-        return config.solve_config()
-    raise TypeError(f"config must be a SolveConfig or LoraDAConfig, got {type(config).__name__}")
+    if config is None or isinstance(config, LoraDAConfig):
+        return split(LoraDAConfig() if config is None else config)
+    raise TypeError(
+        f"config must be a {kind.__name__} or LoraDAConfig, got {type(config).__name__}"
+    )
 
 
 # Fields a user sets freely on top of a preset: they change neither the objective nor the numerics

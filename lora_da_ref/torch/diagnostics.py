@@ -70,6 +70,7 @@ __all__ = [
     "calibration_summary",
     "fisher_units",
     "plug_in_sample_size",
+    "power_spectral_norm",
     "principal_angles",
     "report_calibration",
 ]
@@ -200,7 +201,7 @@ def _stability(
     angles = principal_angles(A[0], A[1])
     omega2 = omegas[1].to(torch.float64)
     regret = float(torch.trace(A[0].mT @ omega2 @ A[0]) - torch.trace(A[1].mT @ omega2 @ A[1]))
-    scale = rank * _spectral_norm(omega2)
+    scale = rank * power_spectral_norm(omega2)
     return {
         "split_angle_max": float(angles.max()),
         "split_angle_min": float(angles.min()),
@@ -210,7 +211,7 @@ def _stability(
     }
 
 
-def _spectral_norm(M: Tensor, iterations: int = 30) -> float:
+def power_spectral_norm(M: Tensor, iterations: int = 30) -> float:
     """max |λ| of a symmetric M by power iteration (a scale for the regret, not a result)."""
     gen = torch.Generator(device=M.device).manual_seed(0)
     v = torch.randn(M.shape[0], dtype=M.dtype, device=M.device, generator=gen)
