@@ -551,9 +551,16 @@ def curve_steps(sizes: Sizes) -> list[int]:
 
 
 def train(
-    model: Any, data: dict, sizes: Sizes, lr: float, seed: int, device: torch.device
+    model: Any,
+    data: dict,
+    sizes: Sizes,
+    lr: float,
+    seed: int,
+    device: torch.device,
+    log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """``sizes.steps`` AdamW steps; returns the curves and the final validation scores."""
+    """``sizes.steps`` AdamW steps; returns the curves and the final validation scores. ``log``
+    hears the training loss and the elapsed time at each validation step (long runs)."""
     fit = data["fit"]
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -590,6 +597,11 @@ def train(
             val = per_problem(model, data["validation"], device)
             curve["val_steps"].append(step)
             curve["val_loss"].append(pooled(val))
+            if log is not None:
+                log(
+                    f"  step {step}/{sizes.steps}: train {value:.4f}, val {curve['val_loss'][-1]:.4f}"
+                    f" ({time.perf_counter() - t0:.0f} s)"
+                )
     return {"curve": curve, "validation": val, "train_seconds": time.perf_counter() - t0}
 
 
@@ -872,7 +884,8 @@ class Experiment:
         factors, offset = self.inits.factors(method, seed)
         init_seconds = self.inits.memory.get(f"{method}_seconds", 0.0)
         model = build(self.base, factors, offset, seed)
-        result = train(model, self.data, self.sizes, lr, seed, self.device)
+        self.log(f"{name}: training ({self.code})")
+        result = train(model, self.data, self.sizes, lr, seed, self.device, self.log)
         save_adapter(model, self.out / "adapters" / f"{name}.pt")
         row = {
             "method": method,
