@@ -9,14 +9,15 @@ builds the config from the entry's ``settings``, every other field keeping LoraD
   the diagonal output factor, ΔW normalised by its top singular value σ, both factors divided by
   √γ with γ = 1024, per-sequence weighting over all attention positions as the official code at
   batch size 1) with the package's robust numerics (damping relative to each factor's scale,
-  float64 solves, a dense eigh). Trained with rsLoRA, alpha 16 (the official scaling).
+  float64 solves; a dense eigh below d = 2048, the certified iterative solver from there:
+  ``solver="auto"``). Trained with rsLoRA, alpha 16 (the official scaling).
 - ``official``: ``conf/lora_da.yaml`` of the official code for fidelity studies: absolute damping
   1e-6 and ``torch.lobpcg`` at 10 iterations with no convergence check (docs/equations.md,
   "Official code"). The official code's 8 transformer layers per pass is ``layers_per_pass=8``; by
   default every preset runs one pass when the statistics fit the memory budget.
-- ``paper_literal``: Algorithm 1 as printed: β = α = 1, the full output factor, no normalisation
-  and no γ, so ``B0 = A0ᵀΔŴ`` can be orders of magnitude larger than the weights (SmolLM2's step-0
-  loss 24.5 against 1.61). **Not for training** with ``offset="none"`` (a ``LiteralPresetWarning``
+- ``paper_literal``: Algorithm 1 as printed: β = α = 1, the full output factor, the exact (dense
+  ``eigh``) eigenvectors at every size, no normalisation and no γ, so ``B0 = A0ᵀΔŴ`` can be
+  orders of magnitude larger than the weights (SmolLM2's step-0 loss 24.5 against 1.61). **Not for training** with ``offset="none"`` (a ``LiteralPresetWarning``
   says so); kept to check the text, and with ``offset="subtract"`` it starts at W0 exactly.
 """
 
@@ -60,7 +61,7 @@ PRESETS: Mapping[str, Preset] = MappingProxyType(
         "default": Preset(
             "default",
             "the official objective and scaling with robust numerics (relative damping, "
-            "float64 eigh); rsLoRA alpha 16",
+            "float64 solves, eigh below d = 2048 and a certified solver above); rsLoRA alpha 16",
         ),
         "official": Preset(
             "official",
@@ -86,6 +87,7 @@ PRESETS: Mapping[str, Preset] = MappingProxyType(
                 "token_mask": "labels",
                 "score_scale": "token",
                 "gradient_weight": "token",
+                "solver": "eigh",
             },
             lora_alpha=None,
             use_rslora=False,

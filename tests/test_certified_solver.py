@@ -321,3 +321,29 @@ def test_bad_options_raise():
         smallest_eigenpairs(omega, 2, solver="certified", tol_angle=0.0)
     with pytest.raises(TypeError):
         smallest_eigenpairs(omega, 2, solver="certified", niter=10)  # a LOBPCG option
+
+
+def test_auto_solver_picks_eigh_below_the_crossover_and_certified_from_it(monkeypatch):
+    """``solver="auto"`` (the default) is eigh, bit for bit, below ``AUTO_CERTIFIED_MIN_DIM`` and
+    the certified solver from it (the crossover lowered to 256 so the test stays small).
+    Catches: an ``auto`` that always takes one of the two, or a threshold off by one."""
+    from lora_da_ref.torch import solvers
+
+    monkeypatch.setattr(solvers, "AUTO_CERTIFIED_MIN_DIM", 256)
+    small, _ = study.synthetic_omega(255, 1e-1)
+    res = smallest_eigenpairs(small, R, solver="auto", seed=0)
+    eigh = smallest_eigenpairs(small, R, solver="eigh")
+    assert torch.equal(res.vectors, eigh.vectors) and res.diagnostics["solver"] == "eigh"
+    assert res.diagnostics["auto"].startswith("eigh")
+    large, _ = study.synthetic_omega(256, 1e-1)
+    res = smallest_eigenpairs(large, R, solver="auto", seed=0, max_matvecs=GENEROUS)
+    assert res.diagnostics["auto"].startswith("certified") and res.diagnostics["certified"]
+    assert _angle(res.vectors, _eigh_space(large)) <= TOL
+
+
+def test_default_solver_is_auto():
+    """The user-facing configs default to ``"auto"``; the official preset keeps its LOBPCG."""
+    from lora_da_ref.torch import LoraDAConfig, SolveConfig
+
+    assert LoraDAConfig().solver == SolveConfig().solver == "auto"
+    assert LoraDAConfig.preset("official").solver == "lobpcg"

@@ -16,6 +16,7 @@ from typing import Any, Literal
 import torch
 
 from lora_da_ref.presets import PRESETS, get_preset
+from lora_da_ref.torch.solvers import DEFAULT_SOLVER, SOLVERS
 
 __all__ = [
     "LoraDAConfig",
@@ -69,8 +70,10 @@ class LoraDAConfig:
         normalize_delta: divide ΔW by its top singular value σ (and the variance term by σ²),
             as the official code does; A0 is unchanged, B0 = A0ᵀ ΔW / σ.
         scale_gamma: ``γ``; both factors are divided by ``√γ`` (official: 1024). ``None`` = off.
-        solver: ``"eigh"`` (dense, exact), ``"lobpcg"`` or ``"certified"`` (block LOBPCG run until
-            a Davis–Kahan bound certifies the subspace to ``tol_angle``, else eigh; opt-in).
+        solver: ``"auto"`` (default: ``"eigh"`` below ``solvers.AUTO_CERTIFIED_MIN_DIM``,
+            ``"certified"`` from there),
+            ``"eigh"`` (dense, exact), ``"lobpcg"`` or ``"certified"`` (block LOBPCG run until
+            a Davis–Kahan bound certifies the subspace to ``tol_angle``, else eigh).
         solver_options: options of the solver, e.g. ``{"niter": 10, "tol": 1e-6}``.
         seed: seed of the solver's random start.
         dtype: dtype of the statistics (float32 default; float64 allowed).
@@ -136,7 +139,7 @@ class LoraDAConfig:
     damping_scale: Literal["relative", "absolute"] = "relative"
     normalize_delta: bool = True
     scale_gamma: float | None = 1024.0
-    solver: Literal["eigh", "lobpcg", "certified"] = "eigh"
+    solver: Literal["auto", "eigh", "lobpcg", "certified"] = DEFAULT_SOLVER
     solver_options: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
     dtype: torch.dtype = torch.float32
@@ -258,7 +261,7 @@ class SolveConfig:
     damping_scale: Literal["relative", "absolute"] = "relative"
     normalize_delta: bool = True
     scale_gamma: float | None = 1024.0
-    solver: Literal["eigh", "lobpcg", "certified"] = "eigh"
+    solver: Literal["auto", "eigh", "lobpcg", "certified"] = DEFAULT_SOLVER
     solver_options: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
     estimator: Literal["plugin", "debiased", "damped"] = "plugin"
@@ -341,7 +344,7 @@ def preset_of(config: LoraDAConfig) -> str | None:
 
 _CHOICES = {
     "output_factor": ("diagonal", "full"),
-    "solver": ("eigh", "lobpcg", "certified"),
+    "solver": tuple(SOLVERS),
     "damping_scale": ("relative", "absolute"),
     "token_mask": ("labels", "attention"),
     "score_scale": ("token", "batch"),

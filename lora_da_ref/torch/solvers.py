@@ -16,6 +16,8 @@ eigenvalues ascending, columns with a deterministic sign (largest-|entry| positi
   ``‖Ω + cI‖``, stop before our check passes, so the shift is off by default.
   ``official=True`` reproduces the official code instead: unshifted Ω, a seeded random orthonormal
   start, ``niter`` (10) iterations, no convergence check and no fallback except ``d < 3r``.
+* ``"auto"`` (the default) — ``"eigh"`` below :data:`AUTO_CERTIFIED_MIN_DIM`, ``"certified"``
+  from there (:func:`auto_solver`): the size where the certified solver wins was measured.
 * ``"certified"`` — block LOBPCG of our own (float64, r + guard vectors, matrix products with Ω
   only), stopped when a Davis–Kahan bound on the largest principal angle to the exact
   eigenspace is ≤ ``tol_angle`` (1e-3 rad), else ``eigh`` once a matvec budget (a fifth of
@@ -37,9 +39,12 @@ from torch._lobpcg import LOBPCG as _TorchLOBPCG  # the worker torch.lobpcg runs
 from lora_da_ref.torch.blas import syevr_smallest
 
 __all__ = [
+    "AUTO_CERTIFIED_MIN_DIM",
+    "DEFAULT_SOLVER",
     "SOLVERS",
     "BlockRun",
     "EigenResult",
+    "auto_solver",
     "block_lobpcg",
     "certified_solver",
     "eigh_solver",
@@ -619,12 +624,38 @@ def _certified_fallback(omega: Tensor, r: int, reason: str, attempt: dict[str, A
     return result
 
 
+# The dimension from which "auto" solves by the certified solver instead of eigh. Measured on one
+# thread, quiet machine (benchmarks/results/auto_solver_crossover.json, docs/validation.md "Which
+# solver by default"): on Ω with SmolLM2's measured spectra the certified solver takes 0.36-0.40×
+# eigh's time at d = 1536, 0.22-0.26× at 2048, 0.12-0.13× at 3072 (within 3e-5 rad of eigh); where
+# it cannot certify (the synthetic gaps 1e-1 and 1e-2 up to 2048) its budget makes it 1.3-1.45×
+# eigh. From 2048 the gain is 4×; below, eigh stays, so every result up to SmolLM2's sizes
+# (d ≤ 1536) is eigh's, bit for bit, as it was validated.
+AUTO_CERTIFIED_MIN_DIM = 2048
+
+
+def auto_solver(omega: Tensor, r: int, **options: Any) -> EigenResult:
+    """Dense :func:`eigh_solver` for ``d < AUTO_CERTIFIED_MIN_DIM``, :func:`certified_solver`
+    (with ``options``) from there; ``diagnostics["auto"]`` records which and why."""
+    d = omega.shape[0]
+    if d < AUTO_CERTIFIED_MIN_DIM:
+        result = eigh_solver(omega, r)
+        why = f"eigh: d = {d} < {AUTO_CERTIFIED_MIN_DIM}"
+    else:
+        result = certified_solver(omega, r, **options)
+        why = f"certified: d = {d} >= {AUTO_CERTIFIED_MIN_DIM}"
+    result.diagnostics["auto"] = why
+    return result
+
+
 Solver = Callable[..., EigenResult]
 SOLVERS: dict[str, Solver] = {
+    "auto": auto_solver,
     "eigh": eigh_solver,
     "lobpcg": lobpcg_solver,
     "certified": certified_solver,
 }
+DEFAULT_SOLVER = "auto"  # the default of LoraDAConfig.solver and SolveConfig.solver
 
 
 def smallest_eigenpairs(
