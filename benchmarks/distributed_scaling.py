@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lora_da_ref.data import tiny_llama
 from lora_da_ref.torch import LoraDAConfig, find_target_modules, init_lora_da
 from lora_da_ref.torch import distributed as D
-from lora_da_ref.torch.factors import layer_factors
+from lora_da_ref.torch.factors import solve_layer
 from lora_da_ref.torch.statistics import accumulate_statistics, finalize
 
 SEED = 0
@@ -91,7 +91,7 @@ def _stages(model, shard, targets, config, group) -> dict[str, float]:
     owners = D.assign_layers(targets, stats.group_of, config, world)
     start = time.perf_counter()
     cache: dict[str, Any] = {}
-    mine = {n: layer_factors(stats, n, config, cache) for n in targets if owners[n] == me}
+    mine = {n: solve_layer(stats, n, config, cache).factors() for n in targets if owners[n] == me}
     t["solve_s"] = time.perf_counter() - start
     if group is not None:
         start = time.perf_counter()

@@ -301,19 +301,12 @@ TENSORS = ("input_ids", "attention_mask", "labels")
 
 
 def pad_batch(examples: Sequence[dict], device: torch.device) -> dict[str, torch.Tensor]:
-    """Right-padded batch (id 0, attention 0, label −100): causal outputs at real positions are
-    those of the unpadded sequences."""
-    T = max(int(e["input_ids"].numel()) for e in examples)
-    batch = {
-        "input_ids": torch.zeros((len(examples), T), dtype=torch.long),
-        "attention_mask": torch.zeros((len(examples), T), dtype=torch.long),
-        "labels": torch.full((len(examples), T), IGNORE, dtype=torch.long),
-    }
-    for b, e in enumerate(examples):
-        n = int(e["input_ids"].numel())
-        for k in TENSORS:
-            batch[k][b, :n] = e[k]
-    return {k: v.to(device) for k, v in batch.items()}
+    """The examples right-padded by :func:`lora_da_ref.data.right_pad` (attention 0, label −100)
+    on ``device``: causal outputs at real positions are those of the unpadded sequences, so the
+    pad id enters nothing; it is 0, the id of every committed run."""
+    from lora_da_ref.data import right_pad
+
+    return {k: v.to(device) for k, v in right_pad(examples, 0).items()}
 
 
 def as_batch(example: dict, device: torch.device) -> dict[str, torch.Tensor]:

@@ -6,7 +6,7 @@ HumanEval (train split) prompt+solution texts, batch 4, padded left and right by
 collator. For the default config and the official preset (float32 statistics, all 210 linear
 layers): the largest relative difference (Frobenius, over the layers) of Z, Y, G between the
 two paddings, and the largest principal angle between the two runs' A0 per layer (the layers
-solved from each run's statistics by ``factors.layer_factors``).
+solved from each run's statistics by ``factors.solve_layer``).
 """
 
 from __future__ import annotations

@@ -35,7 +35,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from lora_da_ref.cli.main import PRESETS
     from lora_da_ref.cli.main import main as lora_da
-    from lora_da_ref.real import collate, humaneval, load_smollm2, tokenize_humaneval
+    from lora_da_ref.data import right_pad
+    from lora_da_ref.real import humaneval, load_smollm2, tokenize_humaneval
     from lora_da_ref.torch import initialize_lora_da_weights, save_lora_da_state
 
     t0 = time.perf_counter()
@@ -44,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     records = humaneval("train")[: args.texts]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     examples = tokenize_humaneval(records, tokenizer, max_length=args.max_length)
-    batches = [collate([e], pad) for e in examples]
+    batches = [right_pad([e], pad) for e in examples]
     targets = (
         args.target_modules[0] if args.target_modules == ["all-linear"] else args.target_modules
     )

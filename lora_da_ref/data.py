@@ -18,7 +18,7 @@ download, for the README's runnable example and for the tests.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ __all__ = [
     "build_tiny_tokenizer",
     "read_jsonl_pairs",
     "read_jsonl_texts",
+    "right_pad",
     "save_tiny_model",
     "tiny_llama",
     "tokenize_batches",
@@ -73,7 +74,8 @@ def tokenize_batches(
             f"none of the {len(texts)} texts has 2 or more tokens; nothing to learn from"
         )
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    return [_pad_batch(ids[i : i + batch_size], pad_id) for i in range(0, len(ids), batch_size)]
+    examples = [_example(seq) for seq in ids]
+    return [right_pad(examples[i : i + batch_size], pad_id) for i in range(0, len(ids), batch_size)]
 
 
 def tokenize_prompt_completion(
@@ -114,22 +116,47 @@ def tokenize_prompt_completion(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     batches = []
     for i in range(0, len(seqs), batch_size):
-        batch = _pad_batch(seqs[i : i + batch_size], pad_id)
+        batch = right_pad([_example(seq) for seq in seqs[i : i + batch_size]], pad_id)
         for row, n_prompt in enumerate(prompt_lengths[i : i + batch_size]):
             batch["labels"][row, :n_prompt] = IGNORE_INDEX
         batches.append(batch)
     return batches
 
 
-def _pad_batch(seqs: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
-    length = max(len(s) for s in seqs)
-    input_ids = torch.full((len(seqs), length), pad_id, dtype=torch.long)  # (b, T)
-    mask = torch.zeros((len(seqs), length), dtype=torch.long)  # (b, T)
-    for row, seq in enumerate(seqs):
-        input_ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-        mask[row, : len(seq)] = 1
-    labels = input_ids.masked_fill(mask == 0, IGNORE_INDEX)  # (b, T)
-    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+def right_pad(
+    examples: Sequence[Mapping[str, torch.Tensor]], pad_id: int
+) -> dict[str, torch.Tensor]:
+    """One batch of 1-D examples, right-padded to the longest: ``input_ids`` with ``pad_id``,
+    ``attention_mask`` with 0, ``labels`` with ``-100``.
+
+    The one padding of the batches this package builds from token ids (:func:`tokenize_batches`,
+    :func:`tokenize_prompt_completion`, :mod:`lora_da_ref.real`'s HumanEval and GSM8K batches,
+    the fine-tuning benchmark). Right padding with mask 0 leaves a causal LM's outputs at the real
+    positions those of the unpadded sequence (the pad id's value enters nothing), and label
+    ``-100`` keeps the padding out of the loss and out of the statistics' loss tokens.
+
+    Args:
+        examples: dicts with 1-D ``input_ids``, ``attention_mask`` and ``labels`` of one length
+            each (other keys are ignored).
+        pad_id: the id written at padded ``input_ids`` positions.
+
+    Returns:
+        ``{"input_ids", "attention_mask", "labels"}``, each a (b, T) ``torch.long`` tensor.
+    """
+    T = max(int(e["input_ids"].numel()) for e in examples)
+    fill = {"input_ids": pad_id, "attention_mask": 0, "labels": IGNORE_INDEX}
+    batch = {k: torch.full((len(examples), T), v, dtype=torch.long) for k, v in fill.items()}
+    for row, e in enumerate(examples):
+        n = int(e["input_ids"].numel())
+        for k, padded in batch.items():
+            padded[row, :n] = e[k]  # (n,)
+    return batch
+
+
+def _example(seq: Sequence[int]) -> dict[str, torch.Tensor]:
+    """Token ids as one example for :func:`right_pad`: every position attended and a label."""
+    ids = torch.tensor(seq, dtype=torch.long)  # (n,)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
 
 
 # ----------------------------------------------------------------------------- offline demo model

@@ -59,6 +59,8 @@ from typing import Any, Literal
 
 import torch
 
+from lora_da_ref.data import IGNORE_INDEX, right_pad
+
 __all__ = [
     "GGUF_NAME",
     "GSM8K_SHA256",
@@ -66,7 +68,6 @@ __all__ = [
     "GSM8K_TEMPLATE",
     "HELDOUT_MODULUS",
     "IGNORE_INDEX",
-    "collate",
     "default_cache_dir",
     "gguf_path",
     "gsm8k",
@@ -82,7 +83,6 @@ __all__ = [
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 HELDOUT_MODULUS = 4  # HumanEval/k is held out iff k % HELDOUT_MODULUS == 0.
-IGNORE_INDEX = -100  # HF's CrossEntropyLoss ignore_index.
 CACHE_ENV = "LORA_DA_REF_CACHE"
 _SOURCE_FILE = "lora_da_ref_source.json"  # written into the cache: which GGUF it came from
 
@@ -294,22 +294,6 @@ def tokenize_humaneval(
     return out
 
 
-def collate(examples: Sequence[dict[str, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad 1-D examples into a batch (padding: ``pad_id``, mask 0, label ``-100``)."""
-    T = max(int(e["input_ids"].numel()) for e in examples)
-    B = len(examples)
-    batch = {
-        "input_ids": torch.full((B, T), pad_id, dtype=torch.long),
-        "attention_mask": torch.zeros((B, T), dtype=torch.long),
-        "labels": torch.full((B, T), IGNORE_INDEX, dtype=torch.long),
-    }
-    for b, e in enumerate(examples):
-        n = int(e["input_ids"].numel())
-        for k in batch:
-            batch[k][b, :n] = e[k]
-    return batch
-
-
 def humaneval_batches(
     split: Split,
     tokenizer: Any,
@@ -322,7 +306,9 @@ def humaneval_batches(
     records = humaneval(split)[:limit]
     examples = tokenize_humaneval(records, tokenizer, max_length=max_length)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return [collate(examples[i : i + batch_size], pad) for i in range(0, len(examples), batch_size)]
+    return [
+        right_pad(examples[i : i + batch_size], pad) for i in range(0, len(examples), batch_size)
+    ]
 
 
 # ----------------------------------------------------------------------------- GSM8K
@@ -406,7 +392,7 @@ def tokenize_gsm8k(
 
     Returns:
         1-D ``input_ids``, ``attention_mask`` (ones) and ``labels`` (long), as
-        :func:`tokenize_humaneval` (so :func:`collate` batches them).
+        :func:`tokenize_humaneval` (so :func:`~lora_da_ref.data.right_pad` batches them).
 
     Raises:
         ValueError: a limit below 1.
@@ -443,7 +429,8 @@ def gsm8k_batches(
 ) -> list[dict[str, torch.Tensor]]:
     """Padded batches of :func:`tokenize_gsm8k` for a split (its first ``limit`` problems).
 
-    The argument order is :func:`humaneval_batches`'; padding as :func:`collate`.
+    The argument order is :func:`humaneval_batches`'; padding by
+    :func:`~lora_da_ref.data.right_pad`.
     """
     records = gsm8k(split)[:limit]
     examples = [
@@ -456,4 +443,6 @@ def gsm8k_batches(
         for r in records
     ]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return [collate(examples[i : i + batch_size], pad) for i in range(0, len(examples), batch_size)]
+    return [
+        right_pad(examples[i : i + batch_size], pad) for i in range(0, len(examples), batch_size)
+    ]

@@ -14,9 +14,10 @@ One shared setting, fixed before any result was looked at:
   ``lm_head``, r = 8, alpha = 16 (scaling alpha/r for every method), dropout 0; AdamW (lr 1e-3,
   no weight decay), batch 16, one epoch over N = 16·steps target sequences, cosine schedule
   with 3 % warm-up; held-out target loss and next-token accuracy on separate target sequences;
-* **initialisations**: LoRA = PEFT's default (Kaiming-uniform A, B = 0); LoRA-One = A set to the
-  top-r left singular vectors of −G (G = mean gradient of the loss on the calibration set, one
-  backward pass), B = 0; LoRA-DA = ``init_lora_da`` with ``LoraDAConfig.official()`` (β = 0.03,
+* **initialisations**: LoRA = PEFT's default (Kaiming-uniform A, B = 0); ``lora_one_subspace`` =
+  LoRA-One's subspace with B = 0, not the official LoRA-One (whose B0 ≠ 0): A set to the top-r
+  left singular vectors of −G (G = mean gradient of the loss on the calibration set, one
+  backward pass); LoRA-DA = ``init_lora_da`` with ``LoraDAConfig.official()`` (β = 0.03,
   diagonal Y, ΔW/σ, γ = 1024, LOBPCG) or ``LoraDAConfig.paper_literal()`` (β = α = 1, full K-FAC Y, eigh),
   N = the fine-tuning set size, written with ``apply_lora_da(offset="none")`` so the model starts
   at ``W0 + s·A0B0`` as in the paper and the official code. Calibration set = the first 256
@@ -228,17 +229,18 @@ def lora_model(base: nn.Module, seed: int, rank: int = RANK):
     return get_peft_model(base, cfg)
 
 
-def lora_one_prepare(base: nn.Module, calib, rank: int = RANK) -> dict[str, torch.Tensor]:
+def lora_one_subspace_prepare(base: nn.Module, calib, rank: int = RANK) -> dict[str, torch.Tensor]:
     """LoRA-One's subspace (Remark 4.3): top-r left singular vectors (d_in, r) of −G per layer,
     G = mean calibration gradient of the loss w.r.t. the pre-trained weight (one backward/batch)."""
     from lora_da_ref.torch import find_target_modules
+    from lora_da_ref.torch.baselines import lora_one_subspace
 
     targets = find_target_modules(base, TARGETS)
     grads = mean_gradients(base, calib, targets)  # torch orientation (d_out, d_in) = Gᵀ
-    return {n: torch.linalg.svd(-g.T, full_matrices=False)[0][:, :rank] for n, g in grads.items()}
+    return {n: lora_one_subspace(-g.T, rank) for n, g in grads.items()}
 
 
-def lora_one_write(peft_model, subspaces: dict[str, torch.Tensor]) -> None:
+def subspace_write(peft_model, subspaces: dict[str, torch.Tensor]) -> None:
     """lora_A = Uᵀ (r, d_in), lora_B = 0: the model is unchanged at start."""
     from lora_da_ref.torch.adapter import lora_modules
 
@@ -295,7 +297,10 @@ Write = Callable[[Any, Any], None]  # (peft_model, state) -> None
 # method -> (work on the un-adapted model, timed as initialisation; write into the PEFT adapter)
 INITS: dict[str, tuple[Prepare, Write]] = {
     "lora": (lambda base, calib, n, r: None, lambda peft_model, state: None),
-    "lora_one": (lambda base, calib, n, r: lora_one_prepare(base, calib, r), lora_one_write),
+    "lora_one_subspace": (
+        lambda base, calib, n, r: lora_one_subspace_prepare(base, calib, r),
+        subspace_write,
+    ),
     "lora_da_official": (
         lambda base, calib, n, r: lora_da_prepare(base, calib, "official", n, r),
         lora_da_write,
@@ -311,25 +316,26 @@ METHODS = tuple(INITS)
 # ---- scale-swap controls (fig2_lr): subspace and scale of the factors separated ----------------
 def controls_prepare(base: nn.Module, calib, n: int, r: int):
     """Both LoRA-One's subspaces and LoRA-DA's official-preset factors of every layer."""
-    return lora_one_prepare(base, calib, r), lora_da_prepare(base, calib, "official", n, r)
+    return lora_one_subspace_prepare(base, calib, r), lora_da_prepare(base, calib, "official", n, r)
 
 
-def one_at_da_scale_write(peft_model, state) -> None:
+def one_subspace_at_da_scale_write(peft_model, state) -> None:
     """LoRA-One's subspace U (orthonormal, d_in × r) at LoRA-DA's scale: A = c·U with
     c = ‖A_DA‖_F/√r per layer (the official preset's 1/√γ-type scale), B = 0."""
     one, da = state
     scaled = {n: U * (da[n].A.norm() / U.shape[1] ** 0.5) for n, U in one.items()}
-    lora_one_write(peft_model, scaled)
+    subspace_write(peft_model, scaled)
 
 
 def da_at_one_scale_write(peft_model, state) -> None:
-    """LoRA-DA's subspace at LoRA-One's scale: A = orthonormal basis of col(A_DA), B = 0."""
+    """LoRA-DA's subspace at the scale of ``lora_one_subspace`` (orthonormal): A = an orthonormal
+    basis of col(A_DA), B = 0."""
     _, da = state
-    lora_one_write(peft_model, {n: torch.linalg.qr(f.A)[0] for n, f in da.items()})
+    subspace_write(peft_model, {n: torch.linalg.qr(f.A)[0] for n, f in da.items()})
 
 
 CONTROLS: dict[str, tuple[Prepare, Write]] = {
-    "lora_one_at_da_scale": (controls_prepare, one_at_da_scale_write),
+    "lora_one_subspace_at_da_scale": (controls_prepare, one_subspace_at_da_scale_write),
     "lora_da_at_one_scale": (controls_prepare, da_at_one_scale_write),
 }
 

@@ -1,14 +1,15 @@
 """Fig. 2 — training loss, gradient norm and held-out accuracy against step.
 
-Row 1, synthetic: the softmax task of ``paper_figs.task`` (``W`` 16×4, N = 2000, |S| = 256, rank 2); LoRA,
-LoRA-One and LoRA-DA with A and B trained by the shared full-batch Adam (lr 0.02). Gradient norm =
-‖∇_(A,B) L‖ of the trainable parameters; accuracy = exact expected held-out accuracy against labels
-drawn from the target, ``E_x p_tgt(argmax_k p_W(k|x) | x)``.
+Row 1, synthetic: the softmax task of ``paper_figs.task`` (``W`` 16×4, N = 2000, |S| = 256,
+rank 2); LoRA, LoRA-One's subspace (B0 = 0, not the official LoRA-One) and LoRA-DA with A and B
+trained by the shared full-batch Adam (lr 0.02). Gradient norm = ‖∇_(A,B) L‖ of the trainable
+parameters; accuracy = exact expected held-out accuracy against labels drawn from the target,
+``E_x p_tgt(argmax_k p_W(k|x) | x)``.
 
 Row 2, tiny LLaMA (``_tiny_llama``): a small ``LlamaForCausalLM`` pre-trained on a source Markov
 language and LoRA-fine-tuned on a shifted target language (AdamW, cosine schedule with warm-up,
-r = 8, alpha = 16, all linear layers); LoRA, LoRA-One and LoRA-DA with its official and its paper
-preset. Held-out next-token accuracy on target-language sequences.
+r = 8, alpha = 16, all linear layers); LoRA, LoRA-One's subspace (B0 = 0) and LoRA-DA with its
+official and its paper preset. Held-out next-token accuracy on target-language sequences.
 
 Mean ± s.d. over seeds in both rows.
 """
@@ -41,7 +42,7 @@ from paper_figs.task import (
 )
 
 SEED0 = 400
-METHODS = ("lora", "lora_one", "lora_da")
+METHODS = ("lora", "lora_one_subspace", "lora_da")
 PANELS = {
     "train_loss": "training loss",
     "grad_norm": "gradient norm",

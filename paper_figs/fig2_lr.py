@@ -1,16 +1,18 @@
 """Fig. 2 (tiny LLaMA) with the learning rate selected per method, and scale-swap controls.
 
 The tiny-LLaMA row of ``fig2`` trains every method at one untuned learning rate (1e-3), at which
-LoRA-DA's official preset starts from factors scaled by ~1/√γ and LoRA-One from orthonormal ones:
-the ranking may be the learning rate's and the scale's, not the subspace's. Here, in the
-setting of ``_tiny_llama`` (same model, data, recipe):
+LoRA-DA's official preset starts from factors scaled by ~1/√γ and LoRA-One's subspace from
+orthonormal ones: the ranking may be the learning rate's and the scale's, not the subspace's.
+Here, in the setting of ``_tiny_llama`` (same model, data, recipe):
 
-* every method (LoRA, LoRA-One, LoRA-DA's official preset) is trained at each learning rate of :data:`LRS`; the learning rate is **selected per
-  method on a validation split** (target sequences disjoint from training and held-out data; the
-  mean final validation loss over seeds), and the held-out metrics are reported at that rate;
+* every method (LoRA, LoRA-One's subspace with B0 = 0, LoRA-DA's official preset) is trained at
+  each learning rate of :data:`LRS`; the learning rate is **selected per method on a validation
+  split** (target sequences disjoint from training and held-out data; the mean final validation
+  loss over seeds), and the held-out metrics are reported at that rate;
 * two **scale-swap controls** separate subspace from scale (both with B0 = 0):
-  ``lora_one_at_da_scale`` = LoRA-One's subspace with LoRA-DA's per-layer scale ‖A_DA‖_F/√r;
-  ``lora_da_at_one_scale`` = an orthonormal basis of LoRA-DA's subspace (LoRA-One's scale).
+  ``lora_one_subspace_at_da_scale`` = LoRA-One's subspace with LoRA-DA's per-layer scale
+  ‖A_DA‖_F/√r; ``lora_da_at_one_scale`` = an orthonormal basis of LoRA-DA's subspace (the
+  scale of ``lora_one_subspace``).
 
 Output: held-out accuracy and loss at the selected learning rate (mean ± s.d. over seeds), the
 validation loss of every (method, learning rate), and the selected rates (CSV).
@@ -45,14 +47,14 @@ SEEDS, QUICK_SEEDS = 1, 1  # one full-scale run is minutes on 2 shared cores: ra
 METHODS = (*(m for m in tl.METHODS if m != "lora_da_paper"), *tl.CONTROLS)
 LABELS = {
     "lora": "LoRA",
-    "lora_one": "LoRA-One",
+    "lora_one_subspace": "LoRA-One subspace, B0 = 0",
     "lora_da_official": "LoRA-DA (official)",
     "lora_da_paper": "LoRA-DA (paper)",
-    "lora_one_at_da_scale": "LoRA-One subspace, DA scale",
+    "lora_one_subspace_at_da_scale": "LoRA-One subspace, DA scale",
     "lora_da_at_one_scale": "LoRA-DA subspace, One scale",
 }
 _STATE_OF = {  # methods whose initialiser state is shared (computed once per seed)
-    "lora_one_at_da_scale": "controls",
+    "lora_one_subspace_at_da_scale": "controls",
     "lora_da_at_one_scale": "controls",
 }
 

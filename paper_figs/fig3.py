@@ -2,7 +2,8 @@
 
 Every method trains from ``W0`` with the same full-batch Adam (lr 0.02) for the same number of
 steps (``paper_figs.task``): full fine-tuning, vanilla LoRA (Haar-random orthonormal ``A``, ``B = 0``),
-LoRA-One (``A`` = top-r left singular vectors of ``−G``, ``B = 0``) and LoRA-DA (``A0`` from
+LoRA-One's subspace (``lora_one_subspace``: ``A`` = top-r left singular vectors of ``−G``,
+``B = 0``; not the official LoRA-One, whose ``B0 ≠ 0``) and LoRA-DA (``A0`` from
 Eq. (19), ``B0 = A0ᵀΔW``, Eq. 17), each with ``A`` frozen (LoRA-FA, the analysis) and with ``A``
 trainable. Rank 2 (softmax, ``W`` 16×4) and 1 (logistic, ``W`` 16×1).
 
@@ -49,8 +50,8 @@ RUNS = (
     ("full", True),
     ("lora", False),
     ("lora", True),
-    ("lora_one", False),
-    ("lora_one", True),
+    ("lora_one_subspace", False),
+    ("lora_one_subspace", True),
     ("lora_da", False),
     ("lora_da", True),
 )

@@ -1,4 +1,5 @@
-"""Fig. 4 — final metric against the LoRA rank r ∈ {1, 2, 4, 8, 16} for LoRA, LoRA-One, LoRA-DA.
+"""Fig. 4 — final metric against the LoRA rank r ∈ {1, 2, 4, 8, 16} for LoRA, LoRA-One's subspace
+(B0 = 0) and LoRA-DA.
 
 Softmax task of ``paper_figs.task`` (``W`` 16×4, N = 2000, calibration |S| = 256), several seeds (each
 draws a new ``W0``, ``W_tgt`` and training set; all ranks and methods share them). Metrics as in
@@ -37,7 +38,7 @@ RANKS = (1, 2, 4, 8, 16)
 # LoRA-DA's rank curve beside the two rows that separate calibration noise from the method
 # (docs/regime.md): the debiased estimator (variance weight 1/N + 1/|S|, |S| = N_CALIB) and LoRA-DA
 # from population statistics (exact J(W0), population G: no calibration noise).
-METHODS = ("lora", "lora_one", "lora_da", "lora_da_debiased", "lora_da_population")
+METHODS = ("lora", "lora_one_subspace", "lora_da", "lora_da_debiased", "lora_da_population")
 
 
 def measure(k: int, steps: int) -> dict[str, dict[str, np.ndarray]]:

@@ -4,8 +4,8 @@ Softmax task of ``paper_figs.task`` (``W`` 16×4, so the Fisher has p = 64 param
 several seeds. For each |S| the statistics ``G`` and the damped empirical Fisher are computed on
 the first |S| training pairs. Panels: the three metrics of Table 7 (``paper_figs.task.METRICS``), and the
 largest principal angle between ``A0(S)`` and the *large-sample* ``A0``, computed the same way from
-2^15 fresh pairs of the target distribution. LoRA-One (top-r singular vectors of −G from the same
-S) is shown for reference. Mean ± s.d. over seeds.
+2^15 fresh pairs of the target distribution. LoRA-One's subspace (top-r singular vectors of −G
+from the same S, B0 = 0) is shown for reference. Mean ± s.d. over seeds.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from paper_figs.task import (
 SEED0 = 300
 SIZES = (16, 64, 256, 1024)
 LARGE = 2**15
-METHODS = ("lora_one", "lora_da")
+METHODS = ("lora_one_subspace", "lora_da")
 PANELS = {**METRICS, "angle": "largest principal angle to the large-sample A0 (degrees)"}
 
 

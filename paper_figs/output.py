@@ -21,7 +21,7 @@ DPI = 100
 METHOD_LABELS = {
     "full": "full FT",
     "lora": "LoRA",
-    "lora_one": "LoRA-One",
+    "lora_one_subspace": "LoRA-One subspace, B0 = 0",
     "lora_da": "LoRA-DA",
     "lora_da_no_bias": "LoRA-DA w/o bias",
     "lora_da_no_variance": "LoRA-DA w/o variance",
@@ -37,7 +37,7 @@ METHOD_LABELS = {
 METHOD_COLORS = {
     "full": "black",
     "lora": "tab:blue",
-    "lora_one": "tab:orange",
+    "lora_one_subspace": "tab:orange",
     "lora_da": "tab:green",
     "lora_da_no_bias": "tab:olive",
     "lora_da_no_variance": "tab:cyan",

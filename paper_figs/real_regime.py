@@ -26,9 +26,12 @@ of each method's r-dimensional subspace:
   code path instead (the variance coefficient divided by σ(Ĝ)², not σ(ΔŴ)²): its variance term
   is then 10⁸–10¹⁶ times its bias term on SmolLM2 and A0 the top eigenvectors of the shared Z
   (split-half angle 0 by construction) — kept to show why the scale has to be matched;
-* LoRA-One: the top-r left singular vectors of −G_even and −G_odd (G of the same statistics,
-  ``gradient_weight="sequence"``: LoRA-One's per-sequence mean gradient), the same angles, the
-  regret under Ω_h = −G_h G_hᵀ (relative to r‖Ω_h‖₂), and the split-half SNR of G
+* ``lora_one_subspace``, LoRA-One's subspace: the top-r left singular vectors of −G_even and
+  −G_odd (:func:`lora_da_ref.torch.baselines.lora_one_subspace`; G of the same statistics,
+  ``gradient_weight="sequence"``: LoRA-One's per-sequence mean gradient); the official LoRA-One's
+  A spans it and B0 plays no part in a subspace, so this is also the official init's stability.
+  Measured: the same angles, the regret under Ω_h = −G_h G_hᵀ (relative to r‖Ω_h‖₂), and the
+  split-half SNR of G
   (``(‖G‖² − noise)/noise``, ``noise = ‖G_even − G_odd‖² w_e w_o / W²``) as ``snr_split``.
 
 One pass: the statistics are accumulated chunk by chunk over [0, 32), [32, 128), [128, 512),
@@ -76,7 +79,7 @@ PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 PRESETS = ("lora_da_official", "lora_da_default", "lora_da_debiased")
 # the −Ĝ ablations of the default preset: method name -> how the variance term is scaled
 ABLATIONS = {"lora_da_default@neg_G": "matched", "lora_da_default@neg_G_literal": "literal"}
-METHODS = (*PRESETS, *ABLATIONS, "lora_one")
+METHODS = (*PRESETS, *ABLATIONS, "lora_one_subspace")
 STABILITY = ("split_angle_max", "split_angle_min", "split_mean_cos2", "split_rel_regret")
 SNRS = ("snr_plugin", "snr_split", "snr_sandwich")
 METRICS = (*STABILITY, *SNRS, "var_bias_ratio")
@@ -87,7 +90,7 @@ COLORS = {
     "lora_da_debiased": "darkgreen",
     "lora_da_default@neg_G": "tab:red",
     "lora_da_default@neg_G_literal": "tab:pink",
-    "lora_one": "tab:orange",
+    "lora_one_subspace": "tab:orange",
 }
 # the ablation lies on LoRA-One's curve and the debiased preset on the default's: other markers
 MARKERS = {
@@ -154,12 +157,13 @@ def split_snr_of(even: torch.Tensor, odd: torch.Tensor, weights: tuple[float, fl
     return (signal - noise) / noise if noise > 0 else math.inf
 
 
-def lora_one_split(stats: Any, name: str) -> dict[str, float]:
+def lora_one_subspace_split(stats: Any, name: str) -> dict[str, float]:
     """Split-half stability of LoRA-One's subspace (top-r left singular vectors of −G_h)."""
+    from lora_da_ref.torch.baselines import lora_one_subspace
     from lora_da_ref.torch.diagnostics import principal_angles
 
     even, odd = (g.double() for g in stats.halves(name))
-    A = [torch.linalg.svd(-g, full_matrices=False)[0][:, :RANK] for g in (even, odd)]
+    A = [lora_one_subspace(-g, RANK) for g in (even, odd)]  # (d_in, r) each
     angles = principal_angles(A[0], A[1])
     omega2 = -odd @ odd.mT  # (d_in, d_in)
     regret = float(torch.trace(A[0].mT @ omega2 @ A[0]) - torch.trace(A[1].mT @ omega2 @ A[1]))
@@ -384,7 +388,9 @@ def _measure(quick: bool, sizes: tuple[int, ...], layers: tuple[int, ...]) -> li
                 config, J = configs["lora_da_default"], fishers["lora_da_default"]
                 row = ablation_split(stats, name, config, J, bias, spectra[group])
                 rows.append({**base, "method": method, **row})
-            rows.append({**base, "method": "lora_one", **lora_one_split(stats, name)})
+            rows.append(
+                {**base, "method": "lora_one_subspace", **lora_one_subspace_split(stats, name)}
+            )
     return rows
 
 

@@ -19,7 +19,9 @@ Metric: ``E‖Ŵ − W_tgt‖²_F`` on fresh training data of size N at the cons
 frozen (Eq. 11), from the asymptotic sandwich formula for the misspecified constrained MLE
 (:func:`sandwich_error`: pseudo-true ``B*``, ``bias = ‖W0 + AB* − W_tgt‖²``,
 ``variance = tr(H⁻¹CH⁻¹)/N``), checked against ``lora_da_ref.monte_carlo_error`` in
-``regime_mc_check.csv``. Methods: :data:`METHODS` (``lora_da_population``: exact ``J(W0)`` and
+``regime_mc_check.csv``. Methods: :data:`METHODS` (``lora_one_subspace``, "LoRA-One" in the
+titles and "One" in the cells: LoRA-One's subspace; the metric depends on ``col(A)`` only, so the
+official LoRA-One, whose A spans it, scores the same; ``lora_da_population``: exact ``J(W0)`` and
 population ``G``; ``lora_da_oracle``: the true ΔW and exact J — references, not methods).
 The winner is taken among the practical methods :data:`PRACTICAL`. Cells: mean over seeds; the
 difference LoRA-DA − LoRA-One is paired per seed (mean ± s.e.). SNR = ‖ΔW‖²·|S| / tr(Σ_i J⁻¹_[i])
@@ -71,7 +73,7 @@ RANKS = {"softmax": 2, "logistic": 1, "linear_gaussian": 2}
 SEEDS, QUICK_SEEDS = 40, 6  # the quick run's seeds are the first QUICK_SEEDS of the full run
 METHODS = (
     "lora",
-    "lora_one",
+    "lora_one_subspace",
     "lora_da",
     "lora_da_no_bias",
     "lora_da_no_variance",
@@ -83,7 +85,7 @@ METHODS = (
 PRACTICAL = METHODS[:7]
 SHORT = {
     "lora": "LoRA",
-    "lora_one": "One",
+    "lora_one_subspace": "One",
     "lora_da": "DA",
     "lora_da_no_bias": "DA-nb",
     "lora_da_no_variance": "DA-nv",
@@ -94,7 +96,7 @@ SHORT = {
 }
 COLORS = {
     "lora": "tab:blue",
-    "lora_one": "tab:orange",
+    "lora_one_subspace": "tab:orange",
     "lora_da": "tab:green",
     "lora_da_no_bias": "tab:olive",
     "lora_da_no_variance": "tab:cyan",
@@ -108,7 +110,7 @@ MC_CHECK = {  # (model, shift, |S|, method): sandwich vs monte_carlo_error, seed
             (m, s, 256, meth)
             for m in MODELS
             for s in (0.1, 1.0)
-            for meth in ("lora_da", "lora_one")
+            for meth in ("lora_da", "lora_one_subspace")
         ),
         "reps": 400,
     },
@@ -311,7 +313,7 @@ def summarise(raw, seeds: int) -> list[Cell]:
         for shift in SHIFTS:
             for s in (*CALIB_SIZES, POP):
                 means = {m: raw[(kind, shift, s, m)].mean() for m in PRACTICAL}
-                d = raw[(kind, shift, s, "lora_da")] - raw[(kind, shift, s, "lora_one")]
+                d = raw[(kind, shift, s, "lora_da")] - raw[(kind, shift, s, "lora_one_subspace")]
                 se = float(d.std(ddof=1) / np.sqrt(d.size)) if d.size > 1 else 0.0
                 snr_v = np.inf if s == POP else mean_snr(kind, shift, s, seeds)
                 cells.append(

@@ -7,7 +7,8 @@ registry, all from the same calibration statistics):
 * LoRA-DA: Ω = (1/N) Σ_i J⁻¹_[i] − ΔWΔWᵀ with ΔW = −J⁻¹G (Eqs. 19, 21);
 * w/o bias: Ω = variance term only; w/o variance: Ω = −ΔWΔWᵀ;
 * w/o variance & Fisher: Ω = −GGᵀ (Remark 4.3, i.e. LoRA-One's subspace with LoRA-DA's B0 = −AᵀG);
-* PiSSA / MiLoRA: top / bottom singular vectors of W0; LoRA-One; vanilla LoRA;
+* PiSSA / MiLoRA: top / bottom singular vectors of W0; LoRA-One's subspace with B0 = 0
+  (``lora_one_subspace``, not the official LoRA-One); vanilla LoRA;
 * two reference rows that are not methods: LoRA-DA with the *oracle* statistics of the theorems
   (the true ΔW = W_tgt − W0 and the exact population Fisher J(W0) — what Theorem 4.2 ranks), and
   LoRA-DA with *population statistics* (exact J(W0) and the population gradient G, so
@@ -62,7 +63,7 @@ METHODS = (
     "lora_da_no_variance_no_fisher",
     "pissa",
     "milora",
-    "lora_one",
+    "lora_one_subspace",
     "lora",
     "lora_da_oracle",
     "lora_da_population",

@@ -7,8 +7,8 @@ Checks (random G with singular values 1, 2, …: a non-degenerate gap; every r):
   11a ``guidance_matrix(J, −G, N, variance_weight=0)`` equals ``−U diag(σ²) Uᵀ`` built from the
       SVD ``G = U diag(σ) Vᵀ`` (22): an independent route (no product GGᵀ), relative error;
   11b largest principal angle between ``lora_da_init(…, delta_w=−G, variance_weight=0)`` and the
-      ``lora_one`` initialiser's A ≤ 1e-8 rad (``ANGLE_TOL``: far above the round-off, far below
-      any real difference of subspaces).
+      ``lora_one_subspace`` initialiser's A ≤ 1e-8 rad (``ANGLE_TOL``: far above the round-off,
+      far below any real difference of subspaces).
 Broken input: the variance term is kept (β = 1) with a Fisher whose inverse block sum is not a
 multiple of I, so the subspaces differ.
 """
@@ -48,7 +48,7 @@ def _one(rng, d1, d2, broken) -> tuple[float, float]:
     worst = 0.0
     for r in range(1, min(d1, d2) + 1):
         A_da, _ = lora_da_init(J, G, n, r, delta_w=-G, variance_weight=beta)
-        A_one, _ = initialize("lora_one", problem, r)
+        A_one, _ = initialize("lora_one_subspace", problem, r)
         worst = max(worst, float(principal_angles(A_da, A_one)[-1]))
     return float(omega_err), worst
 
@@ -71,7 +71,7 @@ def run(mode: Mode = "quick", *, broken: bool = False, seed: int = 11) -> list[C
         ClaimResult(
             "11b",
             "Remark 4.3",
-            "max principal angle LoRA-DA(β=0, ΔW=−G) vs LoRA-One (rad)",
+            "max angle LoRA-DA(β=0, ΔW=−G) vs LoRA-One subspace (rad)",
             max(r[1] for r in res),
             ANGLE_TOL,
             "<=",

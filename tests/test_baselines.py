@@ -18,7 +18,7 @@ import peft
 from peft.tuners.lora import LoraLayer
 
 from lora_da_ref.torch.adapter import apply_lora_da
-from lora_da_ref.torch.baselines import lora_one, pissa, sequence_mean_gradient
+from lora_da_ref.torch.baselines import lora_one, lora_one_subspace, pissa, sequence_mean_gradient
 from lora_da_ref.torch.targets import find_target_modules
 from tests.torch_cases import LLAMA_TARGETS, assert_state_equal, model_state, tiny_llama
 
@@ -170,6 +170,25 @@ def test_lora_one_is_the_mean_of_per_sequence_gradients_whatever_the_batching(mo
     name = next(iter(one))
     batch_mean = dict(ref.named_modules())[name].weight.grad.T / len(batches)
     assert relerr(batch_mean, one[name]) > 0.05
+
+
+def test_lora_one_subspace_is_the_column_space_of_lora_ones_A(model, seqs, reference_gradients):
+    """``lora_one_subspace(−∇W L, r)`` (paper orientation: ``weight.grad``'s transpose) is an
+    orthonormal (d_in, r) basis of NumPy's top-r left singular subspace of the reference
+    gradient (compared as projectors), and ``lora_one``'s A is these very columns scaled by
+    ``√(S_r/S_0)``: both come from one SVD. Caught: +∇ for −∇ (other subspace), the torch
+    orientation (d_out rows), the bottom-r vectors."""
+    factors = lora_one(model, seqs, rank=RANK, target_modules=LLAMA_TARGETS)
+    grads, _ = sequence_mean_gradient(model, seqs, find_target_modules(model, LLAMA_TARGETS))
+    for name, grad in grads.items():
+        U = lora_one_subspace(-grad, RANK)  # (d_in, r)
+        assert U.shape == (grad.shape[0], RANK) and U.dtype == grad.dtype, name
+        torch.testing.assert_close(U.mT @ U, torch.eye(RANK), rtol=0, atol=1e-5)
+        P = np.linalg.svd(-reference_gradients[name].T)[0][:, :RANK]  # (d_in, r), float64
+        assert relerr(U.double() @ U.double().mT, P @ P.T) <= RTOL, name
+        f = factors[name]
+        root = (f.eigenvalues / f.diagnostics["top_singular_value"]).sqrt()  # (r,)
+        torch.testing.assert_close(f.A, U * root, rtol=1e-6, atol=1e-7)
 
 
 def test_lora_one_writes_into_peft_unchanged(model, seqs):

@@ -33,10 +33,11 @@ def test_baselines_pick_the_documented_subspaces():
     r = case.r
     pissa, _ = ld.initialize("pissa", p, r)
     milora, _ = ld.initialize("milora", p, r)
-    lora_one, _ = ld.initialize("lora_one", p, r)
+    one_subspace, B0 = ld.initialize("lora_one_subspace", p, r)
     assert ld.principal_angles(pissa, U_w[:, :r]).max() < ANGLE_TOL
     assert ld.principal_angles(milora, U_w[:, -r:]).max() < ANGLE_TOL
-    assert ld.principal_angles(lora_one, U_g[:, :r]).max() < ANGLE_TOL
+    assert ld.principal_angles(one_subspace, U_g[:, :r]).max() < ANGLE_TOL
+    assert not B0.any()  # the subspace alone, not the official LoRA-One's B0
 
 
 def test_ablations_change_only_their_term():
@@ -51,8 +52,8 @@ def test_ablations_change_only_their_term():
     assert ld.principal_angles(no_bias, ld.smallest_eigvecs(var_only, r)).max() < ANGLE_TOL
     assert ld.principal_angles(no_var, np.linalg.svd(dw)[0][:, :r]).max() < ANGLE_TOL
     # Remark 4.3: without variance and Fisher, the subspace is LoRA-One's, and B0 = A0ᵀ(−G).
-    lora_one, _ = ld.initialize("lora_one", p, r)
-    assert ld.principal_angles(no_var_fisher, lora_one).max() < ANGLE_TOL
+    one_subspace, _ = ld.initialize("lora_one_subspace", p, r)
+    assert ld.principal_angles(no_var_fisher, one_subspace).max() < ANGLE_TOL
     np.testing.assert_allclose(B, no_var_fisher.T @ (-p.G), atol=1e-13)
 
 

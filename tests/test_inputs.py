@@ -95,6 +95,21 @@ def _collated(side: str, texts, batch_size: int, max_length: int = 40):
     return [collator(rows[i : i + batch_size]) for i in range(0, len(rows), batch_size)]
 
 
+def test_right_pad_builds_the_batches_of_hf_right_padding():
+    """``tokenize_batches`` (through ``lora_da_ref.data.right_pad``) gives, tensor for tensor,
+    the batches of HF's right padding + DataCollatorForLanguageModeling: the same ids, mask and
+    labels (-100 on padding), so the package's own batches are what a HF user brings."""
+    from lora_da_ref.data import tokenize_batches
+
+    ours = tokenize_batches(make_tiny_tokenizer(), TINY_TEXTS, max_length=40, batch_size=3)
+    theirs = _collated("right", TINY_TEXTS, batch_size=3, max_length=40)
+    assert len(ours) == len(theirs) > 1
+    assert any((b["attention_mask"] == 0).any() for b in ours)  # some rows are padded
+    for a, b in zip(ours, theirs):
+        for key in ("input_ids", "attention_mask", "labels"):
+            assert torch.equal(a[key], b[key]), key
+
+
 def _stats(model, batches, config, targets=None, **kw):
     targets = find_target_modules(model, LLAMA_TARGETS) if targets is None else targets
     return collect_statistics(model, batches, targets, config, progress=False, **kw)

@@ -13,8 +13,9 @@ import torch
 import lora_da_ref.reference.eigen as np_eigen
 import lora_da_ref.reference.fisher as np_fisher
 import lora_da_ref.reference.initializers as np_init
+import lora_da_ref.torch as torch_api
 from lora_da_ref.reference.linalg import principal_angles
-from lora_da_ref.torch import KroneckerFisher, LoraDAConfig, find_target_modules, init_lora_da_layer
+from lora_da_ref.torch import KroneckerFisher, LoraDAConfig, find_target_modules
 from lora_da_ref.torch.pipeline import SingleProcess, run_pipeline, solve_layers, solve_workers
 from lora_da_ref.torch.solvers import smallest_eigenpairs
 from lora_da_ref.torch.statistics import KFACStatistics, KFACSums, accumulate_statistics
@@ -46,12 +47,12 @@ def _problem(d1=7, d2=4, seed=0):
     return Y, Z, rng.standard_normal((d1, d2))
 
 
-def test_init_lora_da_layer_torch_equals_numpy_lora_da_init():
+def test_lora_da_init_torch_equals_numpy():
     """STYLE.md's four lines: the same (J, G, n, r) through the NumPy lora_da_init and its
-    torch twin init_lora_da_layer."""
+    torch twin of the same name."""
     Y, Z, G = _problem()
     A, B = np_init.lora_da_init(np_fisher.KroneckerFisher(Y, Z), G, 50, 3)
-    At, Bt = init_lora_da_layer(
+    At, Bt = torch_api.lora_da_init(
         KroneckerFisher(*map(torch.from_numpy, (Y, Z))), torch.from_numpy(G), 50, 3
     )
     assert principal_angles(At.numpy(), A).max() < F64_RAD
@@ -208,16 +209,15 @@ def test_automatic_solve_workers():
 
 
 def test_the_one_layer_call_is_the_numpy_twin_and_not_the_model_call():
-    """The whole-model call and the one-layer call have names that cannot be confused, and the
-    one-layer call takes the NumPy reference's arguments, by the same names."""
+    """The one-layer call has the NumPy reference's name and takes its arguments, by the same
+    names; the whole-model call (whose name is its anagram) takes a model and batches instead,
+    so passing one where the other is meant fails at the first argument."""
     import inspect
 
-    import lora_da_ref.torch as public
-    from lora_da_ref.reference.initializers import lora_da_init
-
-    assert {"init_lora_da", "init_lora_da_layer"} <= set(public.__all__)
-    assert "lora_da_init" not in public.__all__  # the anagram of init_lora_da
-    assert all(hasattr(public, name) for name in public.__all__)
-    ours = list(inspect.signature(public.init_lora_da_layer).parameters)
-    theirs = list(inspect.signature(lora_da_init).parameters)
+    assert {"init_lora_da", "lora_da_init"} <= set(torch_api.__all__)
+    assert all(hasattr(torch_api, name) for name in torch_api.__all__)
+    ours = list(inspect.signature(torch_api.lora_da_init).parameters)
+    theirs = list(inspect.signature(np_init.lora_da_init).parameters)
     assert ours[: len(theirs)] == theirs, (ours, theirs)
+    model_call = list(inspect.signature(torch_api.init_lora_da).parameters)
+    assert model_call[:2] == ["model", "batches"], model_call

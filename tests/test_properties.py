@@ -67,13 +67,13 @@ def test_loewner_equality_iff_invariant(case, seed):
 
 @settings(max_examples=MAX_EXAMPLES)
 @given(st.integers(1, 10), st.integers(1, 8), seeds, st.data())
-def test_degenerate_case_is_lora_one(d1, d2, seed, data):
+def test_degenerate_case_is_lora_one_subspace(d1, d2, seed, data):
     rng = np.random.default_rng(seed)
     G = matrix_with_singular_gap(d1, d2, rng)  # singular values k, k−1, …, 1
     r = data.draw(st.integers(1, min(d1, d2)))
     J = random_spd(d1 * d2, rng, 100.0)
     A_da, _ = lora_da_init(J, G, 100, r, delta_w=-G, variance_weight=0.0)
-    A_one, _ = initialize("lora_one", InitProblem(np.zeros((d1, d2)), G, J, 100), r)
+    A_one, _ = initialize("lora_one_subspace", InitProblem(np.zeros((d1, d2)), G, J, 100), r)
     assert principal_angles(A_da, A_one)[-1] <= ANGLE_TOL
 
 

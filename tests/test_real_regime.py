@@ -1,7 +1,7 @@
-"""paper_figs/real_regime.py: chunked statistics equal one pass; the LoRA-One split is right; the
-split-half harness measures as ``calibration_diagnostics`` does; the −Ĝ ablation builds Ω from
-the gradient, not from ΔŴ; Spearman ρ within each |S| is not the pooled one; the ``--quick`` run on
-SmolLM2 writes its files."""
+"""paper_figs/real_regime.py: chunked statistics equal one pass; LoRA-One's subspace split is
+right; the split-half harness measures as ``calibration_diagnostics`` does; the −Ĝ ablation builds
+Ω from the gradient, not from ΔŴ; Spearman ρ within each |S| is not the pooled one; the
+``--quick`` run on SmolLM2 writes its files."""
 
 from __future__ import annotations
 
@@ -56,18 +56,18 @@ def test_chunked_prefix_statistics_equal_one_pass(tiny):
         next(rr.prefix_statistics(model, examples, targets, config, (3, 8)))
 
 
-def test_lora_one_split_identical_halves_and_random_halves(tiny):
+def test_lora_one_subspace_split_identical_halves_and_random_halves(tiny):
     """Identical halves give angle 0, cos² 1 and zero regret; the split-half SNR is +inf then."""
     from types import SimpleNamespace
 
     g = torch.randn(20, 12, dtype=torch.float64)
     same = SimpleNamespace(halves=lambda n: (g, g), split_weights=(1.0, 1.0), G={"w": g})
-    out = rr.lora_one_split(same, "w")
+    out = rr.lora_one_subspace_split(same, "w")
     assert out["split_angle_max"] < 1e-6 and out["split_mean_cos2"] == pytest.approx(1.0)
     assert abs(out["split_rel_regret"]) < 1e-12 and math.isinf(out["snr_split"])
     h = torch.randn(20, 12, dtype=torch.float64)
     other = SimpleNamespace(halves=lambda n: (g, h), split_weights=(1.0, 1.0), G={"w": (g + h) / 2})
-    out = rr.lora_one_split(other, "w")
+    out = rr.lora_one_subspace_split(other, "w")
     assert out["split_angle_max"] > 0.3 and out["split_rel_regret"] > 0
 
 
@@ -83,7 +83,7 @@ def test_quick_run_writes_files(tmp_path):
     rho = default["spearman_vs_angle_max"]["snr_split"]
     assert set(rho["within_size"]) == {str(s) for s in rr.QUICK_SIZES}
     assert "pooled_confounded" in rho
-    assert set(summary["methods"]["lora_one"]["spearman_vs_angle_max"]) == {"snr_split"}
+    assert set(summary["methods"]["lora_one_subspace"]["spearman_vs_angle_max"]) == {"snr_split"}
     with res.extra_csv[0].open() as fh:
         header = fh.readline().strip().split(",")
     assert header == ["method", "n_calib", "layer", "d_in", *rr.METRICS]
@@ -146,6 +146,7 @@ def test_split_half_harness_measures_as_calibration_diagnostics(tiny_stats):
 def test_neg_g_ablation_builds_omega_from_the_gradient(tiny_stats):
     """The ablation's A0 is not LoRA-DA's (ΔŴ = −Ĵ⁻¹Ĝ turns the subspace on this model); with
     β = 0 it is exactly LoRA-One's top-r left singular subspace of −Ĝ_h (Remark 4.3)."""
+    from lora_da_ref.torch.baselines import lora_one_subspace
     from lora_da_ref.torch.diagnostics import principal_angles
 
     stats, config = tiny_stats
@@ -157,7 +158,7 @@ def test_neg_g_ablation_builds_omega_from_the_gradient(tiny_stats):
             largest.append(max(float(principal_angles(a, b).max()) for a, b in zip(A_da, A_g)))
         _, A_g = _halves_A(stats, name, config.replace(variance_weight=0.0), "matched")
         for a, g in zip(A_g, stats.halves(name)):
-            top = torch.linalg.svd(-g.double(), full_matrices=False)[0][:, : config.rank]
+            top = lora_one_subspace(-g.double(), config.rank)  # (d_in, r)
             assert float(principal_angles(a, top).max()) < 1e-6, name
     assert min(largest) > 0.05, largest  # every layer: the two directions differ
 
@@ -198,7 +199,7 @@ def test_ratio_and_sandwich_snr(tiny_stats):
         assert (
             matched["snr_split"]
             == literal["snr_split"]
-            == rr.lora_one_split(stats, name)["snr_split"]
+            == rr.lora_one_subspace_split(stats, name)["snr_split"]
         )
         assert da["snr_sandwich"] != pytest.approx(da["snr_plugin"], rel=1e-3)  # damped: differ
         undamped = config.replace(damping=0.0)

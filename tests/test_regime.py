@@ -62,7 +62,7 @@ def test_committed_table_summarises_committed_seeds(committed, cells):
         assert int(row["seeds"]) == v.size >= 20
         np.testing.assert_allclose(float(row["mean"]), v.mean(), rtol=RTOL)
         base = key[:3]
-        d = committed[(*base, "lora_da")] - committed[(*base, "lora_one")]
+        d = committed[(*base, "lora_da")] - committed[(*base, "lora_one_subspace")]
         np.testing.assert_allclose(float(row["da_minus_one"]), d.mean(), rtol=1e-5, atol=1e-9)
         np.testing.assert_allclose(
             float(row["da_minus_one_se"]), d.std(ddof=1) / np.sqrt(d.size), rtol=1e-5
@@ -95,7 +95,7 @@ def test_sandwich_matches_monte_carlo_now():
     model = rg.make_model("logistic")
     draw = rg.make_draw(model, "logistic", 0, 0.1)
     X, Y = rg.calibration_sample(draw, "logistic", 0)
-    A = initialize("lora_one", rg.calibration_problem(draw, X[:256], Y[:256]), 1)[0]
+    A = initialize("lora_one_subspace", rg.calibration_problem(draw, X[:256], Y[:256]), 1)[0]
     sw = rg.sandwich_error(draw, A)
     mc = monte_carlo_error(model, draw.W0, draw.W_tgt, A, rg.N, 200, np.random.default_rng([0, 17]))
     assert abs(mc.mean - sw.total) <= Z_MC * mc.std_error

@@ -100,7 +100,7 @@ def test_layers_per_pass_holds_one_group_of_statistics_at_a_time(llama, monkeypa
     import lora_da_ref.torch.pipeline as pipeline
 
     events = []
-    real_collect, real_layer = pipeline.accumulate_statistics, pipeline.layer_factors
+    real_collect, real_solve = pipeline.accumulate_statistics, pipeline.solve_layer
 
     def collect(model, batches, targets, config, **kw):
         sums = real_collect(model, batches, targets, config, **kw)
@@ -109,10 +109,10 @@ def test_layers_per_pass_holds_one_group_of_statistics_at_a_time(llama, monkeypa
 
     def solve(stats, name, config, z_factors=None, **kw):
         events.append(("solve", name))
-        return real_layer(stats, name, config, z_factors, **kw)
+        return real_solve(stats, name, config, z_factors, **kw)
 
     monkeypatch.setattr(pipeline, "accumulate_statistics", collect)
-    monkeypatch.setattr(pipeline, "layer_factors", solve)
+    monkeypatch.setattr(pipeline, "solve_layer", solve)
     cfg = PRESETS["paper_literal"].replace(layers_per_pass=1)
     factors = init_lora_da(llama, llama_batches(), cfg, progress=False)
     passes = [layers for kind, layers in events if kind == "pass"]

@@ -2,8 +2,8 @@
 
 Every initialiser maps an :class:`InitProblem` and a rank ``r`` to ``(A0, B0)`` with ``A0`` (d1, r)
 column-orthonormal and ``B0`` (r, d2). The adapted layer starts at ``W0 + A0 B0``: ``B0 = 0`` means
-the model is unchanged at start (LoRA; PiSSA/MiLoRA after their base-weight offset; LoRA-One as
-compared here), ``B0 = A0ᵀΔW`` is Eq. (17). In the analysis only ``col(A0)`` matters: the
+the model is unchanged at start (LoRA; PiSSA/MiLoRA after their base-weight offset;
+``lora_one_subspace``), ``B0 = A0ᵀΔW`` is Eq. (17). In the analysis only ``col(A0)`` matters: the
 constrained MLE over ``W0 + A0 B`` (Eq. 10) does not depend on ``B0``.
 
 Dispatch goes through the :data:`INITIALIZERS` registry, never through string ``if`` chains.
@@ -136,8 +136,13 @@ def _milora(p: InitProblem, r: int, rng: np.random.Generator) -> Factors:
     return _left_singular(p.W0, r, largest=False), np.zeros((r, p.W0.shape[1]))
 
 
-def _lora_one(p: InitProblem, r: int, rng: np.random.Generator) -> Factors:
-    """LoRA-One / LoRA-GA subspace: top-r left singular vectors of −G (Eq. 22); B0 = 0 here."""
+def _lora_one_subspace(p: InitProblem, r: int, rng: np.random.Generator) -> Factors:
+    """LoRA-One's (and LoRA-GA's) subspace: top-r left singular vectors of −G (Eq. 22), B0 = 0.
+
+    Not the official LoRA-One init (``lora_da_ref.torch.baselines.lora_one``), whose B0 ≠ 0 makes
+    ``A0 B0`` a scaled gradient step: only ``col(A0)`` enters the analysis (Eq. 10), and the
+    official A spans this same subspace.
+    """
     return _left_singular(-p.G, r, largest=True), np.zeros((r, p.W0.shape[1]))
 
 
@@ -192,7 +197,7 @@ INITIALIZERS: dict[str, Initializer] = {
     "lora": _lora,
     "pissa": _pissa,
     "milora": _milora,
-    "lora_one": _lora_one,
+    "lora_one_subspace": _lora_one_subspace,
     "lora_da": _lora_da(1.0, 1.0),
     # Table 7 ablations.
     "lora_da_no_bias": _lora_da(1.0, 0.0),

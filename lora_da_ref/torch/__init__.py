@@ -2,10 +2,10 @@
 
 Same names as the NumPy reference (:mod:`lora_da_ref`) for the same objects, so one test can
 compare both: ``fisher_gradient``, ``inverse_fisher_block_sum``, ``guidance_matrix``,
-``smallest_eigvecs``, ``KroneckerFisher``, ``DenseFisher``.
+``smallest_eigvecs``, ``lora_da_init``, ``KroneckerFisher``, ``DenseFisher``.
 
-What a user calls: :func:`init_lora_da` for a whole model, :func:`init_lora_da_layer` for one
-layer given its Fisher and gradient, the PEFT-native calls, and the distributed entry. Everything
+What a user calls: :func:`init_lora_da` for a whole model, :func:`lora_da_init` for one layer
+given its Fisher and gradient, the PEFT-native calls, and the distributed entry. Everything
 else (the pipeline's stages, the statistics' sums, the solvers' registry, the per-layer solve
 with its intermediates) stays importable from its module: :mod:`.statistics`, :mod:`.factors`,
 :mod:`.guidance`, :mod:`.solvers`, :mod:`.fisher`, :mod:`.pipeline`, :mod:`.distributed`.
@@ -24,8 +24,8 @@ from lora_da_ref.torch.distributed import (
     join_torchrun_group,
 )
 
-# One layer: Algorithm 1's map (J, G, n, r) → (A0, B0), the torch twin of lora_da_init
-from lora_da_ref.torch.factors import init_lora_da_layer
+# One layer: Algorithm 1's map (J, G, n, r) → (A0, B0), the torch twin of the NumPy lora_da_init
+from lora_da_ref.torch.factors import lora_da_init
 
 # Fisher representations
 from lora_da_ref.torch.fisher import DenseFisher, KroneckerFisher
@@ -73,12 +73,12 @@ __all__ = [
     "guidance_matrix",
     "init_lora_da",
     "init_lora_da_distributed",
-    "init_lora_da_layer",
     "initialize_lora_da_weights",
     "inverse_fisher_block_sum",
     "join_torchrun_group",
     "load_lora_da_state",
     "lora_da_factors",
+    "lora_da_init",
     "save_lora_da_state",
     "smallest_eigvecs",
 ]

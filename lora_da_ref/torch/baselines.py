@@ -8,7 +8,8 @@ return ``{module name: LoraFactors}`` (float32, CPU) that
 :func:`~lora_da_ref.torch.adapter.apply_lora_da` writes unchanged:
 
 * :func:`lora_one` — ``apply_lora_da(peft_model, factors)`` (``offset="none"``: the official
-  LoRA-One code leaves ``W0`` untouched; the model starts at ``W0 + s·A B``).
+  LoRA-One code leaves ``W0`` untouched; the model starts at ``W0 + s·A B``). Its ``A`` spans
+  :func:`lora_one_subspace`, the subspace alone (what the figures compare with ``B0 = 0``).
 * :func:`pissa` — ``apply_lora_da(peft_model, factors, offset="subtract")``: the base weight
   becomes ``W0 − s·A B``, PiSSA's residual, and the model's output is unchanged at start.
 
@@ -39,7 +40,7 @@ from lora_da_ref.torch.statistics import (
 )
 from lora_da_ref.torch.targets import find_target_modules
 
-__all__ = ["lora_one", "pissa", "sequence_mean_gradient"]
+__all__ = ["lora_one", "lora_one_subspace", "pissa", "sequence_mean_gradient"]
 
 Targets = str | Iterable[str]
 
@@ -127,9 +128,38 @@ def lora_one(
     return out
 
 
+def lora_one_subspace(neg_grad: Tensor, rank: int) -> Tensor:
+    """LoRA-One's subspace: the top-r left singular vectors of ``−G`` (Eq. 22, Remark 4.3).
+
+    ``−G = P diag(S) Qᵀ`` (thin SVD), ``U = P[:, :r]``.
+
+    ``col(U)`` is the column space of :func:`lora_one`'s ``A`` (which scales these columns), of
+    LoRA-GA's ``A`` and, by Remark 4.3, of LoRA-DA's ``A0`` without its variance term and with
+    ``ΔW = −G``. The SVD runs on ``neg_grad`` as given (its dtype and device, no copy): the
+    caller picks the precision (:func:`lora_one` float32 on CPU, as the official code; the
+    split-half study of ``paper_figs.real_regime`` float64).
+
+    Args:
+        neg_grad: ``−G`` (d_in, d_out) in the paper's orientation, ``G = ∇W L``: the transpose
+            of ``nn.Linear.weight.grad``'s layout.
+        rank: ``r``, 1 ≤ r ≤ min(d_in, d_out).
+
+    Returns:
+        ``U`` (d_in, r), orthonormal columns, ordered by decreasing singular value.
+    """
+    return _top_svd(neg_grad, rank)[0]
+
+
+def _top_svd(M: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``M = P diag(S) Qᵀ`` (thin SVD, ``M``'s dtype and device): ``(P_r (d_in, r), S (all),
+    Qᵀ_r (r, d_out))``. The one SVD behind :func:`lora_one_subspace` and :func:`lora_one`."""
+    P, S, Qh = torch.linalg.svd(M, full_matrices=False)
+    return P[:, :rank], S, Qh[:rank]
+
+
 def _lora_one_layer(name: str, neg_grad: Tensor, rank: int, gamma: float) -> LoraFactors:
     """Factors of one layer from ``−∇W L`` (d_in, d_out) (see :func:`lora_one`)."""
-    P, S, Qh = torch.linalg.svd(neg_grad.float().cpu(), full_matrices=False)
+    P_r, S, Qh_r = _top_svd(neg_grad.float().cpu(), rank)
     s0 = float(S[0])
     if not (math.isfinite(s0) and s0 > 0):
         raise ValueError(
@@ -137,8 +167,8 @@ def _lora_one_layer(name: str, neg_grad: Tensor, rank: int, gamma: float) -> Lor
             "LoRA-One needs a non-zero gradient (do the batches have label tokens?)"
         )
     root = (S[:rank] / s0).sqrt() / math.sqrt(gamma)  # (r,) √(S_r/S_0)/√γ
-    A = P[:, :rank] * root  # (d_in, r)
-    B = root[:, None] * Qh[:rank]  # (r, d_out)
+    A = P_r * root  # (d_in, r): lora_one_subspace's columns, scaled
+    B = root[:, None] * Qh_r  # (r, d_out)
     diagnostics = {"singular_values": S[: 2 * rank].tolist(), "top_singular_value": s0}
     return LoraFactors(A.contiguous(), B.contiguous(), S[:rank].clone(), diagnostics)
 

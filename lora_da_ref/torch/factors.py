@@ -24,10 +24,10 @@ A0 (radians; :func:`precision_bound`, no extra solve); :func:`untrusted_layers` 
 where it exceeds :data:`TRUST_RAD`. The ``"full"`` diagnostics add ``precision_probe``
 (:func:`precision_probe`: one perturbed re-solve per layer).
 
-:func:`init_lora_da_layer` is the same map from ``(J, G, n, r)`` for one layer, with the NumPy
-reference's signature (:func:`lora_da_ref.reference.initializers.lora_da_init`; the whole model is
-:func:`lora_da_ref.torch.init.init_lora_da`); :func:`solve_layer` keeps every intermediate
-(:class:`LayerSolution`) for validation; :func:`layer_factors` returns what the pipeline stores.
+:func:`lora_da_init` is the same map from ``(J, G, n, r)`` for one layer, with the NumPy
+reference's name and signature (:func:`lora_da_ref.reference.initializers.lora_da_init`; the whole
+model is :func:`lora_da_ref.torch.init.init_lora_da`); :func:`solve_layer` keeps every intermediate
+(:class:`LayerSolution`), and ``solve_layer(...).factors()`` is what the pipeline stores.
 """
 
 from __future__ import annotations
@@ -69,9 +69,8 @@ __all__ = [
     "UNSCALED_B0_KEY",
     "LayerSolution",
     "diagnose_layer",
-    "init_lora_da_layer",
     "kfac_fisher",
-    "layer_factors",
+    "lora_da_init",
     "precision_bound",
     "precision_probe",
     "requested_damping",
@@ -249,20 +248,7 @@ def diagnose_layer(
         )
 
 
-def layer_factors(
-    stats: KFACStatistics,
-    name: str,
-    config: SolveConfig | LoraDAConfig,
-    z_factors: dict[str, CholeskyFactor] | None = None,
-    *,
-    rank: int | None = None,
-) -> LoraFactors:
-    """Steps 2–5 of Algorithm 1 for one layer → :class:`LoraFactors` (float32, CPU); ``rank``
-    as :func:`solve_layer`."""
-    return solve_layer(stats, name, config, z_factors, rank=rank).factors()
-
-
-def init_lora_da_layer(
+def lora_da_init(
     J: FisherMatrix | Tensor,
     G: Tensor,
     n: int,
@@ -275,8 +261,9 @@ def init_lora_da_layer(
     **solver_options: Any,
 ) -> tuple[Tensor, Tensor]:
     """LoRA-DA initialisation of ONE layer, Theorem 4.1 / 4.2 and Eq. (17); the torch twin of
-    :func:`lora_da_ref.reference.initializers.lora_da_init` (same arguments, same return). The whole model
-    (statistics, then this map per layer) is :func:`lora_da_ref.torch.init.init_lora_da`.
+    :func:`lora_da_ref.reference.initializers.lora_da_init` (same name, arguments and return, so
+    one test compares both on one problem). The whole model (statistics, then this map per layer)
+    is :func:`lora_da_ref.torch.init.init_lora_da`.
 
     ``ΔW = −J⁻¹G`` (Eq. 21) unless ``delta_w`` is given; Ω from Eq. (19); ``A0`` = the r smallest
     eigenvectors of Ω (Eqs. 5–8); ``B0 = A0ᵀΔW`` (Eq. 17).

@@ -21,7 +21,6 @@ from torch import nn
 
 from lora_da_ref.torch.config import LoraDAConfig, LoraFactors
 from lora_da_ref.torch.distributed import DataParallel, resolve_process_group
-from lora_da_ref.torch.factors import layer_factors
 from lora_da_ref.torch.pipeline import SingleProcess, Strategy, layer_ranks, run_pipeline
 from lora_da_ref.torch.statistics import Batch, LossFn
 from lora_da_ref.torch.store import StatisticsStore, statistics_key
@@ -30,7 +29,7 @@ from lora_da_ref.torch.targets import find_target_modules
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
 
-__all__ = ["find_target_modules", "init_lora_da", "layer_factors"]
+__all__ = ["find_target_modules", "init_lora_da"]
 
 
 def init_lora_da(

@@ -7,7 +7,7 @@ Paper orientation, ``W`` (d_in, d_out). For each group of ``layers_per_pass`` tr
    counts over this process's batches (:func:`lora_da_ref.torch.statistics.accumulate_statistics`);
 2. **reduces** them to the normalised statistics ``Z``, ``Y``, ``G`` of the whole calibration set
    (:func:`~lora_da_ref.torch.statistics.finalize`; across processes: all-reduce first);
-3. **solves** the layers this process owns (:func:`lora_da_ref.torch.factors.layer_factors`,
+3. **solves** the layers this process owns (:func:`lora_da_ref.torch.factors.solve_layer`,
    Algorithm 1 steps 2–5, the same pure function everywhere);
 4. **gathers** every layer's factors on every process;
 
@@ -38,7 +38,7 @@ from lora_da_ref.torch.config import (
     rank_of,
 )
 from lora_da_ref.torch.diagnostics import report_calibration
-from lora_da_ref.torch.factors import TRUST_RAD, layer_factors, untrusted_layers
+from lora_da_ref.torch.factors import TRUST_RAD, solve_layer, untrusted_layers
 from lora_da_ref.torch.fisher import CholeskyFactor
 from lora_da_ref.torch.memory import _layer_key, layer_passes, resolve_layers_per_pass
 from lora_da_ref.torch.progress import RunProgress
@@ -333,4 +333,7 @@ def _solve_task(
     z_factors: dict[str, CholeskyFactor] | None = None,
 ) -> dict[str, LoraFactors]:
     z_factors = {} if z_factors is None else z_factors  # this task's (shared) factors of Z
-    return {name: layer_factors(stats, name, config, z_factors, rank=ranks[name]) for name in names}
+    return {
+        name: solve_layer(stats, name, config, z_factors, rank=ranks[name]).factors()
+        for name in names
+    }

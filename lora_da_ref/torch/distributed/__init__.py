@@ -25,7 +25,7 @@ Design (one call of :func:`init_lora_da_distributed` on every rank of the group;
 2. **All-reduce** of the sums and counts (:func:`all_reduce_sums`, :mod:`.collectives`), bucketed in flat buffers.
 3. **Layer-parallel solve + broadcast.** The input groups (modules sharing ``Z``: q/k/v,
    gate/up) are split over the ranks by a deterministic greedy balance of their solve cost
-   (≈ ``d_in³``); each rank solves its share (:func:`lora_da_ref.torch.factors.layer_factors`) and
+   (≈ ``d_in³``); each rank solves its share (:func:`lora_da_ref.torch.factors.solve_layer`) and
    broadcasts ``A``, ``B`` and the eigenvalues. Chosen over "every rank solves every layer"
    because (a) the solves of a deep model run ``R`` times faster, and (b) the factors are
    **bitwise identical on every rank by construction** — a replicated solve is identical only

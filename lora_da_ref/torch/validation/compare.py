@@ -9,7 +9,7 @@ compares, against **exact** ground truths built from the dense per-token empiric
 * with the production path's versions: K-FAC with a full ``Y`` (``kfac-full``, the paper's
   Algorithm 1), with a diagonal ``Y`` (``kfac-diag``), and the ``official`` preset (diagonal Y,
   σ-normalised ΔW, β = 0.03, batch-scaled scores, 10 LOBPCG iterations), each as returned by
-  :func:`lora_da_ref.torch.factors.layer_factors`;
+  ``solve_layer(...).factors()`` (:func:`lora_da_ref.torch.factors.solve_layer`);
 * and, on the same Ω, ``eigh`` vs LOBPCG with the official 10 iterations vs LOBPCG run to tolerance.
 
 Each method is compared with the exact counterpart **with its own settings** (β, α, N, the
@@ -48,7 +48,7 @@ from lora_da_ref.torch.exact import (
     exact_fisher_variants,
     full_precision_copy,
 )
-from lora_da_ref.torch.factors import kfac_fisher, layer_factors
+from lora_da_ref.torch.factors import kfac_fisher, solve_layer
 from lora_da_ref.torch.fisher import DenseFisher
 from lora_da_ref.torch.guidance import Guidance, layer_guidance
 from lora_da_ref.torch.solvers import EigenResult, layer_seed, smallest_eigenpairs
@@ -121,7 +121,7 @@ def validate(
         device: ``"cpu"`` (both paths in float64) or ``"cuda"`` (production on a bfloat16 copy
             with float32 statistics; exact in float64).
         methods: keys of :data:`METHODS`.
-        seed: the solver seed (per-layer seeds as in layer_factors).
+        seed: the solver seed (per-layer seeds as in solve_layer).
 
     Returns:
         A JSON-able report: ``{"case", "rank", "n_train", "tokens", "device", "layers": {name:
@@ -236,7 +236,7 @@ def _compare_layer(
     to64 = dict(device="cpu", dtype=torch.float64)
     J_kfac = kfac_fisher(stats, name, config)  # float64, with the damping the production applies
     ours = layer_guidance(J_kfac, stats.G[name].to(**to64), config)
-    factors = layer_factors(stats, name, config)  # the production result
+    factors = solve_layer(stats, name, config).factors()  # the production result
     gamma = 1.0 if config.scale_gamma is None else math.sqrt(config.scale_gamma)
     A0 = torch.linalg.qr(factors.A.to(torch.float64) * gamma)[0]  # (d1, r); float32 → exact AᵀA = I
     seed = layer_seed(config.seed, name)

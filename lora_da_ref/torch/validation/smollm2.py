@@ -54,6 +54,7 @@ import torch
 from torch import Tensor, nn
 
 from lora_da_ref import real
+from lora_da_ref.data import right_pad
 from lora_da_ref.reference import guidance as np_guidance
 from lora_da_ref.reference.linalg import principal_angles
 from lora_da_ref.torch.config import DEFAULT_TARGETS, LoraDAConfig
@@ -480,7 +481,7 @@ def _stability(
     for h in (0, 1):
         G = _np(cal.halves["paper"][h].G[name])  # (d_in, d_out)
         lora_one.append(top_left_singular(-G, r))
-    out["lora_one"] = {"angles": _angles(*lora_one).tolist()}
+    out["lora_one_subspace"] = {"angles": _angles(*lora_one).tolist()}
     return out
 
 
@@ -704,7 +705,7 @@ def _texts(model_tokenizer: tuple[Any, Any], options: SmolLM2Options) -> tuple[l
     records = real.humaneval("train")
     if options.texts > len(records):
         raise ValueError(f"--texts {options.texts} > {len(records)} HumanEval train tasks")
-    calib = [real.collate([e], pad) for e in real.tokenize_humaneval(records[: options.texts], tok)]
+    calib = [right_pad([e], pad) for e in real.tokenize_humaneval(records[: options.texts], tok)]
     kfac = []
     for r in records[: options.kfac_texts]:
         ids = tok(r["prompt"] + r["canonical_solution"], add_special_tokens=False)["input_ids"]
@@ -855,8 +856,8 @@ _COLUMNS = [  # (header, summary key, statistic, format)
     ("stab off", "stability.official.largest", "median", ".2f"),
     ("stab pap", "stability.paper.largest", "median", ".2f"),
     ("reg pap", "stability.paper.rel_regret", "median", ".1e"),
-    ("1 lg", "stability.lora_one.largest", "median", ".2f"),
-    ("1 sm", "stability.lora_one.smallest", "median", ".2f"),
+    ("1 lg", "stability.lora_one_subspace.largest", "median", ".2f"),
+    ("1 sm", "stability.lora_one_subspace.smallest", "median", ".2f"),
     ("KF Jerr", "kfac_truth.kfac.fisher_err", "median", ".2f"),
     ("KF ang", "kfac_truth.kfac.angle", "median", ".2f"),
     ("KF reg", "kfac_truth.kfac.rel_regret", "median", ".1e"),
