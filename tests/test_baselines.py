@@ -17,9 +17,8 @@ pytest.importorskip("peft")
 import peft
 from peft.tuners.lora import LoraLayer
 
-from lora_da_ref.torch.adapter import apply_lora_da
+from lora_da_ref.torch import apply_lora_da, find_target_modules
 from lora_da_ref.torch.baselines import lora_one, lora_one_subspace, pissa, sequence_mean_gradient
-from lora_da_ref.torch.targets import find_target_modules
 from tests.torch_cases import LLAMA_TARGETS, assert_state_equal, model_state, tiny_llama
 
 RANK = 4

@@ -11,7 +11,13 @@ import pytest
 import torch
 from torch import nn
 
-from lora_da_ref.torch import LoraDAConfig, collect_statistics, init_lora_da
+from lora_da_ref.torch import (
+    KFACStatistics,
+    LoraDAConfig,
+    collect_statistics,
+    find_target_modules,
+    init_lora_da,
+)
 from lora_da_ref.torch.diagnostics import (
     calibration_diagnostics,
     calibration_summary,
@@ -19,8 +25,6 @@ from lora_da_ref.torch.diagnostics import (
     principal_angles,
 )
 from lora_da_ref.torch.factors import kfac_fisher, solve_layer
-from lora_da_ref.torch.statistics import KFACStatistics
-from lora_da_ref.torch.targets import find_target_modules
 from tests.torch_cases import (  # noqa: F401
     LLAMA_TARGETS,
     llama_batches,
@@ -271,7 +275,7 @@ def test_torch_estimators_match_the_numpy_registry(estimator):
     the same Ω up to rounding, so the same A0 and A0ᵀΔW. The case sits at SNR̂ ≈ 2, where the
     variants' A0 differ from the plug-in's by > 0.02 rad (checked; 0.057 rad for "damped"), so
     N/|S| inverted, a missing 1/|S| or a wrong trace moves A0 by far more than 1e-8."""
-    from lora_da_ref.reference.initializers import InitProblem, initialize
+    from lora_da_ref import InitProblem, initialize
     from lora_da_ref.torch.factors import solve_layer
 
     rng = np.random.default_rng(3)

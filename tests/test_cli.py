@@ -18,9 +18,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lora_da_ref.cli.main import SUBCOMMANDS, build_parser, main
 from lora_da_ref.data import TINY_TEXTS, tokenize_batches
+from lora_da_ref.torch import LoraDAConfig, find_target_modules, init_lora_da
 from lora_da_ref.torch.adapter import lora_modules
-from lora_da_ref.torch.config import LoraDAConfig
-from lora_da_ref.torch.init import find_target_modules, init_lora_da
 from tests.report import allclose_report
 
 # PEFT 0.21 calls a transformers-5 deprecated property on every wrap; not ours to fix.

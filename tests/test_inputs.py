@@ -9,8 +9,7 @@ import re
 import pytest
 import torch
 
-from lora_da_ref.torch import LoraDAConfig, collect_statistics, init_lora_da
-from lora_da_ref.torch.targets import find_target_modules
+from lora_da_ref.torch import LoraDAConfig, collect_statistics, find_target_modules, init_lora_da
 from tests.tiny_models import TINY_TEXTS, make_tiny_llama, make_tiny_tokenizer
 from tests.torch_cases import LLAMA_TARGETS, single_thread, tiny_llama  # noqa: F401
 
@@ -263,10 +262,8 @@ def _entry_points(model, cfg, targets):
 
 
 def _distributed_entry_points(model, cfg, targets, group):
-    from lora_da_ref.torch.distributed import (
-        collect_statistics_distributed,
-        init_lora_da_distributed,
-    )
+    from lora_da_ref.torch import init_lora_da_distributed
+    from lora_da_ref.torch.distributed import collect_statistics_distributed
 
     return {
         "init_lora_da_distributed": lambda b: init_lora_da_distributed(

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lora_da_ref.torch import LoraDAConfig, init_lora_da, memory
+from lora_da_ref.torch import LoraDAConfig, find_target_modules, init_lora_da, memory
 from lora_da_ref.torch.memory import (
     input_groups,
     plan_layers_per_pass,
@@ -15,7 +15,6 @@ from lora_da_ref.torch.memory import (
 )
 from lora_da_ref.torch.pipeline import pass_plan
 from lora_da_ref.torch.statistics import accumulate_statistics, finalize
-from lora_da_ref.torch.targets import find_target_modules
 from tests.torch_cases import LLAMA_TARGETS, llama_batches, single_thread, tiny_llama  # noqa: F401
 
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lora_da_ref.reference.linalg import random_orthonormal
-from lora_da_ref.reference.monte_carlo import monte_carlo_error, subspace_projection
-from lora_da_ref.reference.synthetic import (
+from lora_da_ref import (
     ConvergenceError,
     LinearGaussian,
     LogisticRegression,
     SoftmaxRegression,
+    monte_carlo_error,
+    random_orthonormal,
+    subspace_projection,
 )
 from tests.report import allclose_report
 

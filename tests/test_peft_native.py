@@ -23,13 +23,14 @@ from lora_da_ref.presets import PRESETS
 from lora_da_ref.torch import (
     LoraDAConfig,
     LoraDAState,
+    apply_lora_da,
     get_lora_da_state_dict,
     init_lora_da,
     initialize_lora_da_weights,
     load_lora_da_state,
     save_lora_da_state,
 )
-from lora_da_ref.torch.adapter import LiteralPresetWarning, apply_lora_da, lora_modules
+from lora_da_ref.torch.adapter import LiteralPresetWarning, lora_modules
 from lora_da_ref.torch.config import preset_of
 from lora_da_ref.torch.peft_init import (
     PROVENANCE_FILE,
@@ -213,13 +214,14 @@ def test_official_preset_is_the_official_yaml():
 
 
 def test_default_is_the_official_objective_with_robust_numerics():
-    """LoraDAConfig() is the official objective and scaling with relative damping and eigh."""
+    """LoraDAConfig() is the official objective and scaling with relative damping and the "auto"
+    solver (eigh below the crossover, the certified solver from there)."""
     default, official = LoraDAConfig(), LoraDAConfig.official()
     numerics = {"damping", "damping_scale", "solver", "solver_options"}
     for f in dataclasses.fields(LoraDAConfig):
         if f.name not in numerics:
             assert getattr(default, f.name) == getattr(official, f.name), f.name
-    assert (default.damping_scale, default.solver) == ("relative", "eigh")
+    assert (default.damping_scale, default.solver) == ("relative", "auto")
     with pytest.raises(ValueError, match="'paper' is now 'paper_literal'"):
         LoraDAConfig.preset("paper")
 

@@ -10,15 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-import lora_da_ref.reference.eigen as np_eigen
-import lora_da_ref.reference.fisher as np_fisher
-import lora_da_ref.reference.initializers as np_init
+import lora_da_ref as np_ref
 import lora_da_ref.torch as torch_api
-from lora_da_ref.reference.linalg import principal_angles
-from lora_da_ref.torch import KroneckerFisher, LoraDAConfig, find_target_modules
+from lora_da_ref import principal_angles
+from lora_da_ref.torch import KFACStatistics, KroneckerFisher, LoraDAConfig, find_target_modules
 from lora_da_ref.torch.pipeline import SingleProcess, run_pipeline, solve_layers, solve_workers
 from lora_da_ref.torch.solvers import smallest_eigenpairs
-from lora_da_ref.torch.statistics import KFACStatistics, KFACSums, accumulate_statistics
+from lora_da_ref.torch.statistics import KFACSums, accumulate_statistics
 from lora_da_ref.torch.threads import one_blas_thread
 from tests.torch_cases import (
     LLAMA_TARGETS,
@@ -51,7 +49,7 @@ def test_lora_da_init_torch_equals_numpy():
     """STYLE.md's four lines: the same (J, G, n, r) through the NumPy lora_da_init and its
     torch twin of the same name."""
     Y, Z, G = _problem()
-    A, B = np_init.lora_da_init(np_fisher.KroneckerFisher(Y, Z), G, 50, 3)
+    A, B = np_ref.lora_da_init(np_ref.KroneckerFisher(Y, Z), G, 50, 3)
     At, Bt = torch_api.lora_da_init(
         KroneckerFisher(*map(torch.from_numpy, (Y, Z))), torch.from_numpy(G), 50, 3
     )
@@ -64,7 +62,7 @@ def test_smallest_eigenpairs_unpack_alike():
     rng = np.random.default_rng(1)
     M = rng.standard_normal((9, 9))
     omega = M + M.T
-    values, vectors = np_eigen.smallest_eigenpairs(omega, 4)
+    values, vectors = np_ref.smallest_eigenpairs(omega, 4)
     result = smallest_eigenpairs(torch.from_numpy(omega), 4)
     values_t, vectors_t = result
     assert result.diagnostics["solver"] == "eigh" and result.vectors is vectors_t
@@ -217,7 +215,7 @@ def test_the_one_layer_call_is_the_numpy_twin_and_not_the_model_call():
     assert {"init_lora_da", "lora_da_init"} <= set(torch_api.__all__)
     assert all(hasattr(torch_api, name) for name in torch_api.__all__)
     ours = list(inspect.signature(torch_api.lora_da_init).parameters)
-    theirs = list(inspect.signature(np_init.lora_da_init).parameters)
+    theirs = list(inspect.signature(np_ref.lora_da_init).parameters)
     assert ours[: len(theirs)] == theirs, (ours, theirs)
     model_call = list(inspect.signature(torch_api.init_lora_da).parameters)
     assert model_call[:2] == ["model", "batches"], model_call

@@ -13,11 +13,10 @@ import pytest
 import torch
 from torch import nn
 
-from lora_da_ref.reference.linalg import principal_angles
-from lora_da_ref.torch import LoraDAConfig, init_lora_da
+from lora_da_ref import principal_angles
+from lora_da_ref.torch import KFACStatistics, LoraDAConfig, init_lora_da
 from lora_da_ref.torch.factors import TRUST_RAD, solve_layer, untrusted_layers
 from lora_da_ref.torch.pipeline import warn_untrusted
-from lora_da_ref.torch.statistics import KFACStatistics
 
 RANK = 3
 N_TRAIN = 100

@@ -11,10 +11,15 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lora_da_ref.reference.eigen import smallest_eigenpairs
-from lora_da_ref.reference.initializers import InitProblem, initialize, lora_da_init
-from lora_da_ref.reference.linalg import principal_angles, random_orthonormal
-from lora_da_ref.reference.objective import bias_term
+from lora_da_ref import (
+    InitProblem,
+    bias_term,
+    initialize,
+    lora_da_init,
+    principal_angles,
+    random_orthonormal,
+    smallest_eigenpairs,
+)
 from proofs_check._problems import EPS, matrix_with_singular_gap, random_spd, random_symmetric
 from proofs_check._stiefel import descend
 

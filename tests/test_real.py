@@ -22,8 +22,8 @@ from lora_da_ref.data import right_pad
 N_LOSS_ITEMS = 4  # held-out tasks in the forward-pass check
 
 
-# The tests marked slow take over ~40 s each on the shared, loaded 2-core machine, this fixture
-# (≈ 27 s there) counted in; the cheap ones that use it run by default.
+# This fixture takes ≈ 17 s on the shared, loaded 2-core machine; the tests that use it and add
+# only a few seconds there run by default, the SmolLM2 statistics pass and validation are slow.
 @pytest.fixture(scope="module")
 def loads(tmp_path_factory):
     """First load (builds a fresh cache from the GGUF) and second load (reads the cache)."""
@@ -56,7 +56,6 @@ def _completion_loss(model, batch) -> float:
         return float(model(**batch).loss)
 
 
-@pytest.mark.slow  # 18-21 s + the fixture
 def test_completion_loss_far_below_unigram_oracle(loads):
     """Held-out completion loss is below half the cross-entropy of an *oracle* unigram model.
 
@@ -176,8 +175,7 @@ def _rel(a, b) -> float:
 def test_smollm2_one_pass_statistics_equal_collect_statistics(loads):
     """The validation's one forward/backward per text reproduces the production statistics of
     both presets (float64 and float32), halves included (their merge is the full set)."""
-    from lora_da_ref.torch import LoraDAConfig, collect_statistics
-    from lora_da_ref.torch.targets import find_target_modules
+    from lora_da_ref.torch import LoraDAConfig, collect_statistics, find_target_modules
     from lora_da_ref.torch.validation.smollm2 import calibration_statistics
 
     _, (model, tok), _ = loads
@@ -203,14 +201,12 @@ def test_smollm2_one_pass_statistics_equal_collect_statistics(loads):
             assert _rel(ours.halves[preset][0].Z[key], value) <= STATS64_RTOL
 
 
-@pytest.mark.slow  # 15-25 s + the fixture
 def test_smollm2_kfac_truth_exact_where_it_must_be(loads):
     """K-FAC-exact control: ONE loss token at position 0 (causal attention: ℓ_0 depends on
     position 0 only, so ∇ℓ_0 = x sᵀ) makes the exact Fisher vec(x sᵀ)vec(x sᵀ)ᵀ = (s sᵀ) ⊗ (x xᵀ)
     = Y[J,J] ⊗ Z[I,I], and LoRA-DA (r = 1: the direction of ΔW ∝ x sᵀ) from both agrees; the sub-block statistics equal the production ones (same I, J);
     with many tokens K-FAC is not exact on real layers (the comparison can fail)."""
-    from lora_da_ref.torch import LoraDAConfig, collect_statistics
-    from lora_da_ref.torch.targets import find_target_modules
+    from lora_da_ref.torch import LoraDAConfig, collect_statistics, find_target_modules
     from lora_da_ref.torch.validation.smollm2 import kfac_truth
 
     _, (model, tok), _ = loads
@@ -293,7 +289,7 @@ def test_lora_one_subspace_from_the_gram_matrix_equals_the_svd(shape):
     """The stability check's LoRA-One subspace (top-r left singular vectors from the smaller
     Gram matrix) equals the SVD's, for tall and wide G. Caught: the r smallest Gram eigenpairs
     (1.57 rad), and for tall G the right singular vectors V instead of G·V (a shape error)."""
-    from lora_da_ref.reference.linalg import principal_angles
+    from lora_da_ref import principal_angles
     from lora_da_ref.torch.validation.smollm2 import top_left_singular
 
     rng = np.random.default_rng(0)

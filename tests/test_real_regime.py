@@ -71,7 +71,6 @@ def test_lora_one_subspace_split_identical_halves_and_random_halves(tiny):
     assert out["split_angle_max"] > 0.3 and out["split_rel_regret"] > 0
 
 
-@pytest.mark.slow
 def test_quick_run_writes_files(tmp_path):
     res = rr.run(tmp_path, quick=True)
     summary = json.loads((tmp_path / "real_regime.json").read_text())

@@ -16,8 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lora_da_ref.reference.initializers import InitProblem, initialize
-from lora_da_ref.reference.monte_carlo import monte_carlo_error
+from lora_da_ref import InitProblem, initialize, monte_carlo_error
 from paper_figs import regime as rg
 
 RESULTS = Path(__file__).resolve().parents[1] / "paper_figs" / "results"

@@ -9,13 +9,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lora_da_ref.reference.linalg import random_orthonormal, vec
-from lora_da_ref.reference.synthetic import (
+from lora_da_ref import (
     ConvergenceError,
     LinearGaussian,
     LogisticRegression,
     SoftmaxRegression,
     design_pool,
+    random_orthonormal,
+    vec,
 )
 from tests.report import allclose_report, relative_error
 

@@ -15,9 +15,10 @@ import torch
 peft = pytest.importorskip("peft")
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 
+from lora_da_ref.torch import LoraFactors, apply_lora_da  # noqa: E402
 from lora_da_ref.torch import adapter as adapter_mod  # noqa: E402
-from lora_da_ref.torch.adapter import apply_lora_da, lora_modules  # noqa: E402
-from lora_da_ref.torch.config import DEFAULT_TARGETS, LoraFactors  # noqa: E402
+from lora_da_ref.torch.adapter import lora_modules  # noqa: E402
+from lora_da_ref.torch.config import DEFAULT_TARGETS  # noqa: E402
 from tests.report import allclose_report  # noqa: E402
 from tests.tiny_models import make_tiny_llama  # noqa: E402
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lora_da_ref.torch import guidance_matrix
 from lora_da_ref.torch.blas import _blas_ok, gram_lower, syevr_smallest, symmetric_update
-from lora_da_ref.torch.guidance import guidance_matrix
 
 
 def _layouts(n: int, k: int) -> dict[str, torch.Tensor]:

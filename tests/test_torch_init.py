@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from lora_da_ref import lora_da_init
-from lora_da_ref.reference.fisher import KroneckerFisher as NpKroneckerFisher
-from lora_da_ref.reference.linalg import principal_angles
+from lora_da_ref import KroneckerFisher as NpKroneckerFisher
+from lora_da_ref import lora_da_init, principal_angles
 from lora_da_ref.torch import LoraDAConfig, collect_statistics, find_target_modules, init_lora_da
 from tests.report import allclose_report
 from tests.torch_cases import (
@@ -265,8 +264,7 @@ def _exact_official_omegas(model, batches, config, damping):
     """Ω (official preset) of every target, from float64 sums of the model's own activations
     (x, ∂L_b/∂o captured by hooks of the test) and the NumPy reference, with the damping
     ``damping[name] = {"Z": λ_Z, "Y": λ_Y}`` the production applied; and cond(Z + λ_Z I)."""
-    from lora_da_ref.reference.fisher import KroneckerFisher
-    from lora_da_ref.reference.guidance import fisher_gradient, guidance_matrix
+    from lora_da_ref import KroneckerFisher, fisher_gradient, guidance_matrix
     from tests.test_torch_statistics import model_activations, reference_positions
 
     targets = find_target_modules(model, config.target_modules)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from lora_da_ref.reference.linalg import principal_angles
+from lora_da_ref import principal_angles
 from lora_da_ref.torch.solvers import (
     SOLVERS,
     default_tol,

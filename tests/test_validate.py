@@ -16,12 +16,9 @@ import pytest
 import torch
 from torch import nn
 
-import lora_da_ref.reference.eigen as np_eigen
-import lora_da_ref.reference.fisher as np_fisher
-import lora_da_ref.reference.guidance as np_guidance
+import lora_da_ref as np_ref
+from lora_da_ref import LinearGaussian, SoftmaxRegression, principal_angles
 from lora_da_ref.cli.validate import kfac_exact_case, main, tiny_llama_case, validate
-from lora_da_ref.reference.linalg import principal_angles
-from lora_da_ref.reference.synthetic import LinearGaussian, SoftmaxRegression
 from lora_da_ref.torch import (
     DenseFisher,
     KroneckerFisher,
@@ -93,16 +90,16 @@ def test_linear_gaussian_torch_path_matches_numpy_reference(dtype, rtol):
     # Ω from the torch statistics vs the NumPy reference with the dense population Fisher
     X, Yobs = model.sample(model.random_weight(rng), 200, rng)
     G = model.gradient(W0, X, Yobs)  # (d1, d2)
-    J_np = np_fisher.DenseFisher(model.population_fisher(W0), *model.shape)
-    delta = np_guidance.fisher_gradient(J_np, G)
-    omega_np = np_guidance.guidance_matrix(J_np, delta, N_TRAIN)
+    J_np = np_ref.DenseFisher(model.population_fisher(W0), *model.shape)
+    delta = np_ref.fisher_gradient(J_np, G)
+    omega_np = np_ref.guidance_matrix(J_np, delta, N_TRAIN)
     J_t = KroneckerFisher(stats.Y["layer"].double(), stats.Z["layer"].double())
     delta_t = -J_t.solve(torch.from_numpy(G))
     omega_t = guidance_matrix(J_t, delta_t, N_TRAIN)
     assert relative_error(omega_t.numpy(), omega_np) <= rtol
     r = 2
     angle = principal_angles(
-        smallest_eigvecs(omega_t, r).numpy(), np_eigen.smallest_eigvecs(omega_np, r)
+        smallest_eigvecs(omega_t, r).numpy(), np_ref.smallest_eigvecs(omega_np, r)
     )
     assert angle.max() <= (ANGLE_TOL if dtype == torch.float64 else 10 * F32_RTOL)
 
@@ -145,15 +142,15 @@ def test_softmax_exact_path_matches_numpy_reference_and_reports_kfac_gap():
     assert relative_error(exact.J["layer"].numpy(), J_ref) <= OMEGA_RTOL
     X, Y = model.sample(model.random_weight(rng), 300, rng)
     G = model.gradient(W0, X, Y)
-    J_np = np_fisher.DenseFisher(J_ref, *model.shape)
-    omega_np = np_guidance.guidance_matrix(J_np, np_guidance.fisher_gradient(J_np, G), N_TRAIN)
+    J_np = np_ref.DenseFisher(J_ref, *model.shape)
+    omega_np = np_ref.guidance_matrix(J_np, np_ref.fisher_gradient(J_np, G), N_TRAIN)
     J_t = DenseFisher(exact.J["layer"], *model.shape)
     delta_t = -J_t.solve(torch.from_numpy(G))
     omega_t = guidance_matrix(J_t, delta_t, N_TRAIN)
     assert relative_error(omega_t.numpy(), omega_np) <= OMEGA_RTOL
     r = 2
     A_t = smallest_eigvecs(omega_t, r).numpy()
-    assert principal_angles(A_t, np_eigen.smallest_eigvecs(omega_np, r)).max() <= ANGLE_TOL
+    assert principal_angles(A_t, np_ref.smallest_eigvecs(omega_np, r)).max() <= ANGLE_TOL
     # K-FAC on the same weighted design: the gap is reported (printed with -s), not asserted small
     config = LoraDAConfig.paper_literal(
         dtype=torch.float64, target_modules=("layer",), label_shift=0
@@ -192,7 +189,6 @@ def test_validate_kfac_exact_control():
     assert m["kfac-full"]["rel_regret"] <= bound, (m["kfac-full"]["rel_regret"], bound)
 
 
-@pytest.mark.slow  # 56 s on the shared, loaded 2-core machine (37 s of CPU)
 def test_validate_tiny_llama_quick_leaves_model_untouched(capsys):
     # 6·64 = 384 loss tokens > d1·d2 = 256: the exact J of q_proj is invertible (it must be)
     case = tiny_llama_case(n_sequences=6, length=65)
@@ -230,10 +226,10 @@ def _production_solves_numpy_reference_omega(case):
         Z = stats.Z[stats.group_of[name]].numpy()
         Y = stats.Y[name].numpy()
         Zd, Yd = Z + lam["Z"] * np.eye(len(Z)), Y + lam["Y"] * np.eye(len(Y))
-        J = np_fisher.DenseFisher(np.kron(Yd, Zd), len(Z), len(Y))
-        delta = np_guidance.fisher_gradient(J, stats.G[name].numpy())
-        omega = np_guidance.guidance_matrix(J, delta, config.n_train)
-        A_ref = np_eigen.smallest_eigvecs(omega, config.rank)
+        J = np_ref.DenseFisher(np.kron(Yd, Zd), len(Z), len(Y))
+        delta = np_ref.fisher_gradient(J, stats.G[name].numpy())
+        omega = np_ref.guidance_matrix(J, delta, config.n_train)
+        A_ref = np_ref.smallest_eigvecs(omega, config.rank)
         angle = principal_angles(factors[name].A.double().numpy(), A_ref).max()
         assert angle <= ANGLE_TOL, f"{name}: production A0 vs NumPy reference {angle:.3g} rad"
 

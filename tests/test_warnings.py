@@ -9,7 +9,7 @@ import warnings
 
 import torch
 
-from lora_da_ref.torch.config import LoraFactors
+from lora_da_ref.torch import LoraFactors
 from lora_da_ref.torch.pipeline import warn_untrusted
 
 
