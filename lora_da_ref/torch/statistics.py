@@ -28,7 +28,9 @@ Definitions and normalisation:
   ``Σ_b w_b L_b / Σ_b w_b`` (tested).
 * Each batch's products (``x xᵀ``, ``s sᵀ``, ``x gᵀ``) are computed in ``config.dtype`` (float32
   or float64) whatever the model dtype, and added into float64 running sums
-  (:data:`RUNNING_SUM_DTYPE`): the statistics are float64.
+  (:data:`RUNNING_SUM_DTYPE`): the statistics are float64. The rows of a massive activation
+  (``‖x_t‖²`` above :data:`HEAVY_ROW_RATIO` times the batch's median) enter ``x xᵀ`` and ``x gᵀ``
+  in float64: they would otherwise set the rounding of every entry.
 * **The rounding of those products is measured** (``config.records_rounding``: a dtype below
   float64, the ``"full"`` diagnostics tier): beside each product the pass sums its float64 value
   sketched by a fixed ``Ω`` (d, k) of random signs (:func:`rounding_probe`), ``Σ_b x_bᵀ(x_b Ω)`` in
@@ -84,6 +86,15 @@ IGNORE_INDEX = -100  # HF's label value for "no loss at this position"
 RUNNING_SUM_DTYPE = torch.float64
 Batch = dict[str, Any]
 LossFn = Callable[[nn.Module, Batch], Tensor]
+# Positions whose input ‖x_t‖² exceeds this many times the batch's median are multiplied in
+# float64 (Z's and G's products; ``None``: every product in the statistics dtype). A float32
+# product's rounding grows with Σ_t ‖x_t‖², so a few massive activations carry most of it: on
+# SmolLM2 the first position's input to layer 11's down_proj has 2.8e5× the median ‖x_t‖² and
+# 99.9 % of tr(Z). Their products cost O(k·d²) in float64 for k such rows (one per sequence
+# there) and finding them O(n·d), against the batch's O(n·d²). Measured (docs/numerics.md,
+# "Heavy rows"): that layer's float32-vs-float64 angle of A0 goes from 8.1e-4 to 9.5e-8 rad, the
+# other six projections of the layer are unchanged bit for bit.
+HEAVY_ROW_RATIO: float | None = 100.0
 
 
 def default_loss_fn(model: nn.Module, batch: Batch) -> Tensor:
@@ -602,7 +613,7 @@ class _Collector:
             rows = x.detach()
             rows = rows.reshape(-1, rows.shape[-1]) if b.every_position else rows[b.positions]
             xP = rows.to(self.config.dtype)  # (|P_b|, d_in)
-            _add_gram(self.sums.Z, name, xP, 1.0)  # += Σ x xᵀ (lower triangle)
+            _add_gram_rows(self.sums.Z, name, xP, 1.0)  # += Σ x xᵀ (lower triangle)
             if self.config.records_rounding:
                 _add_reference(self.sums.rounding, f"Z/{name}", rows, rows, 1.0)
             b.inputs[group] = (x, x._version)
@@ -637,12 +648,12 @@ class _Collector:
         scaled: dict[int, tuple[Tensor, float]] = {}
         g_G, a_G = _scaled(g, b.g_scale, scaled)  # G's per-position gradients, × a_G
         if b.halves is None:
-            _addmm(self.sums.G, name, _flat(x).mT, _flat(g_G), a_G)  # += w_b ∇_W L_b
+            _addmm_rows(self.sums.G, name, _flat(x), _flat(g_G), a_G)  # += w_b ∇_W L_b
         else:  # the even-numbered sequences' sum into G, the odd-numbered ones' into G_odd
             for half, rows in b.halves:
                 xs, gs = (x, g_G) if rows is None else (x[rows], g_G[rows])
                 store = self.sums.G_odd if half else self.sums.G
-                _addmm(store, name, _flat(xs).mT, _flat(gs), a_G)  # (d_in, d_out)
+                _addmm_rows(store, name, _flat(xs), _flat(gs), a_G)  # (d_in, d_out)
         g_Y, a_Y = _scaled(g, b.y_scale, scaled)  # scores s = a_Y · g_Y
         gP = _flat(g_Y) if b.every_position else g_Y[b.positions]  # (|P_b|, d_out)
         _OUTPUT_FACTORS[self.config.output_factor](self.sums.Y, name, gP, a_Y**2)
@@ -713,6 +724,38 @@ def _addmm(store: dict[str, Tensor], key: str, a: Tensor, b: Tensor, alpha: floa
     """``store[key] += alpha · a @ b``: the batch's product in the statistics dtype (one BLAS
     call), added into a :data:`RUNNING_SUM_DTYPE` running sum (allocated on first use)."""
     _add(store, key, a @ b, alpha)
+
+
+def _heavy_rows(x: Tensor) -> Tensor | None:
+    """The rows of ``x`` (n, d) whose squared norm exceeds :data:`HEAVY_ROW_RATIO` × the median
+    (a bool mask), ``None`` when there are none, the products are float64, or the rule is off."""
+    if HEAVY_ROW_RATIO is None or x.dtype == RUNNING_SUM_DTYPE or x.shape[0] < 2:
+        return None
+    norms = x.pow(2).sum(-1)
+    heavy = norms > HEAVY_ROW_RATIO * norms.median()
+    return heavy if bool(heavy.any()) else None
+
+
+def _add_gram_rows(store: dict[str, Tensor], key: str, x: Tensor, alpha: float) -> None:
+    """:func:`_add_gram` with the heavy rows' products in float64 (:func:`_heavy_rows`)."""
+    heavy = _heavy_rows(x)
+    if heavy is None:
+        _add_gram(store, key, x, alpha)
+        return
+    _add_gram(store, key, x[~heavy], alpha)
+    _add_gram(store, key, x[heavy].to(RUNNING_SUM_DTYPE), alpha)
+
+
+def _addmm_rows(store: dict[str, Tensor], key: str, x: Tensor, g: Tensor, alpha: float) -> None:
+    """``store[key] += alpha · xᵀg`` (x (n, d_in), g (n, d_out)), the heavy rows of x in
+    float64."""
+    heavy = _heavy_rows(x)
+    if heavy is None:
+        _addmm(store, key, x.mT, g, alpha)
+        return
+    light = ~heavy
+    _addmm(store, key, x[light].mT, g[light], alpha)
+    _addmm(store, key, x[heavy].mT.to(RUNNING_SUM_DTYPE), g[heavy].to(RUNNING_SUM_DTYPE), alpha)
 
 
 def _add_reference(store: dict[str, Tensor], key: str, a: Tensor, b: Tensor, alpha: float) -> None:
