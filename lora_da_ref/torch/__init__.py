@@ -4,8 +4,11 @@ Same names as the NumPy reference (:mod:`lora_da_ref`) for the same objects, so 
 compare both: ``fisher_gradient``, ``inverse_fisher_block_sum``, ``guidance_matrix``,
 ``smallest_eigvecs``, ``lora_da_init``, ``KroneckerFisher``, ``DenseFisher``.
 
-What a user calls: :func:`init_lora_da` for a whole model, :func:`lora_da_init` for one layer
-given its Fisher and gradient, the PEFT-native calls, and the distributed entry. Everything
+What a user calls, grouped by job in ``__all__``: the PEFT call
+(:func:`initialize_lora_da_weights`) or :func:`init_lora_da` for a whole model (data-parallel:
+:func:`init_lora_da_distributed`), the two stages (:func:`collect_statistics`, then
+:func:`lora_da_factors` per solve configuration), the PEFT glue and saved state, and
+:func:`lora_da_init` for one layer given its Fisher and gradient. Everything
 else (the pipeline's stages, the statistics' sums, the solvers' registry, the per-layer solve
 with its intermediates) stays importable from its module: :mod:`.statistics`, :mod:`.factors`,
 :mod:`.guidance`, :mod:`.solvers`, :mod:`.fisher`, :mod:`.pipeline`, :mod:`.distributed`.
@@ -54,31 +57,36 @@ from lora_da_ref.torch.stages import collect_statistics, diagnose, lora_da_facto
 # K-FAC statistics (Algorithm 1, step 1)
 from lora_da_ref.torch.statistics import KFACStatistics
 
-__all__ = [
-    "DenseFisher",
-    "KFACStatistics",
-    "KroneckerFisher",
-    "LoraDAConfig",
-    "LoraDAState",
-    "LoraFactors",
-    "RankFailedError",
-    "SolveConfig",
-    "StatisticsConfig",
-    "apply_lora_da",
-    "collect_statistics",
-    "diagnose",
-    "find_target_modules",
-    "fisher_gradient",
-    "get_lora_da_state_dict",
-    "guidance_matrix",
+__all__ = [  # noqa: RUF022  grouped by job (as curvlinops groups its __all__), not sorted
+    # The whole model: one PEFT call, or the factors of a plain model, or data-parallel
+    "initialize_lora_da_weights",
     "init_lora_da",
     "init_lora_da_distributed",
-    "initialize_lora_da_weights",
-    "inverse_fisher_block_sum",
     "join_torchrun_group",
-    "load_lora_da_state",
+    "RankFailedError",
+    # The method in two stages (statistics once, solves many) and the diagnosis
+    "collect_statistics",
     "lora_da_factors",
-    "lora_da_init",
+    "diagnose",
+    "KFACStatistics",
+    # Configuration and results
+    "LoraDAConfig",
+    "StatisticsConfig",
+    "SolveConfig",
+    "LoraFactors",
+    "find_target_modules",
+    # PEFT glue: factors written into an adapter, a reusable saved state
+    "apply_lora_da",
+    "LoraDAState",
+    "get_lora_da_state_dict",
     "save_lora_da_state",
+    "load_lora_da_state",
+    # One layer, the NumPy reference's twins: Algorithm 1's map, Eqs. (16), (19), (21), (5)-(8)
+    "lora_da_init",
+    "fisher_gradient",
+    "guidance_matrix",
+    "inverse_fisher_block_sum",
     "smallest_eigvecs",
+    "DenseFisher",
+    "KroneckerFisher",
 ]
