@@ -907,10 +907,15 @@ class Experiment:
         # the grid, and every rate the rows already hold for all selection seeds (as the summary
         # reads them: the selection and the report choose from the same rates)
         held = selection_rows(read_rows(self.out / "rows", self.sizes), method, self.sizes)
-        grid = sorted({lr_key(x) for x in self.grid(method)} | set(held))
-        vals = {lr: [self.row(method, lr, s)["val_loss"] for s in seeds] for lr in grid}
+        base = {lr_key(x) for x in self.grid(method)}
+        vals = {
+            lr: [self.row(method, lr, s)["val_loss"] for s in seeds]
+            for lr in sorted(base | set(held))
+        }
         best, edge = select_lr(vals)
-        for _ in range(self.sizes.max_extend):
+        # a held rate off the grid is an extension already made: a resumed run spends the budget
+        # once, not once per restart
+        for _ in range(max(0, self.sizes.max_extend - len(set(held) - base))):
             if not edge:
                 break
             lr = lr_key(next_rate(list(vals), best))

@@ -286,11 +286,38 @@ def test_rows_at_a_rate_off_the_grid_join_the_choice(tmp_path):
 
     stored(5e-5, 0)  # one selection seed only: not a grid point; the one extension reaches 5e-5
     assert exp.select("lora") == (pytest.approx(5e-5), True)
-    stored(5e-5, 1)  # both: 5e-5 is on the grid, and the one extension goes on to 2.5e-5
-    assert exp.select("lora") == (pytest.approx(2.5e-5), True)
+    stored(5e-5, 1)  # both: 5e-5 joins the choice and is the one extension, already spent
+    assert exp.select("lora") == (pytest.approx(5e-5), True)
     other = replace(sizes, steps=sizes.steps + 1)  # rows of other sizes never join
     exp.sizes = other
     assert exp.select("lora") == (pytest.approx(5e-5), True)
+
+
+def test_a_resumed_selection_spends_the_extension_budget_once(tmp_path):
+    """A run killed after its extension row and started again asks for no further rate: the
+    extension it made is in the rows, and the budget counts it."""
+    optimum = 3e-5
+    sizes = replace(TINY, lr_grid=(1e-4, 2e-4), select_seeds=1, max_extend=1)
+    exp = gf.Experiment.__new__(gf.Experiment)
+    exp.sizes, exp.out = sizes, tmp_path
+    tried = []
+
+    def row(method, lr, seed):  # trains once, then reads the row back, as Experiment.row does
+        path = tmp_path / "rows" / f"{gf.file_name(method, lr, seed, sizes)}.json"
+        if not path.exists():
+            tried.append(lr)
+            body = {"method": method, "lr": lr, "seed": seed, "sizes_tag": sizes.tag(),
+                    "val_loss": abs(math.log(lr / optimum))}  # fmt: skip
+            gf.atomic_write(json.dumps(body), path)
+        return json.loads(path.read_text())
+
+    exp.row = row
+    assert exp.select("lora") == (pytest.approx(5e-5), True)
+    assert tried == pytest.approx([1e-4, 2e-4, 5e-5])
+    tried.clear()
+    for _ in range(2):  # every restart
+        assert exp.select("lora") == (pytest.approx(5e-5), True)
+    assert tried == []
 
 
 # ----------------------------------------------------------------------------- statistics
