@@ -551,6 +551,11 @@ def test_plan_on_the_tiny_model(workspace, tmp_path, capsys):
     layer1 = plan["statistics_bytes"] - layer0
     assert plan["peak_bytes"] == max(layer0, layer1)
     assert plan["sequences"] == 40 and plan["probe_sequences"] == 8 and plan["seconds"] > 0
+    # every pass is timed on its own targets; the set-up the init repeats is in the total
+    assert len(plan["pass_seconds"]) == N_LAYERS and min(plan["pass_seconds"]) > 0
+    assert plan["setup_seconds"] > 0 and plan["first_batch_seconds"] >= 0
+    parts = ("one_time_seconds", "statistics_seconds", "solve_seconds")
+    assert plan["seconds"] == pytest.approx(sum(plan[k] for k in parts))
     # The data's |S| is counted as the pass counts it: the probe's equals its diagnostics'.
     tok = AutoTokenizer.from_pretrained(workspace / "model")
     batches = tokenize_batches(tok, list(TINY_TEXTS * 8), max_length=MAX_LENGTH)
@@ -567,6 +572,40 @@ def test_plan_on_the_tiny_model(workspace, tmp_path, capsys):
     assert main(argv) == 0
     text = capsys.readouterr().out
     assert "probe SNR" in text and "at 40 sequences" in text
+
+
+def test_plan_probes_every_pass_and_solves_a_layer_of_each(tmp_path, monkeypatch):
+    """Four layers, two per pass: each pass's statistics are probed on its own targets; the first
+    pass's targets and the first layer of the second pass are solved. Breaks if only the first
+    pass is probed (its time × passes) or solved."""
+    from lora_da_ref.cli import plan as P
+
+    assert main(["make-tiny-model", str(tmp_path / "model"), "--layers", "4"]) == 0
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
+    tok = AutoTokenizer.from_pretrained(tmp_path / "model")
+    batches = tokenize_batches(tok, list(TINY_TEXTS * 2), max_length=MAX_LENGTH)
+    config = LoraDAConfig(rank=RANK, layers_per_pass=2)
+    targets = find_target_modules(model, list(config.target_modules))
+    probed, solved = [], []
+    time_statistics, solve = P._time_statistics, P._solve
+
+    def spy_statistics(model, batches, chunk, config):
+        probed.append(sorted(chunk))
+        return time_statistics(model, batches, chunk, config)
+
+    def spy_solve(stats, layers, config):
+        solved.append(sorted(layers))
+        return solve(stats, layers, config)
+
+    monkeypatch.setattr(P, "_time_statistics", spy_statistics)
+    monkeypatch.setattr(P, "_solve", spy_solve)
+    plan = P.make_plan(model, batches, targets, config, probe=4, setup_seconds=1.5)
+    layer = [sorted(n for n in targets if f".layers.{i}." in n) for i in range(4)]
+    first, second = sorted(layer[0] + layer[1]), sorted(layer[2] + layer[3])
+    assert probed == [first, first, second]  # the warm-up, then each pass
+    assert solved == [first, layer[2]]
+    assert plan.passes == [2, 2] and len(plan.pass_seconds) == 2
+    assert plan.probe_targets == 21 and plan.setup_seconds == 1.5 and plan.seconds > 1.5
 
 
 def test_calibration_summary_is_printed_without_progress(workspace, tmp_path, capsys):

@@ -117,29 +117,45 @@ def test_cli_resume_gives_the_same_adapter_and_report_full_needs_no_pass(tmp_pat
 
 
 def test_one_progress_bar_covers_every_pass_and_the_solves(monkeypatch):
-    """progress=True shows ONE bar whose total, fixed before any work, is passes × batches +
-    layers, and which reaches it exactly (not one bar per stage restarting at 0 %); its stages
-    name the pass plan. Catches a per-pass bar, a total that omits the solves, a double count."""
+    """progress=True shows ONE bar, planned before any work (every pass's batches, every
+    layer's predicted solve), which sees each batch of each pass and each layer's solve exactly
+    once (not one bar per stage restarting at 0 %); its stages name the pass plan. Catches a
+    per-pass bar, a bar without the solves, a double count."""
     from lora_da_ref.torch import pipeline
 
     bars = []
 
     class Recorder(pipeline.RunProgress):
-        def __init__(self, total, enabled=True):
-            super().__init__(total, enabled=False)
-            self.total, self.done, self.stages = total, 0, []
-            bars.append(self)
+        @classmethod
+        def for_init(cls, positions, passes, solve_seconds, enabled=True):
+            bar = super().for_init(positions, passes, solve_seconds, enabled=False)
+            bar.plan, bar.steps, bar.solves, bar.stages = (
+                (positions, passes, solve_seconds),
+                0,
+                [],
+                [],
+            )
+            bars.append(bar)
+            return bar
 
         def stage(self, text):
             self.stages.append(text)
 
         def step(self, n=1):
-            self.done += n
+            self.steps += n
+            super().step(n)
+
+        def solved(self, names, *, here=True):
+            self.solves += list(names)
+            super().solved(names, here=here)
 
     monkeypatch.setattr(pipeline, "RunProgress", Recorder)
     model, batches = tiny_llama(), llama_batches()
     factors = init_lora_da(model, batches, LoraDAConfig(rank=2, layers_per_pass=1), progress=True)
     assert len(bars) == 1
     (bar,) = bars
-    assert bar.total == 2 * len(batches) + len(factors) == bar.done
+    positions, passes, predicted = bar.plan
+    assert passes == 2 and len(positions) == len(batches) and bar.steps == 2 * len(batches)
+    assert sorted(bar.solves) == sorted(factors) == sorted(predicted)
+    assert min(predicted.values()) > 0 and bar.remaining_seconds() == 0
     assert bar.stages[0] == "statistics, pass 1/2 (1 layers)" and "solves, pass 2/2" in bar.stages

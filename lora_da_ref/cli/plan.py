@@ -5,12 +5,16 @@ measured on a small probe before the full pass.
 of every layer's statistics, the layers per pass the budget allows, and the peak (the largest
 pass's statistics).
 
-**Time.** One statistics pass over the first ``probe`` sequences, on the first pass's targets, and
-the solves of those targets, are timed. Each pass re-runs the model forward and backward over the
-whole data, so the statistics time scales with the tokens and the number of passes:
-``t_stats ≈ t_probe · tokens(S)/tokens(probe) · passes``; a solve does not depend on the data
-size, so ``t_solve ≈ t_probe_solve · targets/probed targets``. Rough: the probe includes one-time
-costs, so small models are over-estimated.
+**Time.** Measured once, before the probe: the set-up the init repeats (imports, reading and
+tokenising the data, loading the model; ``setup_seconds``, timed by the caller) and the first
+batch's own cost (allocations and lazy initialisation: a warm-up pass over one sequence, less
+that sequence's share at the probe's rate). Then **every pass** is probed: one statistics pass
+over the first ``probe`` sequences on that pass's targets. Each pass re-runs the model forward
+and backward over the whole data, so pass ``i`` costs ``t_probe,i · tokens(S)/tokens(probe)``.
+The probe solves every target of the first pass and the targets of the first layer of each later
+pass; a solve does not depend on the data size, so pass ``i``'s solves cost its probed solves'
+time times ``targets_i / probed_i``. The estimate is the sum of the four; writing the adapter is
+not in it (seconds at most for a LoRA adapter).
 
 **Calibration SNR at the full size.** The probe's factors carry the calibration diagnostics
 (:mod:`lora_da_ref.torch.diagnostics`): ``delta_sq = ‖ΔŴ‖²``, a noise estimate (split-half, from
@@ -91,25 +95,49 @@ class Plan:
     sample_size: float  # |S| of the data, Fisher units
     probe_sequences: int
     probe_sample_size: float
-    probe_targets: int
-    statistics_seconds: float
+    probe_targets: int  # targets solved by the probe (every pass has statistics probed)
+    setup_seconds: float  # imports, data, model loading: measured, paid once by the init too
+    first_batch_seconds: float  # the first batch's one-time cost beyond its tokens' share
+    pass_seconds: list[float]  # the statistics time of each pass at the data's size
     solve_seconds: float
     device: str
     snr: list[ModuleSNR] = field(default_factory=list)
 
     @property
+    def statistics_seconds(self) -> float:
+        return sum(self.pass_seconds)
+
+    @property
+    def one_time_seconds(self) -> float:
+        return self.setup_seconds + self.first_batch_seconds
+
+    @property
     def seconds(self) -> float:
-        return self.statistics_seconds + self.solve_seconds
+        return self.one_time_seconds + self.statistics_seconds + self.solve_seconds
 
     def to_json(self) -> dict[str, Any]:
-        return {**asdict(self), "seconds": self.seconds, "verdict": verdict(self)}
+        return {
+            **asdict(self),
+            "statistics_seconds": self.statistics_seconds,
+            "one_time_seconds": self.one_time_seconds,
+            "seconds": self.seconds,
+            "verdict": verdict(self),
+        }
 
 
 def make_plan(
-    model: Any, batches: list[dict], targets: Mapping[str, Any], config: Any, probe: int
+    model: Any,
+    batches: list[dict],
+    targets: Mapping[str, Any],
+    config: Any,
+    probe: int,
+    *,
+    setup_seconds: float = 0.0,
 ) -> Plan:
     """Plan an init of ``model`` on ``batches`` (module docstring), probing the first ``probe``
-    sequences. ``config`` is the init's :class:`~lora_da_ref.torch.config.LoraDAConfig`."""
+    sequences on every pass. ``config`` is the init's
+    :class:`~lora_da_ref.torch.config.LoraDAConfig`; ``setup_seconds`` the caller's measured
+    set-up (imports, data, model), which the init pays as well."""
     from lora_da_ref.torch.memory import (
         _layer_key,
         layer_passes,
@@ -124,13 +152,29 @@ def make_plan(
     passes = layer_passes(names, resolve_layers_per_pass(targets, config, device))
     peak = max(sum(per_module[n].total for n in chunk) for chunk in passes)
     probe_batches = _first_sequences(batches, probe)
+    warm_batches = _first_sequences(batches, 1)
     probe_config = config.replace(diagnostics="cheap") if config.diagnostics == "off" else config
-    chunk = {n: targets[n] for n in passes[0]}
-    t_stats, t_solve, factors = _probe(model, probe_batches, chunk, probe_config)
     seqs, tokens, size = _units(batches, config)
-    _, probe_tokens, _ = _units(probe_batches, config)
+    probe_seqs, probe_tokens, _ = _units(probe_batches, config)
+    _, warm_tokens, _ = _units(warm_batches, config)
+    first = {n: targets[n] for n in passes[0]}
+    t_warm = _time_statistics(model, warm_batches, first, probe_config)[1]
+    pass_seconds, solve_seconds, factors = [], 0.0, {}
+    for i, chunk_names in enumerate(passes):
+        chunk = {n: targets[n] for n in chunk_names}
+        stats, t_stats = _time_statistics(model, probe_batches, chunk, probe_config)
+        if i == 0:
+            first_rate = t_stats / probe_tokens
+            solve = list(chunk_names)
+        else:  # the first layer of a later pass: its shapes and its own SNR, at a layer's cost
+            layer = _layer_key(chunk_names[0])
+            solve = [n for n in chunk_names if _layer_key(n) == layer]
+        t0 = time.perf_counter()
+        factors |= _solve(stats, solve, config)
+        solve_seconds += (time.perf_counter() - t0) * len(chunk_names) / len(solve)
+        pass_seconds.append(t_stats * tokens / probe_tokens)
+        del stats
     sample = [f.diagnostics["sample_size"] for f in factors.values()]
-    probe_size = sample[0] if sample else math.nan
     plan = Plan(
         targets=len(names),
         layers=len({_layer_key(n) for n in names}),
@@ -141,25 +185,33 @@ def make_plan(
         sequences=seqs,
         tokens=tokens,
         sample_size=size,
-        probe_sequences=_units(probe_batches, config)[0],
-        probe_sample_size=probe_size,
-        probe_targets=len(chunk),
-        statistics_seconds=t_stats * tokens / probe_tokens * len(passes),
-        solve_seconds=t_solve * len(names) / len(chunk),
+        probe_sequences=probe_seqs,
+        probe_sample_size=sample[0] if sample else math.nan,
+        probe_targets=len(factors),
+        setup_seconds=setup_seconds,
+        first_batch_seconds=max(0.0, t_warm - first_rate * warm_tokens),
+        pass_seconds=pass_seconds,
+        solve_seconds=solve_seconds,
         device=str(device),
     )
     plan.snr = _module_snr(factors, plan)
     return plan
 
 
-def _probe(model: Any, batches: list[dict], chunk: dict, config: Any) -> tuple[float, float, dict]:
-    from lora_da_ref.torch.stages import collect_statistics, lora_da_factors
+def _time_statistics(
+    model: Any, batches: list[dict], chunk: dict, config: Any
+) -> tuple[Any, float]:
+    from lora_da_ref.torch.stages import collect_statistics
 
     t0 = time.perf_counter()
     stats = collect_statistics(model, batches, chunk, config, progress=False)
-    t1 = time.perf_counter()
-    factors = lora_da_factors(stats, rank=config.rank, config=config)
-    return t1 - t0, time.perf_counter() - t1, factors
+    return stats, time.perf_counter() - t0
+
+
+def _solve(stats: Any, layers: list[str], config: Any) -> dict:
+    from lora_da_ref.torch.stages import lora_da_factors
+
+    return lora_da_factors(stats, rank=config.rank, config=config, layers=layers)
 
 
 def _first_sequences(batches: list[dict], count: int) -> list[dict]:
@@ -252,9 +304,11 @@ def format_plan(plan: Plan) -> str:
         f"memory: statistics {_bytes(plan.statistics_bytes)} in all, budget {budget}: "
         f"{len(plan.passes)} pass(es) of {', '.join(map(str, plan.passes))} layers, "
         f"peak {_bytes(plan.peak_bytes)}",
-        f"time (rough, from a probe of {plan.probe_sequences} sequences and {plan.probe_targets} "
-        f"targets on {plan.device}): statistics {plan.statistics_seconds:.3g} s, solves "
-        f"{plan.solve_seconds:.3g} s, total about {plan.seconds:.3g} s",
+        f"time (from a probe of {plan.probe_sequences} sequences on each pass and "
+        f"{plan.probe_targets} solved targets on {plan.device}): once {plan.one_time_seconds:.3g} s "
+        f"(loading {plan.setup_seconds:.3g} s, first batch {plan.first_batch_seconds:.3g} s), "
+        f"statistics {plan.statistics_seconds:.3g} s, solves {plan.solve_seconds:.3g} s, total "
+        f"about {plan.seconds:.3g} s",
         f"calibration SNR = signal/noise, signal = ‖ΔŴ‖² − noise, noise ∝ 1/|S| (median over "
         f"layers; probe |S| = {plan.probe_sample_size:.3g}):",
     ]

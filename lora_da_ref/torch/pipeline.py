@@ -40,7 +40,7 @@ from lora_da_ref.torch.config import (
 from lora_da_ref.torch.diagnostics import report_calibration
 from lora_da_ref.torch.factors import TRUST_RAD, solve_layer, untrusted_layers
 from lora_da_ref.torch.fisher import CholeskyFactor
-from lora_da_ref.torch.memory import _layer_key, layer_passes, resolve_layers_per_pass
+from lora_da_ref.torch.memory import _layer_key, _shapes, layer_passes, resolve_layers_per_pass
 from lora_da_ref.torch.progress import RunProgress
 from lora_da_ref.torch.statistics import (
     Batch,
@@ -165,7 +165,10 @@ def run_pipeline(
     pass_config, solve_config = config.statistics_config(), config.solve_config()
     plan = pass_plan(model, targets, pass_config)
     show = progress and strategy.rank == 0
-    bar = RunProgress(len(plan) * len(batches) + len(targets), show)
+    predicted = predict_solve_seconds(targets, config, ranks) if show else {}
+    bar = RunProgress.for_init(
+        statistics_positions(batches, pass_config), len(plan), predicted, show
+    )
     factors: dict[str, LoraFactors] = {}
     try:
         for i, names in enumerate(plan):
@@ -180,14 +183,14 @@ def run_pipeline(
                 if store is not None:
                     store.save(i, names, stats)
             else:
-                bar.step(len(batches))  # a pass saved by an earlier run
+                bar.skip_pass(len(batches))  # a pass saved by an earlier run
             owners = strategy.plan(chunk, stats.group_of, pass_config)
             mine = [n for n in chunk if owners[n] == strategy.rank]
             bar.stage(f"solves, pass {i + 1}/{len(plan)}" if len(plan) > 1 else "solves")
             with strategy.stage("layer solve"):
-                solved = solve_layers(stats, mine, solve_config, bar.step, ranks=ranks)
+                solved = solve_layers(stats, mine, solve_config, bar.solved, ranks=ranks)
             del stats
-            bar.step(len(chunk) - len(mine))  # the layers other processes solve
+            bar.solved([n for n in chunk if owners[n] != strategy.rank], here=False)
             factors |= strategy.gather(solved, owners, chunk, ranks)
     finally:
         bar.close()
@@ -250,12 +253,12 @@ def solve_layers(
     stats: KFACStatistics,
     names: Iterable[str],
     config: SolveConfig | LoraDAConfig,
-    done: Callable[[int], None] | None = None,
+    done: Callable[[list[str]], None] | None = None,
     *,
     ranks: Mapping[str, int] | None = None,
 ) -> dict[str, LoraFactors]:
-    """Steps 2–5 of Algorithm 1 for ``names``, in ``names``' order; ``done(k)`` is called on
-    the calling thread as each task of ``k`` layers finishes (the progress bar). ``ranks``: r
+    """Steps 2–5 of Algorithm 1 for ``names``, in ``names``' order; ``done(layers)`` is called
+    on the calling thread as each task's layers are finished (the progress bar). ``ranks``: r
     per layer (:func:`layer_ranks`; ``config.rank`` when ``None``).
 
     The layers reading one input (q/k/v, gate/up) form one task and share Z's Cholesky factor.
@@ -276,7 +279,7 @@ def solve_layers(
             for name in names:
                 solved |= _solve_task(stats, [name], config, ranks, z_factors)
                 if done is not None:
-                    done(1)
+                    done([name])
         return {n: solved[n] for n in names}
     order = sorted(tasks.values(), key=lambda t: -_width(stats, t[0]))  # balanced finish
     solved: dict[str, LoraFactors] = {}
@@ -287,12 +290,91 @@ def solve_layers(
                 result = future.result()
                 solved |= result
                 if done is not None:
-                    done(len(result))
+                    done(list(result))
         except BaseException:
             for future in futures:
                 future.cancel()  # the first failure is raised; queued tasks do not start
             raise
     return {n: solved[n] for n in names}
+
+
+def statistics_positions(batches: list[Batch], config: StatisticsConfig) -> list[int]:
+    """The statistics positions |P| of each batch, as the pass counts them (the progress bar's
+    weight of a batch)."""
+    from lora_da_ref.torch.statistics import token_masks
+
+    return [int(token_masks(batch, config)[0].sum()) for batch in batches]
+
+
+def predict_solve_seconds(
+    targets: Targets, config: LoraDAConfig, ranks: Mapping[str, int]
+) -> dict[str, float]:
+    """Predicted wall seconds of each target's solve, for the progress bar: the solves of the
+    first transformer layer's targets on synthetic statistics of their shapes (random, well
+    conditioned; a direct solve costs the same on any values), timed task by task as
+    :func:`solve_layers` runs them (one BLAS thread per worker when it uses workers, the time
+    divided by their number); a target of another layer takes the time of the first layer's
+    target with its name's last part and shape, else the mean time per ``d_in³``. Costs one
+    layer's solves, about ``1/layers`` of the solve stage."""
+    import time
+    import warnings
+
+    names = list(targets)
+    if not names:
+        return {}
+    first = _layer_key(names[0])
+    sample = [n for n in names if _layer_key(n) == first]
+    shapes = _shapes(targets)
+    stats = _synthetic_statistics({n: shapes[n] for n in sample}, config)
+    solve = config.solve_config()
+    tasks = layer_tasks(stats, sample)
+    workers = max(1, min(solve_workers(stats, tasks, solve), len(tasks)))
+    threads = one_blas_thread() if workers > 1 else nullcontext()
+    seconds: dict[tuple[str, int, int], float] = {}
+    with threads, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the synthetic statistics' own diagnostics
+        for task in tasks.values():
+            t0 = time.perf_counter()
+            _solve_task(stats, task, solve, {n: ranks[n] for n in task})
+            per = (time.perf_counter() - t0) / len(task) / workers
+            for n in task:
+                seconds[_signature(n, shapes[n])] = per
+    per_cube = sum(seconds.values()) / sum(k[1] ** 3 for k in seconds)
+    return {n: seconds.get(_signature(n, shapes[n]), per_cube * shapes[n][0] ** 3) for n in names}
+
+
+def _signature(name: str, shape: tuple[int, int]) -> tuple[str, int, int]:
+    return name.rsplit(".", 1)[-1], *shape
+
+
+def _synthetic_statistics(
+    shapes: Mapping[str, tuple[int, int]], config: LoraDAConfig
+) -> KFACStatistics:
+    """Random statistics of these layers' shapes, in the config's dtype and output factor, with
+    split halves when the diagnostics keep them (their solves then cost what real ones do)."""
+    from lora_da_ref.torch.memory import input_groups
+
+    gen = torch.Generator().manual_seed(0)
+    group_of = input_groups(dict(shapes))
+    dtype = config.dtype
+
+    def spd(d: int) -> torch.Tensor:
+        R = torch.randn(d, 8, generator=gen, dtype=torch.float64)
+        return (torch.eye(d, dtype=torch.float64) + R @ R.mT / d).to(dtype)
+
+    Z = {g: spd(shapes[g][0]) for g in set(group_of.values())}
+    full = config.output_factor == "full"
+    Y = {n: spd(d) if full else torch.ones(d, dtype=dtype) for n, (_, d) in shapes.items()}
+    G = {n: torch.randn(*s, generator=gen).to(dtype) for n, s in shapes.items()}
+    split = config.diagnostics != "off"
+    G_split = (
+        {n: torch.randn(*s, generator=gen).to(dtype) for n, s in shapes.items()} if split else {}
+    )
+    return KFACStatistics(
+        Z, Y, G, group_of, tokens=1024, loss_tokens=1024, sequences=64, batches=64,
+        G_split=G_split, split_weights=(1.0, 1.0) if split else (0.0, 0.0), gradient_weight=64.0,
+        dtype=str(dtype).removeprefix("torch."),
+    )  # fmt: skip
 
 
 def layer_tasks(stats: KFACStatistics, names: Iterable[str]) -> dict[str, list[str]]:
