@@ -14,7 +14,9 @@ and each layer is solved by :func:`lora_da_ref.torch.factors.solve_layer` with t
 config. Per layer it records the largest principal angle between the two A0 (radians), the
 relative error of ``A B`` (the float32 statistics from the ``"full"`` tier's pass, which
 measures its own rounding, solved at the cheap tier: ``bound32`` is the bound scaled to that
-measurement), the eigengap ``λ_{r+1} − λ_r`` of the float64 Ω (absolute and over
+measurement; ``flag32`` the same bound at the rounding model's own size, which is what the
+default tier computes and flags above 1e-3 rad: the summary's ``flagged``,
+``failing_not_flagged`` (misses) and ``flagged_below_goal`` (false alarms) count it), the eigengap ``λ_{r+1} − λ_r`` of the float64 Ω (absolute and over
 ``max|λ_i|``, i ≤ r), κ₂ of the undamped Z and Y, the damping applied and ``precision_probe``. Prints a JSON
 summary (median / p90 / max angle, worst layer, layers above 1e-3 rad) for the config and for
 ``legacy``, the policy before relative damping and float64 solves (absolute λ = 1e-6 raised
@@ -24,6 +26,7 @@ tenfold until Cholesky succeeds, solves in the statistics dtype), on the same st
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gzip
 import importlib.util
 import json
@@ -147,6 +150,14 @@ def compare_layer(name: str, s32: Any, s64: Any, c32: LoraDAConfig, c64: LoraDAC
     else:
         a, b = F.solve_layer(s32, name, c32), F.solve_layer(s64, name, c64, probe=False)
     gap = b.eig.diagnostics.get("gap")
+    flag32 = probe_model = probe_measured = None
+    if not legacy:  # the default tier's flag: the same bound without the measured rounding
+        cheap = dataclasses.replace(s32, rounding={})
+        flag32 = F.precision_bound(cheap, name, c32, a.J, a.guidance, a.eig)
+        if flag32 is not None and flag32 > GOAL_RAD:  # what a re-solve says where it cannot clear
+            rank = int(a.A.shape[1])
+            probe_model = F.precision_probe(cheap, name, c32, a, rank=rank)
+            probe_measured = F.precision_probe(s32, name, c32, a, rank=rank)
     AB32, AB64 = a.A @ a.B, b.A @ b.B
     group = s64.group_of[name]
     return {
@@ -156,6 +167,9 @@ def compare_layer(name: str, s32: Any, s64: Any, c32: LoraDAConfig, c64: LoraDAC
         "gap": gap,
         "probe32": a.diagnostics.get("precision_probe"),
         "bound32": a.diagnostics.get("precision_bound"),
+        "flag32": flag32,
+        "probe_model32": probe_model,  # the probe at the rounding model's size (flagged layers)
+        "probe_measured32": probe_measured,  # ... at the measured rounding (flagged layers)
         "cond32": a.diagnostics.get("cond"),
         "cond_Z": _cond(s64.Z[group]),
         "cond_Y": _cond(s64.Y[name]),
@@ -221,7 +235,8 @@ def summary(layers: dict[str, dict], args: argparse.Namespace, seconds: float) -
     worst = max(layers, key=lambda n: layers[n]["angle"])
     failing = {n: v for n, v in layers.items() if v["angle"] > GOAL_RAD}
     bounds = {n: v.get("bound32") for n, v in layers.items()}
-    flagged = {n for n, b in bounds.items() if b is not None and b > GOAL_RAD}
+    flags = {n: v.get("flag32") for n, v in layers.items()}
+    flagged = {n for n, b in flags.items() if b is not None and b > GOAL_RAD}
     ratios = np.array([bounds[n] / v["angle"] for n, v in layers.items()
                        if bounds[n] is not None and v["angle"] > 0])  # fmt: skip
     return {
@@ -230,12 +245,34 @@ def summary(layers: dict[str, dict], args: argparse.Namespace, seconds: float) -
         "max_rad": float(angles.max()), "worst_layer": worst, "worst": layers[worst],
         "above_goal": len(failing), "goal_rad": GOAL_RAD, "failing": failing,
         "flagged": len(flagged), "failing_not_flagged": sorted(set(failing) - flagged),
+        "flagged_below_goal": sorted(flagged - set(failing)),
+        **_two_stage(layers, failing),
+        "flag_over_angle_median": _median_ratio(flags, layers),
         "bound_over_angle": None if not len(ratios) else {
             "min": float(ratios.min()), "median": float(np.median(ratios)),
             "max": float(ratios.max()), "below_measured": int((ratios < 1).sum()),
         },
         "seconds": round(seconds, 1), "per_layer": layers if args.per_layer else None,
     }  # fmt: skip
+
+
+def _two_stage(layers: dict[str, dict], failing: dict[str, dict]) -> dict:
+    """The flag when the bound's flagged layers are re-solved by the probe (at the model's size,
+    and at the measured rounding): misses and false alarms of each."""
+    out = {}
+    for key in ("probe_model32", "probe_measured32"):
+        flagged = {n for n, v in layers.items() if (v.get(key) or 0.0) > GOAL_RAD}
+        out[f"then_{key}"] = {
+            "flagged": len(flagged),
+            "failing_not_flagged": sorted(set(failing) - flagged),
+            "flagged_below_goal": sorted(flagged - set(failing)),
+        }
+    return out
+
+
+def _median_ratio(flags: dict[str, float | None], layers: dict[str, dict]) -> float | None:
+    ratios = [flags[n] / v["angle"] for n, v in layers.items() if flags[n] and v["angle"] > 0]
+    return float(np.median(ratios)) if ratios else None
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

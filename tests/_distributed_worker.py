@@ -62,7 +62,12 @@ SHARDS: dict[str, tuple[str, torch.dtype, bool, list[int], list[int]]] = {
     "fsdp64": ("paper64_lpp1", torch.float64, True, [0, 2, 3, 4], [1, 5]),
     # FSDP, rank 1 has no usable batch: its padding batch is broadcast from rank 0
     "fsdp_zero64": ("paper64", torch.float64, True, [0, 1, 2], [5]),
+    # uneven32 with rows above 1.5× the median ‖x‖² taken in float64 (HEAVY_ROW_RATIOS): both
+    # shards hold some, so the float64 part of diag Z must be all-reduced with the sums
+    "heavy32": ("paper32", torch.float32, False, [0, 2, 3, 4], [1, 5]),
 }
+# the statistics' HEAVY_ROW_RATIO of a scenario (else the library's)
+HEAVY_ROW_RATIOS = {"heavy32": 1.5}
 
 
 def shard(scenario: str, rank: int) -> list[dict[str, torch.Tensor]]:
@@ -96,7 +101,22 @@ def main(rank: int, init_file: str, out: str) -> None:
         dist.destroy_process_group()
 
 
+def heavy_row_ratio(scenario: str) -> Any:
+    """The scenario's ``HEAVY_ROW_RATIO`` in force (a context manager)."""
+    from unittest import mock
+
+    from lora_da_ref.torch import statistics
+
+    ratio = HEAVY_ROW_RATIOS.get(scenario, statistics.HEAVY_ROW_RATIO)
+    return mock.patch.object(statistics, "HEAVY_ROW_RATIO", ratio)
+
+
 def _run_scenario(scenario: str, rank: int) -> dict[str, Any]:
+    with heavy_row_ratio(scenario):
+        return _run_scenario_as_set(scenario, rank)
+
+
+def _run_scenario_as_set(scenario: str, rank: int) -> dict[str, Any]:
     config_name, dtype, fsdp, *_ = SHARDS[scenario]
     config = CONFIGS[config_name]
     model = model_for(dtype)
@@ -115,6 +135,7 @@ def _run_scenario(scenario: str, rank: int) -> dict[str, Any]:
             "G": stats.G,
             "tokens": stats.tokens,
             "rounding": stats.rounding,
+            "heavy_diag": stats.heavy_diag,
         },
         "factors": {n: (f.A, f.B, f.eigenvalues) for n, f in factors.items()},
         "owners": {n: f.diagnostics["solved_on_rank"] for n, f in factors.items()},

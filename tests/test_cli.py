@@ -493,6 +493,13 @@ def test_flag_rules(diag, flagged):
     [
         ({"residual": 2e-3}, {"failed"}),
         ({"precision_probe": 0.007}, {"failed"}),
+        ({"precision_probe": 0.007, "precision_rounding": "measured"}, {"failed"}),
+        # the default tier's re-solve at the modelled rounding: not a measurement
+        (
+            {"precision_bound": 0.02, "precision_probe": 0.007, "precision_rounding": "model"},
+            {"unverified"},
+        ),
+        ({"precision_bound": 0.02, "precision_probe": 2e-4, "precision_rounding": "model"}, set()),
         ({"precision_bound": 0.007}, {"unverified"}),
         ({"split_snr": 0.2, "precision_bound": 0.007}, {"unverified", "undetermined"}),
         ({"stability": 0.2}, {"undetermined"}),

@@ -74,8 +74,11 @@ def _reference(scenario):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in the workers: the same matmul kernels, the same round-off
     try:
-        stats = collect_statistics(model, worker.union(scenario), targets, config, progress=False)
-        factors = init_lora_da(model, worker.union(scenario), config, progress=False)
+        with worker.heavy_row_ratio(scenario):
+            stats = collect_statistics(
+                model, worker.union(scenario), targets, config, progress=False
+            )
+            factors = init_lora_da(model, worker.union(scenario), config, progress=False)
     finally:
         torch.set_num_threads(threads)
     return stats, factors
@@ -165,6 +168,22 @@ def test_float32_two_processes_measure_the_rounding_of_one_process(results):
     assert got.keys() == stats.rounding.keys() and got
     for key, ref in stats.rounding.items():
         assert abs(got[key] - ref) <= SHARDS_RTOL * ref, f"{key}: {got[key]:.6g} vs {ref:.6g}"
+
+
+def test_float32_two_processes_sum_the_float64_rows_diagonal_of_one_process(results):
+    """The part of diag Z taken in float64 (rows above the ratio: both shards hold some here) is
+    all-reduced with the sums: every rank has the single process's. A rank that left it out would
+    keep its own shard's part (the union's is larger by the other shard's rows)."""
+    ranks = _ok(results, "heavy32")
+    stats, _ = _reference("heavy32")
+    assert stats.heavy_diag and any(float(v.sum()) > 0 for v in stats.heavy_diag.values())
+    for rank in ranks:
+        got = rank["stats"]["heavy_diag"]
+        assert got.keys() == stats.heavy_diag.keys()
+        for key, ref in stats.heavy_diag.items():
+            assert (
+                _rel(got[key], ref) <= SHARDS_RTOL if float(ref.norm()) > 0 else not got[key].any()
+            )
 
 
 @pytest.mark.parametrize("scenario", list(worker.SHARDS))

@@ -109,3 +109,48 @@ def test_pass_with_a_massive_token_is_closer_to_float64(monkeypatch, dtype):
     e = {r: float((s.Z[first] - ref.Z[first]).norm() / ref.Z[first].norm()) for r, s in
          ((None, plain), (RATIO, split))}  # fmt: skip
     assert e[RATIO] < e[None] / 10, e
+
+
+def test_the_float64_rows_part_of_the_diagonal_is_kept(monkeypatch):
+    """``diag`` receives ``alpha·Σ x_t²`` over the heavy rows only, exactly. Catches: the light
+    rows added too, alpha ignored, the float32 rows' squares."""
+    x = _rows()
+    monkeypatch.setattr(S, "HEAVY_ROW_RATIO", RATIO)
+    store: dict[str, torch.Tensor] = {}
+    diag = torch.zeros(x.shape[1], dtype=torch.float64)
+    S._add_gram_rows(store, "z", x.float(), 0.5, diag)
+    assert torch.equal(diag, 0.5 * x[0].float().double().square())
+    S._add_gram_rows(store, "z", _rows(massive=1.0).float(), 1.0, diag)  # no heavy row: no change
+    assert torch.equal(diag, 0.5 * x[0].float().double().square())
+
+
+def test_precision_bound_models_only_the_rounded_rows(monkeypatch):
+    """The cheap tier's bound on a layer whose first token is massive: with the heavy row's part
+    of diag Z left out of the rounding model the bound still covers the measured float32-vs-
+    float64 angle, and is far below the bound that counts that row as rounded (a false alarm on
+    SmolLM2's layer 11 down_proj: 0.11 rad for an angle below 1e-7). Here 4.5e-7 against
+    1.0e-4, for an angle of 7.5e-8. Catches: the part not subtracted (no drop), a bound that
+    drops everything (below the measured angle). (Subtracting it twice is not caught: Y's and G's
+    terms alone cover this angle.)"""
+    from lora_da_ref.torch.factors import principal_angles, solve_layer
+
+    monkeypatch.setattr(S, "HEAVY_ROW_RATIO", RATIO)
+    model = TokenMLP(dims=(24, 32, 16, 5))
+    batches = mlp_batches(n_batches=2, batch=2, seq=32, d_in=24, classes=5)
+    for b in batches:
+        b["inputs"][:, 0] *= 3e3
+    targets = {"0": model[0]}
+
+    def solve(dtype):
+        cfg = LoraDAConfig(rank=2, dtype=dtype, label_shift=0, diagnostics="cheap")
+        stats = collect_statistics(model, batches, targets, cfg, loss_fn=mlp_loss, progress=False)
+        return stats, cfg, solve_layer(stats, "0", cfg)
+
+    stats, cfg, f32 = solve(torch.float32)
+    _, _, f64 = solve(torch.float64)
+    angle = float(principal_angles(f32.eig.vectors, f64.eig.vectors).max())
+    bound = f32.diagnostics["precision_bound"]
+    assert stats.heavy_diag["0"][0] > 0.99 * stats.Z["0"][0, 0]  # the massive token's share
+    stats.heavy_diag.clear()  # as if every row had been rounded
+    counted = solve_layer(stats, "0", cfg).diagnostics["precision_bound"]
+    assert angle <= bound < counted / 10, (angle, bound, counted)

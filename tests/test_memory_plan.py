@@ -19,13 +19,15 @@ from tests.torch_cases import LLAMA_TARGETS, llama_batches, single_thread, tiny_
 
 
 def _held_bytes(sums) -> dict[str, int]:
-    """Bytes of the running sums a pass returns, per kind (``G`` with the split ``G_odd``, each
-    kind with the float64 sketch that measures its rounding)."""
+    """Bytes of the running sums a pass returns, per kind (``G`` with the split ``G_odd``, ``Z``
+    with the float64 rows' part of its diagonal, each kind with the float64 sketch that measures
+    its rounding)."""
     held = {
         kind: sum(t.numel() * t.element_size() for t in getattr(sums, kind).values())
-        for kind in ("Z", "Y", "G", "G_odd")
+        for kind in ("Z", "Y", "G", "G_odd", "heavy_diag")
     }
     held["G"] += held.pop("G_odd")
+    held["Z"] += held.pop("heavy_diag")
     for key, sketch in sums.rounding.items():
         held[key.split("/", 1)[0]] += sketch.numel() * sketch.element_size()
     return held
@@ -71,20 +73,21 @@ def _two_layer_shapes(layers: int = 4) -> dict[str, tuple[int, int]]:
 
 def test_plan_picks_the_largest_fitting_number_of_layers():
     shapes = _two_layer_shapes(4)
-    cfg = LoraDAConfig.paper_literal(diagnostics="off")  # per layer: Z 64+256, Y 64+64, G 64+128
-    per_layer = (64 + 256 + 64 + 64 + 64 + 128) * 8  # float64 running sums
+    # per layer: Z 64+256 and the float64 rows' part of its diagonal 8+16, Y 64+64, G 64+128
+    cfg = LoraDAConfig.paper_literal(diagnostics="off")
+    per_layer = (64 + 256 + 8 + 16 + 64 + 64 + 64 + 128) * 8  # float64 running sums
     assert plan_layers_per_pass(shapes, cfg, 4 * per_layer) == 4
     assert plan_layers_per_pass(shapes, cfg, 3 * per_layer) == 3  # passes of 3 + 1 layers
     assert plan_layers_per_pass(shapes, cfg, 3 * per_layer - 1) == 2
     assert plan_layers_per_pass(shapes, cfg, per_layer) == 1
-    with pytest.raises(ValueError, match=r"model\.layers\.0.*needs 5,120 bytes"):
+    with pytest.raises(ValueError, match=r"model\.layers\.0.*needs 5,312 bytes"):
         plan_layers_per_pass(shapes, cfg, per_layer - 1)
 
 
 def _official_layer_bytes() -> int:
     """One layer of :func:`_two_layer_shapes` under the official preset (diagonal Y, split-half
-    G; the cheap tier: no rounding sketches), float64 sums."""
-    return (64 + 256 + 8 + 8 + 2 * (64 + 128)) * 8
+    G; the cheap tier: no rounding sketches; the float64 rows' part of diag Z), float64 sums."""
+    return (64 + 256 + 8 + 16 + 8 + 8 + 2 * (64 + 128)) * 8
 
 
 def test_every_preset_plans_one_pass_when_the_statistics_fit():

@@ -91,6 +91,45 @@ def test_absolute_damping_below_the_float32_rounding_is_wrong_and_flagged():
         warn_untrusted(factors)
 
 
+def test_the_default_tier_re_solves_only_the_layers_its_bound_cannot_clear(monkeypatch):
+    """The cheap tier's bound clears the well-damped case (no re-solve); where it cannot (the
+    absolute damping below float32's rounding), one re-solve at the modelled rounding decides,
+    and it confirms the error. With the threshold lowered below the good case's bound, the good
+    case is re-solved too, and the re-solve clears it. Catches: the probe never run by the
+    default tier, run on every layer, or labelled as a measurement."""
+    from lora_da_ref.torch import factors as F
+
+    Q, z, c = _known_case()
+    good = LoraDAConfig.paper_literal(rank=RANK, n_train=N_TRAIN, dtype=torch.float32)
+    assert good.diagnostics == "cheap"
+    stats = _statistics(Q, z, c, torch.float32)
+    cleared = solve_layer(stats, "w", good).diagnostics
+    assert cleared["precision_bound"] < TRUST_RAD and "precision_probe" not in cleared
+    bad = good.replace(damping=1e-6, damping_scale="absolute")
+    confirmed = solve_layer(stats, "w", bad).diagnostics
+    assert confirmed["precision_bound"] > TRUST_RAD < confirmed["precision_probe"]
+    assert confirmed["precision_rounding"] == "model"
+    monkeypatch.setattr(F, "TRUST_RAD", cleared["precision_bound"] / 2)
+    rechecked = solve_layer(stats, "w", good).diagnostics
+    assert rechecked["precision_rounding"] == "model"
+    assert rechecked["precision_probe"] < cleared["precision_bound"]
+
+
+def test_untrusted_layers_take_the_re_solve_over_the_bound():
+    from lora_da_ref.torch.config import LoraFactors
+
+    def layer(**diagnostics):
+        return LoraFactors(torch.zeros(2, 1), torch.zeros(1, 2), torch.zeros(1), diagnostics)
+
+    factors = {
+        "cleared": layer(precision_bound=5e-3, precision_probe=2e-4),
+        "bound only": layer(precision_bound=5e-3),
+        "confirmed": layer(precision_bound=5e-3, precision_probe=2e-3),
+        "fine": layer(precision_bound=1e-4),
+    }
+    assert untrusted_layers(factors) == {"bound only": 5e-3, "confirmed": 2e-3}
+
+
 class _TwoLinear(nn.Module):
     """x → W1 → tanh → W2, per token; the MSE to a target. W1 reads the (scaled) input."""
 

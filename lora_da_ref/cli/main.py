@@ -250,7 +250,7 @@ _FLAG_NAMES = (
         "Set --lora-alpha/--rslora as the preset does",
     ),
     ("(diagnostics['damping'], ['damping_raised'])", "(lora-da report: damping, damping_raised)"),
-    ("(diagnostics['precision_bound'])", "(lora-da report: precision_bound)"),
+    ("(diagnostics['precision_probe'])", "(lora-da report: precision_probe)"),
 )
 
 

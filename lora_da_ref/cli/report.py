@@ -18,15 +18,18 @@ which the closing line counts apart, each with what to do:
 * ``warning``: the init recorded a warning for the layer (a non-empty ``warning``/``warnings``/
   ``flags`` entry, or ``trustworthy`` false), e.g. the statistics dtype cannot resolve cond(Z);
 * ``cond``: a recorded condition number is infinite or NaN (numerically singular factor);
-* ``precision`` measured: the precision probe (``precision_probe``, the full diagnostics tier:
-  A0 re-solved from statistics perturbed at their rounding) moved A0 by more than
+* ``precision`` measured: the precision probe at the rounding the pass measured
+  (``precision_probe`` with ``precision_rounding = "measured"``, the full diagnostics tier: A0
+  re-solved from statistics perturbed at their measured rounding) moved A0 by more than
   :data:`PRECISION_LIMIT` (1e-3 rad, the torch path's ``TRUST_RAD``).
 
-**Numerically unverified** (exit status 0): ``precision`` bound: ``precision_bound`` (a
-first-order bound on how far rounding the statistics to their dtype may rotate A0) exceeds
-1e-3 rad. The bound is conservative (on SmolLM2 it is 68× the measured angle at the median,
-docs/numerics.md): the layer is not known to be wrong, only not verified; ``lora-da report
---full`` (or an init at ``--diagnostics full``) measures it.
+**Numerically unverified** (exit status 0): ``precision``: the default tier's check could not
+clear the layer. It first bounds how far rounding the statistics to their dtype may rotate A0
+(``precision_bound``, conservative: tens of times the measured angle, docs/numerics.md); a layer
+above 1e-3 rad is re-solved from statistics perturbed at the rounding model's size
+(``precision_probe`` with ``precision_rounding = "model"``). Above 1e-3 rad there too, the layer
+is not known to be wrong, only not verified: ``lora-da report --full`` (or an init at
+``--diagnostics full``) measures the rounding. (Files without the probe: the bound alone.)
 
 **Not determined by this data** (exit status 0): ``snr``, the layer's SNR (:func:`layer_snr`:
 the split-half estimate where the init kept the halves, else the plug-in), is below
@@ -90,8 +93,8 @@ KIND_OF = {
 }  # fmt: skip
 _ADVICE = {
     "failed": "failed (exit 1)",
-    "unverified": "numerically unverified: the cheap precision bound is above 1e-3 rad; measure "
-    "it with lora-da report --full",
+    "unverified": "numerically unverified: the default tier's precision check (bound, then a "
+    "re-solve at the modelled rounding) is above 1e-3 rad; measure it with lora-da report --full",
     "undetermined": "not determined by this data: the calibration noise is above the signal; "
     "more calibration data lowers it as 1/|S|",
 }
@@ -164,11 +167,15 @@ def _flags(diag: Mapping[str, Any]) -> list[tuple[str, str, float]]:
             out.append(("cond", f"{key} = {value}", math.inf))
     probe = _number(diag.get("precision_probe"))
     bound = _number(diag.get("precision_bound"))
-    if probe is not None and not probe <= PRECISION_LIMIT:  # measured: a re-solve moved A0
+    measured = diag.get("precision_rounding", "measured") == "measured"  # older: the full tier
+    if probe is not None and not probe <= PRECISION_LIMIT and measured:  # a re-solve moved A0
         text = (
             f"precision_probe {probe:.3g} rad > {PRECISION_LIMIT:g} (statistics dtype too coarse)"
         )
         out.append(("precision_measured", text, _decades(probe, PRECISION_LIMIT)))
+    elif probe is not None and not probe <= PRECISION_LIMIT:  # at the modelled rounding
+        text = f"precision_probe {probe:.3g} rad > {PRECISION_LIMIT:g} (unverified)"
+        out.append(("precision", text, _decades(probe, PRECISION_LIMIT)))
     elif probe is None and bound is not None and not bound <= PRECISION_LIMIT:
         text = f"precision_bound {bound:.3g} rad > {PRECISION_LIMIT:g} (unverified)"
         out.append(("precision", text, _decades(bound, PRECISION_LIMIT)))

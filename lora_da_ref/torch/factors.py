@@ -75,6 +75,7 @@ __all__ = [
     "precision_probe",
     "requested_damping",
     "rounding_floor",
+    "rounding_measured",
     "solve_layer",
     "untrusted_layers",
 ]
@@ -231,8 +232,12 @@ def diagnose_layer(
 ) -> None:
     """The diagnostics of ``config.diagnostics``'s tier, added to ``solution.diagnostics`` from
     the solve's own intermediates (no second Fisher solve): ``"off"`` none; ``"cheap"`` the
-    calibration SNR (plug-in and split-half noise) and :func:`precision_bound`; ``"full"`` also
-    the split-half solves and, when ``probe``, :func:`precision_probe`."""
+    calibration SNR (plug-in and split-half noise), :func:`precision_bound` and, when ``probe``
+    and the bound exceeds :data:`TRUST_RAD`, :func:`precision_probe` (one re-solve decides the
+    layers the bound cannot clear); ``"full"`` also the split-half solves and, when ``probe``,
+    :func:`precision_probe` on every layer. ``precision_rounding`` says whether the probe
+    perturbed at the rounding the pass measured (``"measured"``, the full tier) or at the
+    rounding model's own size (``"model"``)."""
     if config.diagnostics == "off":
         return
     J, guide, eig, diagnostics = solution.J, solution.guidance, solution.eig, solution.diagnostics
@@ -241,10 +246,14 @@ def diagnose_layer(
     diagnostics |= calibration_diagnostics(
         stats, name, config, J, delta, split_solves=full, rank=rank
     )
-    diagnostics["precision_bound"] = precision_bound(stats, name, config, J, guide, eig)
-    if probe and full:
+    bound = precision_bound(stats, name, config, J, guide, eig)
+    diagnostics["precision_bound"] = bound
+    if probe and (full or (bound is not None and bound > TRUST_RAD)):
         diagnostics["precision_probe"] = precision_probe(
             stats, name, config, solution, z_factors, rank=rank
+        )
+        diagnostics["precision_rounding"] = (
+            "measured" if rounding_measured(stats, name) else "model"
         )
 
 
@@ -317,7 +326,8 @@ def precision_probe(
     Z = stats.Z[group].to(SOLVE_DTYPE)
     if probe_group not in z_factors:
         z_gen = torch.Generator(device="cpu").manual_seed(layer_seed(config.seed, group) ^ 0x5EED)
-        Z = _perturb_gram(Z, c_z * u, z_gen)  # else unused: the cached factor of the perturbed Z
+        # else unused: the cached factor of the perturbed Z
+        Z = _perturb_gram(Z, c_z * u, z_gen, rounded_diagonal(stats, group))
     gen = torch.Generator(device="cpu").manual_seed(layer_seed(config.seed, name) ^ 0x5EED)
     Y, G = stats.Y[name].to(SOLVE_DTYPE), stats.G[name].to(SOLVE_DTYPE)
     perturbed = KFACStatistics(
@@ -344,8 +354,8 @@ def precision_bound(
     ``None`` for float64 statistics, and for a solver that reports no eigengap, i.e. LOBPCG,
     whose own residual is checked instead), from quantities the solve holds: no extra solve.
 
-    **Model** (:func:`precision_probe`'s): ``δZ = c_Z·u·D E D`` (``D = diag(√Z_ii)``, E
-    symmetric with unit entries), ``δy_i = c_Y·u·y_i·ε_i`` for a diagonal Y (``c_Y·u·D_Y E D_Y``
+    **Model** (:func:`precision_probe`'s): ``δZ = c_Z·u·D E D`` (``D = diag(√Z_ii)`` over the
+    rows the pass rounded, :func:`rounded_diagonal`; E symmetric with unit entries), ``δy_i = c_Y·u·y_i·ε_i`` for a diagonal Y (``c_Y·u·D_Y E D_Y``
     for a full one), ``δG_ij = c_G·u·√(ρ_i κ_j)·ε_ij`` (ρ, κ the root-mean-square of G's rows and
     columns), ``u`` the unit roundoff of the statistics dtype. Each ``c`` is the rounding the
     pass measured in that statistic (Frobenius norm) over the model's root-mean-square size
@@ -394,7 +404,7 @@ def precision_bound(
     def cols(M: Tensor) -> Tensor:  # column norms, (r,)
         return torch.linalg.vector_norm(M, dim=0)
 
-    dz = stats.Z[stats.group_of[name]].diagonal().to(SOLVE_DTYPE).clamp_min(0).sqrt()  # √Z_ii
+    dz = rounded_diagonal(stats, stats.group_of[name]).sqrt()  # √Z_ii of the rounded rows
     e_z = perp(Q * dz[None, :]) * lam.abs() * cols(dz[:, None] * V) + alpha * norm_delta * _fro(
         dz[:, None] * delta
     ) * cols(dz[:, None] * QV)
@@ -431,7 +441,7 @@ def precision_bound(
 def rounding_scales(stats: KFACStatistics, name: str, u: float) -> tuple[float, float, float]:
     """``(c_Z, c_Y, c_G)`` of layer ``name``: the Frobenius norm of the rounding the pass measured
     in each statistic (``stats.rounding``) over the rounding model's root-mean-square size —
-    ``u·Σ_i Z_ii`` for ``δZ = u·D E D``, ``u·‖y‖`` for a diagonal Y, ``u·‖√(ρ_i κ_j)‖_F`` for G —
+    ``u·Σ_i Z_ii`` (the rounded rows', :func:`rounded_diagonal`) for ``δZ = u·D E D``, ``u·‖y‖`` for a diagonal Y, ``u·‖√(ρ_i κ_j)‖_F`` for G —
     so that :func:`precision_bound` and :func:`precision_probe` perturb at the measured size.
     1 for a statistic without the measurement (float64 statistics, a pass below the ``"full"``
     diagnostics tier, or statistics saved before the pass measured it): the model's own size."""
@@ -443,10 +453,10 @@ def rounding_scales(stats: KFACStatistics, name: str, u: float) -> tuple[float, 
         return measured / model_norm
 
     group = stats.group_of[name]
-    Z, Y, G = (t.to(SOLVE_DTYPE) for t in (stats.Z[group], stats.Y[name], stats.G[name]))
+    Y, G = stats.Y[name].to(SOLVE_DTYPE), stats.G[name].to(SOLVE_DTYPE)
     y_model = Y.norm() if Y.ndim == 1 else Y.diagonal().abs().sum()
     return (
-        scale(f"Z/{group}", u * float(Z.diagonal().abs().sum())),
+        scale(f"Z/{group}", u * float(rounded_diagonal(stats, group).sum())),
         scale(f"Y/{name}", u * float(y_model)),
         scale(f"G/{name}", u * _fro(_scale_of(G))),
     )
@@ -460,12 +470,26 @@ def _noise(shape: tuple[int, ...], gen: torch.Generator, like: Tensor) -> Tensor
     return torch.randn(shape, generator=gen, dtype=SOLVE_DTYPE).to(like.device)
 
 
-def _perturb_gram(M: Tensor, u: float, gen: torch.Generator) -> Tensor:
-    """``M + u·√(M_ii M_jj)·ε`` (ε symmetric); a vector ``M`` is a diagonal: ``M + u·M·ε``."""
+def rounded_diagonal(stats: KFACStatistics, group: str) -> Tensor:
+    """The part of ``diag Z`` (d_in,) of input group ``group`` that the pass rounded: the whole
+    diagonal, less the rows it took in float64 (``KFACStatistics.heavy_diag``, a massive
+    activation's rows), in :data:`SOLVE_DTYPE`. The rounding models of :func:`precision_bound`,
+    :func:`precision_probe` and :func:`rounding_scales` scale with it: a row summed in float64
+    adds no rounding."""
+    diag = stats.Z[group].diagonal().to(SOLVE_DTYPE)
+    heavy = stats.heavy_diag.get(group)
+    if heavy is not None:
+        diag = diag - heavy.to(device=diag.device, dtype=SOLVE_DTYPE)
+    return diag.clamp_min(0)
+
+
+def _perturb_gram(M: Tensor, u: float, gen: torch.Generator, diag: Tensor | None = None) -> Tensor:
+    """``M + u·√(d_i d_j)·ε`` (ε symmetric, ``d = diag`` or ``diag M``); a vector ``M`` is a
+    diagonal: ``M + u·M·ε``."""
     if M.ndim == 1:
         return M + u * M.abs() * _noise(M.shape, gen, M)
     E = _noise(M.shape, gen, M)
-    root = M.diagonal().abs().sqrt()  # (d,)
+    root = (M.diagonal() if diag is None else diag).abs().sqrt()  # (d,)
     return M + u * (root[:, None] * root[None, :]) * (E + E.mT) / math.sqrt(2.0)
 
 
@@ -481,10 +505,23 @@ def _largest_angle(A: Tensor, B: Tensor) -> float:
 
 
 def untrusted_layers(factors: dict[str, LoraFactors]) -> dict[str, float]:
-    """``{layer: precision_bound}`` for the layers whose bound (:func:`precision_bound`, every
-    diagnostics tier but ``"off"``) exceeds :data:`TRUST_RAD`."""
-    bounds = {name: f.diagnostics.get("precision_bound") for name, f in factors.items()}
-    return {name: b for name, b in bounds.items() if b is not None and b > TRUST_RAD}
+    """``{layer: angle}`` for the layers whose rounding may turn A0 by more than
+    :data:`TRUST_RAD`: the :func:`precision_probe`'s re-solve where it ran (every layer the bound
+    did not clear), else the :func:`precision_bound` (every diagnostics tier but ``"off"``)."""
+    out = {}
+    for name, f in factors.items():
+        angle = f.diagnostics.get("precision_probe")
+        angle = f.diagnostics.get("precision_bound") if angle is None else angle
+        if angle is not None and angle > TRUST_RAD:
+            out[name] = angle
+    return out
+
+
+def rounding_measured(stats: KFACStatistics, name: str) -> bool:
+    """Whether the pass measured the rounding of layer ``name``'s statistics (the full tier's
+    sketches, ``KFACStatistics.rounding``): :func:`rounding_scales` then scales to it."""
+    group = stats.group_of[name]
+    return any(k in stats.rounding for k in (f"Z/{group}", f"Y/{name}", f"G/{name}"))
 
 
 def _diagnostics(

@@ -15,7 +15,9 @@ What one pass holds (:class:`~lora_da_ref.torch.statistics.KFACSums`, running su
   odd-numbered sequences' gradient sum, kept apart for the split-half diagnostics);
 * the float64 sketches that measure the rounding (``config.records_rounding``): d_in·k beside
   each Z and G, d_out·k beside a full Y or d_out beside a diagonal one (k =
-  :data:`~lora_da_ref.torch.statistics.ROUNDING_PROBES`).
+  :data:`~lora_da_ref.torch.statistics.ROUNDING_PROBES`);
+* beside each Z, d_in for the part of its diagonal taken in float64 (products below float64:
+  :func:`~lora_da_ref.torch.statistics.records_heavy_rows`).
 
 :func:`~lora_da_ref.torch.statistics.finalize` divides in place, so the normalised statistics
 reuse this memory (no second copy). Not counted: the model, its activations, and one transient
@@ -33,7 +35,7 @@ import torch
 from torch import nn
 
 from lora_da_ref.torch.config import LoraDAConfig, StatisticsConfig, statistics_config_of
-from lora_da_ref.torch.statistics import ROUNDING_PROBES, RUNNING_SUM_DTYPE
+from lora_da_ref.torch.statistics import ROUNDING_PROBES, RUNNING_SUM_DTYPE, records_heavy_rows
 
 __all__ = [
     "AUTO_BUDGET_FRACTION",
@@ -119,9 +121,10 @@ def statistics_bytes(
     halves = 2 if config.split_halves else 1  # G, and G_odd with split sums
     k = ROUNDING_PROBES if config.records_rounding else 0  # the sketches' columns
     full = config.output_factor == "full"
+    heavy = int(records_heavy_rows(config))  # the float64 part of diag Z
     out = {}
     for name, (d_in, d_out) in shapes.items():
-        z = d_in * (d_in + k) if groups.get(name, name) == name else 0
+        z = d_in * (d_in + k + heavy) if groups.get(name, name) == name else 0
         y = d_out * (d_out + k) if full else d_out * (1 + bool(k))
         g = d_in * (halves * d_out + k)
         out[name] = LayerBytes(z * size, y * size, g * size)

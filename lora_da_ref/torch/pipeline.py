@@ -40,7 +40,13 @@ from lora_da_ref.torch.config import (
 from lora_da_ref.torch.diagnostics import report_calibration
 from lora_da_ref.torch.factors import TRUST_RAD, solve_layer, untrusted_layers
 from lora_da_ref.torch.fisher import CholeskyFactor
-from lora_da_ref.torch.memory import _layer_key, _shapes, layer_passes, resolve_layers_per_pass
+from lora_da_ref.torch.memory import (
+    _layer_key,
+    _shapes,
+    input_groups,
+    layer_passes,
+    resolve_layers_per_pass,
+)
 from lora_da_ref.torch.progress import RunProgress
 from lora_da_ref.torch.statistics import (
     Batch,
@@ -50,6 +56,7 @@ from lora_da_ref.torch.statistics import (
     accumulate_statistics,
     finalize,
     materialise_batches,
+    token_masks,
 )
 from lora_da_ref.torch.store import StatisticsStore
 from lora_da_ref.torch.threads import one_blas_thread, one_scipy_blas_thread
@@ -221,7 +228,8 @@ def pass_plan(
 
 def warn_untrusted(factors: dict[str, LoraFactors]) -> None:
     """One ``RuntimeWarning`` naming the layers whose A0 the statistics dtype may have rotated
-    by more than :data:`~lora_da_ref.torch.factors.TRUST_RAD` (their ``precision_bound``)."""
+    by more than :data:`~lora_da_ref.torch.factors.TRUST_RAD` (their ``precision_probe``, else
+    their ``precision_bound``: :func:`~lora_da_ref.torch.factors.untrusted_layers`)."""
     raised = [n for n, f in factors.items() if f.diagnostics.get("damping_raised")]
     if raised:
         warn_user(
@@ -239,7 +247,7 @@ def warn_untrusted(factors: dict[str, LoraFactors]) -> None:
     more = f" and {len(worst) - 10} more" if len(worst) > 10 else ""
     warn_user(
         f"LoRA-DA: in {len(bad)} layer(s) rounding the {'/'.join(dtypes)} statistics may rotate "
-        f"A0 by more than {TRUST_RAD:g} rad (diagnostics['precision_bound']): "
+        f"A0 by more than {TRUST_RAD:g} rad (diagnostics['precision_probe']): "
         f"{listed}{more}. Use LoraDAConfig(dtype=torch.float64) or a larger damping.",
         RuntimeWarning,
     )
@@ -301,8 +309,6 @@ def solve_layers(
 def statistics_positions(batches: list[Batch], config: StatisticsConfig) -> list[int]:
     """The statistics positions |P| of each batch, as the pass counts them (the progress bar's
     weight of a batch)."""
-    from lora_da_ref.torch.statistics import token_masks
-
     return [int(token_masks(batch, config)[0].sum()) for batch in batches]
 
 
@@ -352,8 +358,6 @@ def _synthetic_statistics(
 ) -> KFACStatistics:
     """Random statistics of these layers' shapes, in the config's dtype and output factor, with
     split halves when the diagnostics keep them (their solves then cost what real ones do)."""
-    from lora_da_ref.torch.memory import input_groups
-
     gen = torch.Generator().manual_seed(0)
     group_of = input_groups(dict(shapes))
     dtype = config.dtype

@@ -30,7 +30,9 @@ Definitions and normalisation:
   or float64) whatever the model dtype, and added into float64 running sums
   (:data:`RUNNING_SUM_DTYPE`): the statistics are float64. The rows of a massive activation
   (``‖x_t‖²`` above :data:`HEAVY_ROW_RATIO` times the batch's median) enter ``x xᵀ`` and ``x gᵀ``
-  in float64: they would otherwise set the rounding of every entry.
+  in float64: they would otherwise set the rounding of every entry. Their part of diag Z is kept
+  apart (``heavy_diag``), so that the precision bound models the rounding of the rows that were
+  rounded, not of the ones that were not.
 * **The rounding of those products is measured** (``config.records_rounding``: a dtype below
   float64, the ``"full"`` diagnostics tier): beside each product the pass sums its float64 value
   sketched by a fixed ``Ω`` (d, k) of random signs (:func:`rounding_probe`), ``Σ_b x_bᵀ(x_b Ω)`` in
@@ -123,7 +125,9 @@ class KFACSums:
     pass measures its rounding: the float64 product summed beside ``kind``'s, sketched by
     :func:`rounding_probe` (``(d, k)``; a diagonal Y's own float64 sum, ``(d_out,)``). ``Z`` and
     a full ``Y`` are summed on and below the diagonal only (above it: the diagonal panels' values,
-    else zeros): :func:`finalize` mirrors the lower triangle up (:func:`mirror_lower_`). All are
+    else zeros): :func:`finalize` mirrors the lower triangle up (:func:`mirror_lower_`).
+    ``heavy_diag[g]`` (d_in,), for products below float64 (:func:`records_heavy_rows`): the part
+    of diag ``Z[g]`` from the rows multiplied in float64 (:data:`HEAVY_ROW_RATIO`). All are
     additive across shards.
     """
 
@@ -141,6 +145,7 @@ class KFACSums:
     skipped_batches: int = 0
     rounding: dict[str, Tensor] = field(default_factory=dict)
     dtype: str = "float32"  # of the per-batch products (the running sums are float64)
+    heavy_diag: dict[str, Tensor] = field(default_factory=dict)
 
 
 @dataclass
@@ -153,7 +158,9 @@ class KFACStatistics:
     diagnostics are off or one half has no loss token. :meth:`halves` gives both half means.
     ``rounding[f"{kind}/{key}"]``: the Frobenius norm of the rounding that statistic carries
     (``kind`` Z, Y or G, estimated by the pass's sketch; see the module docstring); empty when
-    the pass did not measure it.
+    the pass did not measure it. ``heavy_diag[g]``: the part of ``diag Z[g]`` that was summed in
+    float64 (the heavy rows, :data:`HEAVY_ROW_RATIO`), normalised as Z; empty for float64
+    statistics and for statistics saved before the pass kept it.
     """
 
     Z: dict[str, Tensor]
@@ -169,6 +176,7 @@ class KFACStatistics:
     gradient_weight: float = 0.0
     rounding: dict[str, float] = field(default_factory=dict)
     dtype: str = "float32"  # of the per-batch products: the rounding the statistics carry
+    heavy_diag: dict[str, Tensor] = field(default_factory=dict)
 
     def halves(self, name: str) -> tuple[Tensor, Tensor] | None:
         """(G of the even sequences, G of the odd sequences) of module ``name``, or ``None``."""
@@ -212,9 +220,10 @@ def finalize(sums: KFACSums) -> KFACStatistics:
         split = {k: v.div_(w_odd) for k, v in sums.G_odd.items()}  # in place
     weights = (w_even, w_odd) if split else (0.0, 0.0)
     rounding = _measured_rounding(sums, {"Z": Z, "Y": Y, "G": G})
+    heavy = {k: v.div_(sums.tokens) for k, v in sums.heavy_diag.items()}
     return KFACStatistics(
         Z, Y, G, dict(sums.group_of), *counts, split, weights, sums.gradient_weight, rounding,
-        sums.dtype,
+        sums.dtype, heavy,
     )  # fmt: skip
 
 
@@ -290,6 +299,7 @@ def merge_passes(parts: list[KFACSums]) -> KFACSums:
         out.G |= part.G
         out.G_odd |= part.G_odd
         out.rounding |= part.rounding
+        out.heavy_diag |= part.heavy_diag
         out.group_of |= part.group_of
     return out
 
@@ -613,7 +623,14 @@ class _Collector:
             rows = x.detach()
             rows = rows.reshape(-1, rows.shape[-1]) if b.every_position else rows[b.positions]
             xP = rows.to(self.config.dtype)  # (|P_b|, d_in)
-            _add_gram_rows(self.sums.Z, name, xP, 1.0)  # += Σ x xᵀ (lower triangle)
+            diag = None
+            if records_heavy_rows(self.config):
+                diag = self.sums.heavy_diag.get(name)
+                if diag is None:
+                    diag = self.sums.heavy_diag[name] = xP.new_zeros(
+                        xP.shape[-1], dtype=RUNNING_SUM_DTYPE
+                    )
+            _add_gram_rows(self.sums.Z, name, xP, 1.0, diag)  # += Σ x xᵀ (lower triangle)
             if self.config.records_rounding:
                 _add_reference(self.sums.rounding, f"Z/{name}", rows, rows, 1.0)
             b.inputs[group] = (x, x._version)
@@ -726,6 +743,12 @@ def _addmm(store: dict[str, Tensor], key: str, a: Tensor, b: Tensor, alpha: floa
     _add(store, key, a @ b, alpha)
 
 
+def records_heavy_rows(config: StatisticsConfig | LoraDAConfig) -> bool:
+    """Whether a pass may take rows in float64 and so keeps ``KFACSums.heavy_diag``: products
+    below float64 with the rule on (:data:`HEAVY_ROW_RATIO`)."""
+    return HEAVY_ROW_RATIO is not None and config.dtype != RUNNING_SUM_DTYPE
+
+
 def _heavy_rows(x: Tensor) -> Tensor | None:
     """The rows of ``x`` (n, d) whose squared norm exceeds :data:`HEAVY_ROW_RATIO` × the median
     (a bool mask), ``None`` when there are none, the products are float64, or the rule is off."""
@@ -736,14 +759,20 @@ def _heavy_rows(x: Tensor) -> Tensor | None:
     return heavy if bool(heavy.any()) else None
 
 
-def _add_gram_rows(store: dict[str, Tensor], key: str, x: Tensor, alpha: float) -> None:
-    """:func:`_add_gram` with the heavy rows' products in float64 (:func:`_heavy_rows`)."""
+def _add_gram_rows(
+    store: dict[str, Tensor], key: str, x: Tensor, alpha: float, diag: Tensor | None = None
+) -> None:
+    """:func:`_add_gram` with the heavy rows' products in float64 (:func:`_heavy_rows`); their
+    part of the diagonal is also added to ``diag`` (d,) when given."""
     heavy = _heavy_rows(x)
     if heavy is None:
         _add_gram(store, key, x, alpha)
         return
     _add_gram(store, key, x[~heavy], alpha)
-    _add_gram(store, key, x[heavy].to(RUNNING_SUM_DTYPE), alpha)
+    rows = x[heavy].to(RUNNING_SUM_DTYPE)
+    _add_gram(store, key, rows, alpha)
+    if diag is not None:
+        diag.add_(rows.square().sum(0), alpha=alpha)
 
 
 def _addmm_rows(store: dict[str, Tensor], key: str, x: Tensor, g: Tensor, alpha: float) -> None:

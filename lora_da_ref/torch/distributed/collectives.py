@@ -23,7 +23,12 @@ from lora_da_ref.torch.config import (
     StatisticsConfig,
     statistics_config_of,
 )
-from lora_da_ref.torch.statistics import ROUNDING_PROBES, RUNNING_SUM_DTYPE, KFACSums
+from lora_da_ref.torch.statistics import (
+    ROUNDING_PROBES,
+    RUNNING_SUM_DTYPE,
+    KFACSums,
+    records_heavy_rows,
+)
 
 __all__ = ["BUCKET_NUMEL", "all_reduce_int", "all_reduce_sums", "broadcast_factors", "comm_device"]
 
@@ -41,7 +46,8 @@ def all_reduce_sums(
 
     ``Z[g] = Σ_r Σ_{t∈P_r} x xᵀ`` (d_in, d_in), ``Y[m]`` (d_out, d_out) or (d_out,),
     ``G[m] + G_odd[m] = Σ_r Σ_{b∈S_r} T_b ∇_W L_b`` (d_in, d_out; ``G_odd`` with split sums), the float64 sketches ``rounding``
-    when the pass measures its rounding, and ``tokens`` = Σ_r |P_r| etc. A rank
+    when the pass measures its rounding, the float64 part of diag Z (``heavy_diag``), and
+    ``tokens`` = Σ_r |P_r| etc. A rank
     that saw no tokens contributes zeros of the right shapes; the input groups (``group_of``)
     seen by the ranks must agree. Identical on every rank afterwards.
     """
@@ -54,6 +60,7 @@ def all_reduce_sums(
         tensors += [sums.Y[n] for n in names] + [sums.G[n] for n in names]
         tensors += [sums.G_odd[n] for n in names] if config.split_halves else []
         tensors += [sums.rounding[k] for k in _rounding_keys(sums, names)]
+        tensors += [sums.heavy_diag[n] for n in names if n in sums.heavy_diag]
         _all_reduce_flat(tensors, group)
     _all_reduce_counts(sums, group)
     return sums
@@ -103,6 +110,8 @@ def _fill_missing(sums: KFACSums, targets: dict[str, nn.Linear], config: Statist
             sums.G[name] = zeros(d_in, d_out)
         if config.split_halves and name not in sums.G_odd:  # a shard may hold no odd sequence
             sums.G_odd[name] = zeros(d_in, d_out)
+        if records_heavy_rows(config) and sums.group_of[name] == name:
+            sums.heavy_diag.setdefault(name, zeros(d_in))
     if not config.records_rounding:
         return
     k = ROUNDING_PROBES
