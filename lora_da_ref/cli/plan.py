@@ -277,8 +277,9 @@ def verdict(plan: Plan) -> str:
     more = f"it would need about {_count(need)} sequences" if math.isfinite(need) else ""
     if blind:
         more = (
-            f"the probe saw no signal above the noise in {', '.join(blind)}, so no data size "
-            "can be predicted (a larger --probe-sequences may show one)"
+            f"the probe's {plan.probe_sequences} sequences showed no signal above the noise in "
+            f"{', '.join(blind)}, so the plan cannot say how many sequences they need; a larger "
+            "--probe-sequences may show one"
         )
     if len(low) == len(plan.snr):
         return (
@@ -295,22 +296,24 @@ def verdict(plan: Plan) -> str:
 
 
 def format_plan(plan: Plan) -> str:
-    """The text ``lora-da plan`` prints."""
-    budget = "none" if plan.budget_bytes is None else _bytes(plan.budget_bytes)
+    """The text ``lora-da plan`` prints (plain words; the JSON keeps every number, |S| included)."""
+    budget = "no budget" if plan.budget_bytes is None else f"budget {_bytes(plan.budget_bytes)}"
+    passes = len(plan.passes)
+    per_pass = ", ".join(map(str, plan.passes))
     lines = [
-        f"lora-da plan: {plan.targets} target modules in {plan.layers} layers; data "
-        f"{plan.sequences} sequences, {plan.tokens} statistics positions (|S| = "
-        f"{plan.sample_size:.3g} in the Fisher's units)",
-        f"memory: statistics {_bytes(plan.statistics_bytes)} in all, budget {budget}: "
-        f"{len(plan.passes)} pass(es) of {', '.join(map(str, plan.passes))} layers, "
-        f"peak {_bytes(plan.peak_bytes)}",
-        f"time (from a probe of {plan.probe_sequences} sequences on each pass and "
-        f"{plan.probe_targets} solved targets on {plan.device}): once {plan.one_time_seconds:.3g} s "
-        f"(loading {plan.setup_seconds:.3g} s, first batch {plan.first_batch_seconds:.3g} s), "
-        f"statistics {plan.statistics_seconds:.3g} s, solves {plan.solve_seconds:.3g} s, total "
-        f"about {plan.seconds:.3g} s",
-        f"calibration SNR = signal/noise, signal = ‖ΔŴ‖² − noise, noise ∝ 1/|S| (median over "
-        f"layers; probe |S| = {plan.probe_sample_size:.3g}):",
+        f"lora-da plan: {plan.targets} target modules in {plan.layers} layers; "
+        f"{plan.sequences} calibration sequences ({plan.tokens} tokens enter the statistics)",
+        f"memory: the statistics take {_bytes(plan.statistics_bytes)} in all ({budget}): "
+        f"{passes} pass{'es' if passes > 1 else ''} over the data ({per_pass} layers), peak "
+        f"{_bytes(plan.peak_bytes)}",
+        f"time: about {_seconds(plan.seconds)} (once: loading {_seconds(plan.setup_seconds)}, "
+        f"first batch {_seconds(plan.first_batch_seconds)}; statistics "
+        f"{_seconds(plan.statistics_seconds)}; solves {_seconds(plan.solve_seconds)}), timed on "
+        f"the first {plan.probe_sequences} sequences of each pass and {plan.probe_targets} solves "
+        f"on {plan.device}; writing the adapter is not included",
+        "calibration SNR, median over layers: signal/noise, signal = ‖ΔŴ‖² − noise (0: no "
+        "signal seen; 1: as much signal as noise; the noise falls as 1/sequences). Below 1 the "
+        "data do not determine a layer's subspace:",
     ]
     table = [["module", "probe SNR", f"SNR at {plan.sequences} seq", "seq for SNR 1"]]
     for m in plan.snr:
@@ -321,6 +324,14 @@ def format_plan(plan: Plan) -> str:
     lines += ["  " + "  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in table]
     lines.append(verdict(plan))
     return "\n".join(lines)
+
+
+def _seconds(value: float) -> str:
+    if value >= 3600:
+        return f"{value / 3600:.1f} h"
+    if value >= 60:
+        return f"{value / 60:.1f} min"
+    return f"{value:.2g} s" if value < 10 else f"{value:.0f} s"
 
 
 def _count(value: float) -> str:
