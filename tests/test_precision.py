@@ -115,6 +115,19 @@ def test_the_default_tier_re_solves_only_the_layers_its_bound_cannot_clear(monke
     assert rechecked["precision_probe"] < cleared["precision_bound"]
 
 
+def test_the_re_solve_keeps_the_sample_size_of_the_debiased_estimator():
+    """The probe's perturbed statistics carry the gradient weight: the debiased estimator's
+    |S| = W²/|P| is defined in the re-solve as in the solve (without it the probe raised
+    "needs the calibration sample size |S| > 0, got nan")."""
+    import dataclasses
+
+    Q, z, c = _known_case()
+    stats = dataclasses.replace(_statistics(Q, z, c, torch.float32), gradient_weight=100.0)
+    config = LoraDAConfig(rank=RANK, estimator="debiased", diagnostics="full")
+    probe = solve_layer(stats, "w", config).diagnostics["precision_probe"]
+    assert math.isfinite(probe)
+
+
 def test_untrusted_layers_take_the_re_solve_over_the_bound():
     from lora_da_ref.torch.config import LoraFactors
 

@@ -333,7 +333,8 @@ def precision_probe(
     perturbed = KFACStatistics(
         {probe_group: Z}, {name: _perturb_gram(Y, c_y * u, gen)},
         {name: G + c_g * u * _scale_of(G) * _noise(G.shape, gen, G)}, {name: probe_group},
-        stats.tokens, stats.loss_tokens, stats.sequences, stats.batches, dtype=stats.dtype,
+        stats.tokens, stats.loss_tokens, stats.sequences, stats.batches,
+        gradient_weight=stats.gradient_weight, dtype=stats.dtype,  # |S| of the debiased estimator
     )  # fmt: skip
     # The perturbed solve needs only A0: no calibration diagnostics (they cost a block sum) and
     # no σ-normalisation (Ω/σ² has the same eigenvectors; σ costs a Gram eigen-solve).
