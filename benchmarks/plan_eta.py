@@ -74,6 +74,8 @@ def eta_quality(points: list[list[float | None]]) -> dict:
             continue
         rows.append(((t - start) / (end - start), est / (end - t), est - (end - t)))
     ratios = sorted(r for _, r, _ in rows)
+    if not ratios:
+        return {"bar_seconds": end - start, "updates_from_10pct": 0}
     tenths = {}
     for k in range(1, 10):
         part = [r for f, r, _ in rows if k / 10 <= f < (k + 1) / 10]

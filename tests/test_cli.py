@@ -517,7 +517,7 @@ def test_flag_kinds_fail_only_what_is_wrong(diag, kinds):
     assert failed(rows) is ("failed" in kinds)
     line = closing_line(rows)
     assert line.startswith("FAIL" if "failed" in kinds else "PASS")
-    assert ("lora-da report --full" in line) is ("unverified" in kinds)
+    assert ("--diagnostics full" in line) is ("unverified" in kinds)
     assert ("more calibration data" in line) is ("undetermined" in kinds)
 
 
@@ -579,6 +579,16 @@ def test_plan_on_the_tiny_model(workspace, tmp_path, capsys):
     assert main(argv) == 0
     text = capsys.readouterr().out
     assert "probe SNR" in text and "at 40 sequences" in text
+
+
+def test_plan_with_the_diagnostics_off_still_measures_the_snr(workspace, capsys):
+    """The probe solves at the cheap tier whatever the init's tier (an init with the diagnostics
+    off records no |S|; the plan needs it for its SNR)."""
+    argv = ["plan", "--model", str(workspace / "model"), "--data", str(workspace / "calib.jsonl")]
+    argv += ["--max-length", str(MAX_LENGTH), "--probe-sequences", "4", "--json"]
+    assert main([*argv, "--diagnostics", "off"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["snr"] and plan["probe_sample_size"] > 0
 
 
 def test_plan_probes_every_pass_and_solves_a_layer_of_each(tmp_path, monkeypatch):

@@ -92,7 +92,7 @@ class _TwoShards(SingleProcess):
             accumulate_statistics(model, part, targets, config, loss_fn=loss_fn, progress=False)
             for part in (batches[::2], batches[1::2])
         )
-        for kind in ("Z", "Y", "G", "G_odd"):
+        for kind in ("Z", "Y", "G", "G_odd", "heavy_diag"):
             for key, value in getattr(b, kind).items():
                 getattr(a, kind)[key] = getattr(a, kind)[key] + value
         for f in dataclasses.fields(KFACSums):

@@ -89,8 +89,9 @@ def _add_source_arguments(p: argparse.ArgumentParser) -> None:
         choices=("off", "cheap", "full"),
         default="cheap",
         help="per-layer diagnostics: cheap (nearly free: damping, conditioning, eigengap, "
-        "calibration SNR, precision bound), full (also the split-half solves and the precision "
-        "probe: about 3x the solves), off",
+        "calibration SNR, precision bound, one re-solve of a layer the bound cannot clear), full "
+        "(also the measured rounding, the split-half solves and the precision probe of every "
+        "layer: about 3x the solves), off",
     )
     p.add_argument(
         "--target-modules",

@@ -152,7 +152,7 @@ def make_plan(
     passes = layer_passes(names, resolve_layers_per_pass(targets, config, device))
     peak = max(sum(per_module[n].total for n in chunk) for chunk in passes)
     probe_batches = _first_sequences(batches, probe)
-    warm_batches = _first_sequences(batches, 1)
+    warm_batches = _first_usable_sequence(batches, config)
     probe_config = config.replace(diagnostics="cheap") if config.diagnostics == "off" else config
     seqs, tokens, size = _units(batches, config)
     probe_seqs, probe_tokens, _ = _units(probe_batches, config)
@@ -170,7 +170,7 @@ def make_plan(
             layer = _layer_key(chunk_names[0])
             solve = [n for n in chunk_names if _layer_key(n) == layer]
         t0 = time.perf_counter()
-        factors |= _solve(stats, solve, config)
+        factors |= _solve(stats, solve, probe_config)
         solve_seconds += (time.perf_counter() - t0) * len(chunk_names) / len(solve)
         pass_seconds.append(t_stats * tokens / probe_tokens)
         del stats
@@ -224,6 +224,16 @@ def _first_sequences(batches: list[dict], count: int) -> list[dict]:
         out.append(batch if rows <= left else {k: v[:left] for k, v in batch.items()})
         left -= rows
     return out
+
+
+def _first_usable_sequence(batches: list[dict], config: Any) -> list[dict]:
+    """The first sequence with a loss token, as one batch (the warm-up pass needs one)."""
+    for batch in batches:
+        for row in range(int(batch["input_ids"].shape[0])):
+            one = {k: v[row : row + 1] for k, v in batch.items()}
+            if _units([one], config)[0] > 0:
+                return [one]
+    return _first_sequences(batches, 1)  # none: the pass raises its usual error
 
 
 def _units(batches: list[dict], config: Any) -> tuple[int, int, float]:

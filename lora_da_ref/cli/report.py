@@ -28,8 +28,9 @@ clear the layer. It first bounds how far rounding the statistics to their dtype 
 (``precision_bound``, conservative: tens of times the measured angle, docs/numerics.md); a layer
 above 1e-3 rad is re-solved from statistics perturbed at the rounding model's size
 (``precision_probe`` with ``precision_rounding = "model"``). Above 1e-3 rad there too, the layer
-is not known to be wrong, only not verified: ``lora-da report --full`` (or an init at
-``--diagnostics full``) measures the rounding. (Files without the probe: the bound alone.)
+is not known to be wrong, only not verified: an init at ``--diagnostics full`` measures the
+rounding (``lora-da report --full`` re-solves saved statistics, which carry the measurement only
+when they were collected at that tier). (Files without the probe: the bound alone.)
 
 **Not determined by this data** (exit status 0): ``snr``, the layer's SNR (:func:`layer_snr`:
 the split-half estimate where the init kept the halves, else the plug-in), is below
@@ -94,7 +95,8 @@ KIND_OF = {
 _ADVICE = {
     "failed": "failed (exit 1)",
     "unverified": "numerically unverified: the default tier's precision check (bound, then a "
-    "re-solve at the modelled rounding) is above 1e-3 rad; measure it with lora-da report --full",
+    "re-solve at the modelled rounding) is above 1e-3 rad; an init at --diagnostics full "
+    "measures the rounding",
     "undetermined": "not determined by this data: the calibration noise is above the signal; "
     "more calibration data lowers it as 1/|S|",
 }

@@ -20,9 +20,10 @@ Per layer:
 (:data:`SOLVE_DTYPE`): Cholesky, the triangular solves of ΔW, the block sum, Ω and its eigen-solve.
 Each layer records the damping applied, ``κ₁`` of the damped factors, the eigengap and
 ``precision_bound``, a first-order bound on how far rounding the statistics to their dtype moves
-A0 (radians; :func:`precision_bound`, no extra solve); :func:`untrusted_layers` lists the layers
-where it exceeds :data:`TRUST_RAD`. The ``"full"`` diagnostics add ``precision_probe``
-(:func:`precision_probe`: one perturbed re-solve per layer).
+A0 (radians; :func:`precision_bound`, no extra solve). A layer whose bound exceeds
+:data:`TRUST_RAD` is re-solved once from statistics perturbed at their rounding
+(:func:`precision_probe`), which decides; the ``"full"`` diagnostics re-solve every layer, at the
+rounding the pass measured. :func:`untrusted_layers` lists the layers above :data:`TRUST_RAD`.
 
 :func:`lora_da_init` is the same map from ``(J, G, n, r)`` for one layer, with the NumPy
 reference's name and signature (:func:`lora_da_ref.reference.initializers.lora_da_init`; the whole
@@ -84,7 +85,7 @@ T = TypeVar("T")
 SOLVE_DTYPE = torch.float64  # every solve, whatever the statistics dtype
 # Diagnostics key: True when B0 = A0ᵀΔŴ is neither σ-normalised nor γ-scaled (apply_lora_da warns).
 UNSCALED_B0_KEY = "unscaled_B0"
-TRUST_RAD = 1e-3  # a layer whose precision_bound exceeds this is reported as not trustworthy
+TRUST_RAD = 1e-3  # rad: above it (the probe's re-solve, else the bound) a layer is not trusted
 
 
 @dataclass

@@ -81,6 +81,7 @@ class Strategy(Protocol):
     """Where the data lives and who solves what: the only difference between the runs."""
 
     rank: int
+    world: int  # the processes that share the solves
 
     def prepare(self, batches: Iterable[Batch]) -> list[Batch]:
         """This process's batches, checked and materialised once
@@ -115,6 +116,7 @@ class SingleProcess:
     """One process holds all the data and solves every layer."""
 
     rank = 0
+    world = 1
 
     def prepare(self, batches: Iterable[Batch]) -> list[Batch]:
         return materialise_batches(batches)  # all the data: not empty
@@ -172,10 +174,9 @@ def run_pipeline(
     pass_config, solve_config = config.statistics_config(), config.solve_config()
     plan = pass_plan(model, targets, pass_config)
     show = progress and strategy.rank == 0
-    predicted = predict_solve_seconds(targets, config, ranks) if show else {}
-    bar = RunProgress.for_init(
-        statistics_positions(batches, pass_config), len(plan), predicted, show
-    )
+    predicted = _predicted_solves(model, targets, config, ranks, strategy.world) if show else {}
+    positions = statistics_positions(batches, pass_config) if show else []
+    bar = RunProgress.for_init(positions, len(plan), predicted, show)
     factors: dict[str, LoraFactors] = {}
     try:
         for i, names in enumerate(plan):
@@ -184,6 +185,7 @@ def run_pipeline(
             bar.stage(f"statistics, pass {i + 1}/{len(plan)} ({layers} layers)")
             stats = None if store is None else store.load(i, names)
             if stats is None:
+                bar.mark()  # the work before this pass (the last one's gather) is no batch's
                 sums = strategy.collect(model, batches, chunk, pass_config, loss_fn, bar)
                 stats = strategy.reduce(sums, chunk, pass_config)
                 del sums
@@ -194,10 +196,11 @@ def run_pipeline(
             owners = strategy.plan(chunk, stats.group_of, pass_config)
             mine = [n for n in chunk if owners[n] == strategy.rank]
             bar.stage(f"solves, pass {i + 1}/{len(plan)}" if len(plan) > 1 else "solves")
+            bar.solved([n for n in chunk if owners[n] != strategy.rank], here=False)
+            bar.mark()  # the reduce, a store's save and the plan are no solve's
             with strategy.stage("layer solve"):
                 solved = solve_layers(stats, mine, solve_config, bar.solved, ranks=ranks)
             del stats
-            bar.solved([n for n in chunk if owners[n] != strategy.rank], here=False)
             factors |= strategy.gather(solved, owners, chunk, ranks)
     finally:
         bar.close()
@@ -312,8 +315,25 @@ def statistics_positions(batches: list[Batch], config: StatisticsConfig) -> list
     return [int(token_masks(batch, config)[0].sum()) for batch in batches]
 
 
+def _predicted_solves(
+    model: nn.Module, targets: Targets, config: LoraDAConfig, ranks: Mapping[str, int], world: int
+) -> dict[str, float]:
+    """:func:`predict_solve_seconds` on the model's device, each solve's share of ``world``
+    processes; ``{}`` (every solve weighs nothing until measured) when it fails: a progress
+    bar must not stop an init."""
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    try:
+        seconds = predict_solve_seconds(targets, config, ranks, device)
+    except Exception:  # any failure: the init goes on without the estimate
+        return {}
+    return {name: t / max(world, 1) for name, t in seconds.items()}
+
+
 def predict_solve_seconds(
-    targets: Targets, config: LoraDAConfig, ranks: Mapping[str, int]
+    targets: Targets,
+    config: LoraDAConfig,
+    ranks: Mapping[str, int],
+    device: torch.device | str = "cpu",
 ) -> dict[str, float]:
     """Predicted wall seconds of each target's solve, for the progress bar: the solves of the
     first transformer layer's targets on synthetic statistics of their shapes (random, well
@@ -331,7 +351,7 @@ def predict_solve_seconds(
     first = _layer_key(names[0])
     sample = [n for n in names if _layer_key(n) == first]
     shapes = _shapes(targets)
-    stats = _synthetic_statistics({n: shapes[n] for n in sample}, config)
+    stats = _synthetic_statistics({n: shapes[n] for n in sample}, config, torch.device(device))
     solve = config.solve_config()
     tasks = layer_tasks(stats, sample)
     workers = max(1, min(solve_workers(stats, tasks, solve), len(tasks)))
@@ -354,7 +374,7 @@ def _signature(name: str, shape: tuple[int, int]) -> tuple[str, int, int]:
 
 
 def _synthetic_statistics(
-    shapes: Mapping[str, tuple[int, int]], config: LoraDAConfig
+    shapes: Mapping[str, tuple[int, int]], config: LoraDAConfig, device: torch.device
 ) -> KFACStatistics:
     """Random statistics of these layers' shapes, in the config's dtype and output factor, with
     split halves when the diagnostics keep them (their solves then cost what real ones do)."""
@@ -374,6 +394,7 @@ def _synthetic_statistics(
     G_split = (
         {n: torch.randn(*s, generator=gen).to(dtype) for n, s in shapes.items()} if split else {}
     )
+    Z, Y, G, G_split = ({k: v.to(device) for k, v in d.items()} for d in (Z, Y, G, G_split))
     return KFACStatistics(
         Z, Y, G, group_of, tokens=1024, loss_tokens=1024, sequences=64, batches=64,
         G_split=G_split, split_weights=(1.0, 1.0) if split else (0.0, 0.0), gradient_weight=64.0,

@@ -78,6 +78,11 @@ class RunProgress:
             self._work.batch_done()
         self._show()
 
+    def mark(self) -> None:
+        """Work between stages (a reduce, a store, a gather) is charged to no step."""
+        if self._work is not None:
+            self._work.last = time.perf_counter()
+
     def skip_pass(self, batches: int) -> None:
         """The current pass of ``batches`` batches was read from a store: done, at no cost."""
         if self._work is None:

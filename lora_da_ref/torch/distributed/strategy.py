@@ -55,6 +55,7 @@ class DataParallel:
     def __init__(self, group: dist.ProcessGroup) -> None:
         self.group = group
         self.rank = dist.get_rank(group)
+        self.world = dist.get_world_size(group)
 
     def prepare(self, batches: Iterable[Batch]) -> list[Batch]:
         with all_ranks_or_none(self.group, "input check"):  # a shard may be empty, not the union
