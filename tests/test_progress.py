@@ -44,6 +44,22 @@ def test_time_left_weighs_batches_by_positions_and_solves_by_their_measured_scal
     assert bar.remaining_seconds() == 0
 
 
+def test_the_solves_are_rescaled_only_after_a_tenth_of_their_predicted_time(monkeypatch):
+    """Twenty solves predicted at 1 s: the first, measured at 5 s (its neighbours ran beside it),
+    leaves the prediction alone; from the second on (a tenth of 20 s) the measured scale applies.
+    Catches a rescale on the first solve (the estimate jumped to 4.8x the time left on SmolLM2)."""
+    clock = Clock()
+    monkeypatch.setattr(P.time, "perf_counter", clock)
+    names = [f"l{i}" for i in range(20)]
+    bar = P.RunProgress.for_init([], 1, dict.fromkeys(names, 1.0), enabled=False)
+    clock.now += 5.0
+    bar.solved(names[:1])
+    assert bar.remaining_seconds() == pytest.approx(19.0)
+    clock.now += 1.0
+    bar.solved(names[1:2])
+    assert bar.remaining_seconds() == pytest.approx(18 * 6.0 / 2)
+
+
 def test_a_pass_read_from_a_store_costs_nothing(monkeypatch):
     clock = Clock()
     monkeypatch.setattr(P.time, "perf_counter", clock)

@@ -11,7 +11,9 @@ off by a factor of five. Each step is weighed by its measured cost:
 * a **layer solve** by the time a solve of its shape took on synthetic statistics of that shape,
   timed before the first pass (:func:`lora_da_ref.torch.pipeline.predict_solve_seconds`: one
   transformer layer's solves, about ``1/layers`` of the solve time), times the ratio of measured
-  to predicted seconds once real solves have run.
+  to predicted seconds once a tenth of the predicted solve time has run (:data:`RESCALE_AFTER`:
+  earlier, solves running side by side make the first ones look slow; on SmolLM2 the first
+  finished task put the estimate at 4.8× the time left).
 
 The time left is the remaining work at those rates; the bar's description names the stage
 (``statistics, pass 2/4 (8 layers)``, ``solves``). Without a work model (:meth:`RunProgress.of`,
@@ -28,6 +30,7 @@ from tqdm.auto import tqdm
 __all__ = ["RunProgress"]
 
 _FORMAT = "{desc}: {percentage:3.0f}%|{bar}| {elapsed}{postfix}"
+RESCALE_AFTER = 0.1  # the share of the predicted solve time measured before the rescale
 
 
 class RunProgress:
@@ -138,6 +141,7 @@ class _Work:
         self.solve_predicted = 0.0  # predicted seconds of the solves done here
         self.solve_measured = 0.0
         self.solves_left = dict(solve)
+        self.solve_total = sum(solve.values())
 
     def batch_done(self) -> None:
         now = time.perf_counter()
@@ -183,7 +187,10 @@ class _Work:
             stats_left = rate * (
                 full * per_pass + sum(self.positions[len(self.positions) - part :])
             )
-        scale = self.solve_measured / self.solve_predicted if self.solve_predicted > 0 else 1.0
+        enough = (
+            self.solve_predicted > 0 and self.solve_predicted >= RESCALE_AFTER * self.solve_total
+        )
+        scale = self.solve_measured / self.solve_predicted if enough else 1.0
         return stats_left + scale * sum(self.solves_left.values())
 
     def done(self) -> float:
