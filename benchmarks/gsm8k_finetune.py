@@ -117,9 +117,10 @@ METHODS = (
     "da_subspace@one_g64_scale",
 )
 EPOCH_METHODS = ("lora", "lora_one", "lora_da_default", "pissa")
-# (a, b, what a − b isolates): the controls' partners, and every data-aware init against its
-# data-free counterpart at the same scale
+# (a, b, what a − b isolates): the paper's pair, the controls' partners, and every data-aware
+# init against its data-free counterpart at the same scale
 CONTRASTS = (
+    ("lora_da_default", "lora_one", "the paper's comparison: LoRA-DA vs LoRA-One, each as published"),
     (
         "lora_da_default",
         "random_A@da_scale",
@@ -742,7 +743,13 @@ def paired_t(
     problems, so the interval is conditional on them (would other seeds give the same
     difference on these problems?); :func:`hierarchical_bootstrap` resamples the problems too.
     """
-    d = run_losses(sums_a, counts_a) - run_losses(sums_b, counts_b)
+    return t_interval(run_losses(sums_a, counts_a) - run_losses(sums_b, counts_b))
+
+
+def t_interval(d: np.ndarray) -> dict[str, Any]:
+    """The mean of n independent per-seed differences ``d`` and its Student-t 95 % interval
+    with n − 1 degrees of freedom (none from one seed)."""
+    d = np.asarray(d, dtype=np.float64)
     n, mean = d.size, float(d.mean())
     if n < 2:
         return {"diff": mean, "ci95": [math.nan, math.nan], "per_seed": d.tolist(), "df": 0}
@@ -750,6 +757,31 @@ def paired_t(
 
     half = float(stats.t.ppf(0.975, n - 1) * d.std(ddof=1) / math.sqrt(n))
     return {"diff": mean, "ci95": [mean - half, mean + half], "per_seed": d.tolist(), "df": n - 1}
+
+
+def step_contrast(a_runs: dict[int, dict], b_runs: dict[int, dict]) -> dict[str, Any]:
+    """``val_loss(a) − val_loss(b)`` at each validation step both methods' runs recorded, over
+    their common seeds (seed k of both saw the same data order): the paired t of
+    :func:`t_interval` at every step. The early-against-late question (does a method start
+    behind and gain later?) is read from the signs of these intervals along the steps; only
+    the aggregate validation loss is kept at the inner steps, so there is no bootstrap over
+    problems here."""
+    seeds = sorted(set(a_runs) & set(b_runs))
+    if not seeds:
+        return {"seeds": [], "steps": {}}
+    runs = [a_runs[s] for s in seeds] + [b_runs[s] for s in seeds]
+    steps = sorted(set.intersection(*(set(r["curve"]["val_steps"]) for r in runs)))
+
+    def at(r: dict, step: int) -> float:
+        return dict(zip(r["curve"]["val_steps"], r["curve"]["val_loss"]))[step]
+
+    return {
+        "seeds": seeds,
+        "steps": {
+            str(t): t_interval(np.array([at(a_runs[s], t) - at(b_runs[s], t) for s in seeds]))
+            for t in steps
+        },
+    }
 
 
 def hierarchical_bootstrap(
@@ -1029,6 +1061,7 @@ def summarize(out: Path, sizes: Sizes) -> dict[str, Any]:
     methods = [m for m in METHODS if any(r["method"] == m for r in rows.values())]
     result: dict[str, Any] = {"sizes": asdict(sizes), "sizes_tag": sizes.tag(), "methods": {}}
     finals: dict[str, dict[int, dict]] = {}
+    chosen: dict[str, dict[int, dict]] = {}  # the training rows at the chosen rate, by seed
     for m in methods:
         by_lr: dict[float, dict[int, dict]] = {}
         for r in rows.values():
@@ -1043,6 +1076,7 @@ def summarize(out: Path, sizes: Sizes) -> dict[str, Any]:
         neighbours = {f"{g:g}": _mean_or_inf(sel[g]) for g in grid[max(0, i - 1) : i + 2]}
         mine = {h["seed"]: h for h in held.values() if h["method"] == m and lr_key(h["lr"]) == lr}
         finals[m] = mine
+        chosen[m] = by_lr[lr]
         losses = [mine[s]["heldout_loss"] for s in sorted(mine)]
         entry = {
             "selected_lr": lr,
@@ -1079,6 +1113,12 @@ def summarize(out: Path, sizes: Sizes) -> dict[str, Any]:
         result["contrasts"].append(
             {"a": a_m, "b": b_m, "isolates": what, **contrast(finals[a_m], finals[b_m], seeds)}
         )
+    result["by_step"] = [
+        {"a": a_m, "b": b_m, "isolates": what, **step_contrast(chosen[a_m], chosen[b_m])}
+        for a_m, b_m, what in [(m, BASELINE, "the init vs PEFT's default") for m in chosen
+                               if m != BASELINE] + list(CONTRASTS)
+        if a_m in chosen and b_m in chosen
+    ]  # fmt: skip
     base_row = next((h for h in held.values() if h["method"] == "base"), None)
     if base_row is not None:
         result["base_model"] = {
@@ -1216,6 +1256,26 @@ def markdown_table(result: dict) -> str:
             lines.append(
                 f"| `{c['a']}` − `{c['b']}` | {c['isolates']} | "
                 f"{_ci(c)} | {_interval(c['ci95_hier_bootstrap'])} |"
+            )
+    by_step = [c for c in result.get("by_step", []) if len(c["steps"]) > 1]
+    if by_step:
+        steps = sorted({int(t) for c in by_step for t in c["steps"]})
+        lines += [
+            "",
+            "| a − b: validation loss difference [95 % t, per-seed pairs] | "
+            + " | ".join(f"step {t}" for t in steps)
+            + " |",
+            "|---|" + "---|" * len(steps),
+        ]
+        for c in by_step:
+            cells = [
+                f"{c['steps'][str(t)]['diff']:+.4f} {_interval(c['steps'][str(t)]['ci95'])}"
+                if str(t) in c["steps"]
+                else "—"
+                for t in steps
+            ]
+            lines.append(
+                f"| `{c['a']}` − `{c['b']}` (n = {len(c['seeds'])}) | " + " | ".join(cells) + " |"
             )
     return "\n".join(lines) + "\n"
 

@@ -344,6 +344,35 @@ def test_paired_t_interval_by_hand():
     assert all(math.isnan(x) for x in one["ci95"])
 
 
+def test_step_contrast_pairs_by_seed_at_every_common_step():
+    """Method a is behind b at step 16 on every seed and ahead at step 125. The contrast pairs
+    runs by seed, not by position: a's seeds come in another order and b has a seed a lacks
+    (pairing by position, or averaging each method over its own seeds, gives other numbers).
+    A step recorded by only some runs is left out; the intervals are the hand-made t(2) of
+    :func:`test_paired_t_interval_by_hand`."""
+
+    def run(vals: dict[int, float]) -> dict:
+        return {"curve": {"val_steps": list(vals), "val_loss": list(vals.values())}}
+
+    b = {0: run({16: 1.0, 64: 0.9, 125: 0.8}), 1: run({16: 2.0, 64: 1.1, 125: 0.6}),
+         2: run({16: 1.5, 64: 1.0, 125: 0.7}), 3: run({16: 9.0, 125: 9.0})}  # fmt: skip
+    a = {2: run({16: 1.9, 125: 0.7 - 0.4}), 0: run({16: 1.3, 32: 5.0, 125: 0.8 - 0.3}),
+         1: run({16: 1.9, 64: 0.0, 125: 0.6 + 0.1})}  # fmt: skip
+    out = gf.step_contrast(a, b)
+    assert out["seeds"] == [0, 1, 2] and list(out["steps"]) == ["16", "125"]
+    early, late = out["steps"]["16"], out["steps"]["125"]
+    assert early["per_seed"] == pytest.approx([0.3, -0.1, 0.4]) and early["df"] == 2
+    half = stats.t.ppf(0.975, 2) * math.sqrt(0.07) / math.sqrt(3)
+    assert early["ci95"] == pytest.approx([0.2 - half, 0.2 + half], rel=1e-12)
+    assert late["per_seed"] == pytest.approx([-0.3, 0.1, -0.4])
+    assert late["diff"] == pytest.approx(-0.2)
+    table = gf.markdown_table(
+        {"methods": {}, "by_step": [{"a": "x", "b": "y", "isolates": "", **out}]}
+    )
+    assert "| `x` − `y` (n = 3) | +0.2000 [" in table and "| -0.2000 [" in table
+    assert "step 16 | step 125 |" in table
+
+
 def test_hierarchical_bootstrap_resamples_seeds_as_seeds():
     """Three seeds whose differences are +1, −0.8, +0.3 on 400 problems with little noise
     within a seed: the seed level dominates, and an interval must reach the seeds' spread
