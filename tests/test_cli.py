@@ -475,7 +475,8 @@ def test_report_tables_figure_and_exit_status(workspace, tmp_path, capsys):
         ({"snr": 3.0, "stability": 0.9}, False),
         ({"stability": 0.2}, True),
         ({"precision_probe": 0.007}, True),
-        ({"precision_probe": 2e-4, "calibration_snr": 5.0}, False),
+        ({"precision_probe": 5e-5, "calibration_snr": 5.0}, False),
+        ({"precision_probe": 2e-4, "calibration_snr": 5.0}, True),  # within the draw's spread
         ({"calibration_snr": 0.3}, True),
         ({"calibration_snr": 0.3, "split_snr": 4.0}, False),  # the split-half SNR is the one
         ({"precision_bound": 0.02}, True),
@@ -500,6 +501,14 @@ def test_flag_rules(diag, flagged):
             {"unverified"},
         ),
         ({"precision_bound": 0.02, "precision_probe": 2e-4, "precision_rounding": "model"}, set()),
+        # below 1e-3 but within the spread of one draw (half the limit at the model's size)
+        (
+            {"precision_bound": 0.02, "precision_probe": 7e-4, "precision_rounding": "model"},
+            {"unverified"},
+        ),
+        ({"precision_bound": 0.02, "precision_probe": 2e-4}, {"unverified"}),  # measured: 1e-4
+        ({"precision_bound": 5e-4, "precision_probe": 2e-4}, set()),  # the bound clears it
+        ({"precision_bound": 5e-4, "precision_probe": 2e-3}, {"failed"}),  # a re-solve disagrees
         ({"precision_bound": 0.007}, {"unverified"}),
         ({"split_snr": 0.2, "precision_bound": 0.007}, {"unverified", "undetermined"}),
         ({"stability": 0.2}, {"undetermined"}),

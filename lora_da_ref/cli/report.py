@@ -20,17 +20,19 @@ which the closing line counts apart, each with what to do:
 * ``cond``: a recorded condition number is infinite or NaN (numerically singular factor);
 * ``precision`` measured: the precision probe at the rounding the pass measured
   (``precision_probe`` with ``precision_rounding = "measured"``, the full diagnostics tier: A0
-  re-solved from statistics perturbed at their measured rounding) moved A0 by more than
-  :data:`PRECISION_LIMIT` (1e-3 rad, the torch path's ``TRUST_RAD``).
+  re-solved from statistics perturbed at their measured rounding) moved A0 by more than 1e-3 rad
+  (:func:`lora_da_ref.precision.layer_precision` decides, here and in the init's warning).
 
-**Numerically unverified** (exit status 0): ``precision``: the default tier's check could not
-clear the layer. It first bounds how far rounding the statistics to their dtype may rotate A0
-(``precision_bound``, conservative: tens of times the measured angle, docs/numerics.md); a layer
-above 1e-3 rad is re-solved from statistics perturbed at the rounding model's size
-(``precision_probe`` with ``precision_rounding = "model"``). Above 1e-3 rad there too, the layer
-is not known to be wrong, only not verified: an init at ``--diagnostics full`` measures the
-rounding (``lora-da report --full`` re-solves saved statistics, which carry the measurement only
-when they were collected at that tier). (Files without the probe: the bound alone.)
+**Numerically unverified** (exit status 0): ``precision``: the precision check could not clear
+the layer. The bound on how far rounding the statistics to their dtype may rotate A0
+(``precision_bound``, conservative: tens of times the measured angle, docs/numerics.md) clears
+a layer at 1e-3 rad; a layer above it is re-solved from perturbed statistics
+(``precision_probe``), whose one draw clears it only well below 1e-3 rad (half of it at the
+rounding model's size, a tenth at the measured rounding: the draw has read as little as 0.78×
+and 0.20× the measured angle). A layer neither clears is not known to be wrong, only not
+verified: an init at ``--diagnostics full`` measures the rounding (``lora-da report --full``
+re-solves saved statistics, which carry the measurement only when they were collected at that
+tier). (Files without the probe: the bound alone.)
 
 **Not determined by this data** (exit status 0): ``snr``, the layer's SNR (:func:`layer_snr`:
 the split-half estimate where the init kept the halves, else the plug-in), is below
@@ -56,11 +58,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lora_da_ref.precision import layer_precision
 from lora_da_ref.snr import SNR_LIMIT, layer_snr
 
 __all__ = [
     "KIND_OF",
-    "PRECISION_LIMIT",
     "RESIDUAL_LIMIT",
     "STABILITY_LIMIT",
     "LayerRow",
@@ -100,7 +102,6 @@ _ADVICE = {
     "undetermined": "not determined by this data: the calibration noise is above the signal; "
     "more calibration data lowers it as 1/|S|",
 }
-PRECISION_LIMIT = 1e-3  # rad; the torch path's TRUST_RAD (lora_da_ref.torch.factors)
 _WARNING_KEYS = ("warning", "warnings", "flags")
 
 
@@ -167,20 +168,13 @@ def _flags(diag: Mapping[str, Any]) -> list[tuple[str, str, float]]:
         number = _number(value)
         if key.startswith("cond") and number is not None and not math.isfinite(number):
             out.append(("cond", f"{key} = {value}", math.inf))
-    probe = _number(diag.get("precision_probe"))
-    bound = _number(diag.get("precision_bound"))
-    measured = diag.get("precision_rounding", "measured") == "measured"  # older: the full tier
-    if probe is not None and not probe <= PRECISION_LIMIT and measured:  # a re-solve moved A0
-        text = (
-            f"precision_probe {probe:.3g} rad > {PRECISION_LIMIT:g} (statistics dtype too coarse)"
-        )
-        out.append(("precision_measured", text, _decades(probe, PRECISION_LIMIT)))
-    elif probe is not None and not probe <= PRECISION_LIMIT:  # at the modelled rounding
-        text = f"precision_probe {probe:.3g} rad > {PRECISION_LIMIT:g} (unverified)"
-        out.append(("precision", text, _decades(probe, PRECISION_LIMIT)))
-    elif probe is None and bound is not None and not bound <= PRECISION_LIMIT:
-        text = f"precision_bound {bound:.3g} rad > {PRECISION_LIMIT:g} (unverified)"
-        out.append(("precision", text, _decades(bound, PRECISION_LIMIT)))
+    p = layer_precision(diag)
+    if p.verdict == "failed":  # a re-solve at the measured rounding moved A0
+        text = f"{p.key} {p.angle:.3g} rad > {p.limit:g} (statistics dtype too coarse)"
+        out.append(("precision_measured", text, _decades(p.angle, p.limit)))
+    elif p.verdict == "unverified":
+        text = f"{p.key} {p.angle:.3g} rad > {p.limit:g} (unverified)"
+        out.append(("precision", text, _decades(p.angle, p.limit)))
     snr = layer_snr(diag)
     if snr is not None and not snr >= SNR_LIMIT:
         text = f"SNR {snr:.3g} < {SNR_LIMIT:g} (noise above signal)"

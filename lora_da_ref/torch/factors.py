@@ -22,8 +22,10 @@ Each layer records the damping applied, ``κ₁`` of the damped factors, the eig
 ``precision_bound``, a first-order bound on how far rounding the statistics to their dtype moves
 A0 (radians; :func:`precision_bound`, no extra solve). A layer whose bound exceeds
 :data:`TRUST_RAD` is re-solved once from statistics perturbed at their rounding
-(:func:`precision_probe`), which decides; the ``"full"`` diagnostics re-solve every layer, at the
-rounding the pass measured. :func:`untrusted_layers` lists the layers above :data:`TRUST_RAD`.
+(:func:`precision_probe`); the ``"full"`` diagnostics re-solve every layer, at the rounding the
+pass measured. :func:`lora_da_ref.precision.layer_precision` turns the two into the verdict
+(a probe's one draw clears a layer only with a margin below :data:`TRUST_RAD`), and
+:func:`untrusted_layers` lists the layers it does not clear.
 
 :func:`lora_da_init` is the same map from ``(J, G, n, r)`` for one layer, with the NumPy
 reference's name and signature (:func:`lora_da_ref.reference.initializers.lora_da_init`; the whole
@@ -41,6 +43,7 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor
 
+from lora_da_ref.precision import TRUST_RAD, layer_precision
 from lora_da_ref.torch.config import (
     LoraDAConfig,
     LoraFactors,
@@ -85,7 +88,6 @@ T = TypeVar("T")
 SOLVE_DTYPE = torch.float64  # every solve, whatever the statistics dtype
 # Diagnostics key: True when B0 = A0ᵀΔŴ is neither σ-normalised nor γ-scaled (apply_lora_da warns).
 UNSCALED_B0_KEY = "unscaled_B0"
-TRUST_RAD = 1e-3  # rad: above it (the probe's re-solve, else the bound) a layer is not trusted
 
 
 @dataclass
@@ -507,16 +509,15 @@ def _largest_angle(A: Tensor, B: Tensor) -> float:
 
 
 def untrusted_layers(factors: dict[str, LoraFactors]) -> dict[str, float]:
-    """``{layer: angle}`` for the layers whose rounding may turn A0 by more than
-    :data:`TRUST_RAD`: the :func:`precision_probe`'s re-solve where it ran (every layer the bound
-    did not clear), else the :func:`precision_bound` (every diagnostics tier but ``"off"``)."""
-    out = {}
-    for name, f in factors.items():
-        angle = f.diagnostics.get("precision_probe")
-        angle = f.diagnostics.get("precision_bound") if angle is None else angle
-        if angle is not None and angle > TRUST_RAD:
-            out[name] = angle
-    return out
+    """``{layer: angle}`` for the layers the precision check does not clear
+    (:func:`lora_da_ref.precision.layer_precision`: failed or unverified), with the number that
+    decided: the :func:`precision_probe`'s re-solve where it ran (every layer the bound did not
+    clear), else the :func:`precision_bound` (every diagnostics tier but ``"off"``)."""
+    return {
+        name: verdict.angle
+        for name, f in factors.items()
+        if (verdict := layer_precision(f.diagnostics)).verdict is not None
+    }
 
 
 def rounding_measured(stats: KFACStatistics, name: str) -> bool:

@@ -30,6 +30,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from lora_da_ref.precision import TRUST_RAD
 from lora_da_ref.torch.config import (
     LoraDAConfig,
     LoraFactors,
@@ -38,7 +39,7 @@ from lora_da_ref.torch.config import (
     rank_of,
 )
 from lora_da_ref.torch.diagnostics import report_calibration
-from lora_da_ref.torch.factors import TRUST_RAD, solve_layer, untrusted_layers
+from lora_da_ref.torch.factors import solve_layer, untrusted_layers
 from lora_da_ref.torch.fisher import CholeskyFactor
 from lora_da_ref.torch.memory import (
     _layer_key,
@@ -230,9 +231,10 @@ def pass_plan(
 
 
 def warn_untrusted(factors: dict[str, LoraFactors]) -> None:
-    """One ``RuntimeWarning`` naming the layers whose A0 the statistics dtype may have rotated
-    by more than :data:`~lora_da_ref.torch.factors.TRUST_RAD` (their ``precision_probe``, else
-    their ``precision_bound``: :func:`~lora_da_ref.torch.factors.untrusted_layers`)."""
+    """One ``RuntimeWarning`` naming the layers the precision check does not clear: the
+    statistics dtype may have rotated their A0 by more than
+    :data:`~lora_da_ref.precision.TRUST_RAD` (their ``precision_probe``, else their
+    ``precision_bound``: :func:`~lora_da_ref.torch.factors.untrusted_layers`)."""
     raised = [n for n, f in factors.items() if f.diagnostics.get("damping_raised")]
     if raised:
         warn_user(
@@ -250,7 +252,8 @@ def warn_untrusted(factors: dict[str, LoraFactors]) -> None:
     more = f" and {len(worst) - 10} more" if len(worst) > 10 else ""
     warn_user(
         f"LoRA-DA: in {len(bad)} layer(s) rounding the {'/'.join(dtypes)} statistics may rotate "
-        f"A0 by more than {TRUST_RAD:g} rad (diagnostics['precision_probe']): "
+        f"A0 by more than {TRUST_RAD:g} rad (diagnostics['precision_probe'], one re-solve: it "
+        f"clears a layer only with a margin below {TRUST_RAD:g}): "
         f"{listed}{more}. Use LoraDAConfig(dtype=torch.float64) or a larger damping.",
         RuntimeWarning,
     )
