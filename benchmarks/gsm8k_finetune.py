@@ -120,7 +120,11 @@ EPOCH_METHODS = ("lora", "lora_one", "lora_da_default", "pissa")
 # (a, b, what a − b isolates): the paper's pair, the controls' partners, and every data-aware
 # init against its data-free counterpart at the same scale
 CONTRASTS = (
-    ("lora_da_default", "lora_one", "the paper's comparison: LoRA-DA vs LoRA-One, each as published"),
+    (
+        "lora_da_default",
+        "lora_one",
+        "the paper's comparison: LoRA-DA vs LoRA-One, each as published",
+    ),
     (
         "lora_da_default",
         "random_A@da_scale",
