@@ -252,9 +252,9 @@ def warn_untrusted(factors: dict[str, LoraFactors]) -> None:
     more = f" and {len(worst) - 10} more" if len(worst) > 10 else ""
     warn_user(
         f"LoRA-DA: in {len(bad)} layer(s) rounding the {'/'.join(dtypes)} statistics may rotate "
-        f"A0 by more than {TRUST_RAD:g} rad (diagnostics['precision_probe'], one re-solve: it "
-        f"clears a layer only with a margin below {TRUST_RAD:g}): "
-        f"{listed}{more}. Use LoraDAConfig(dtype=torch.float64) or a larger damping.",
+        f"A0 by more than {TRUST_RAD:g} rad (diagnostics['precision_probe']): "
+        f"{listed}{more}. (One re-solve clears a layer only with a margin below the limit.) "
+        "Use LoraDAConfig(dtype=torch.float64) or a larger damping.",
         RuntimeWarning,
     )
 
