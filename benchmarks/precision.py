@@ -258,10 +258,27 @@ def summary(layers: dict[str, dict], args: argparse.Namespace, seconds: float) -
 
 def _two_stage(layers: dict[str, dict], failing: dict[str, dict]) -> dict:
     """The flag when the bound's flagged layers are re-solved by the probe (at the model's size,
-    and at the measured rounding): misses and false alarms of each."""
+    and at the measured rounding), read as the library reads it
+    (:func:`lora_da_ref.precision.layer_precision`: the bound clears at 1e-3 rad, a probe only
+    with its margin): misses and false alarms of each."""
+    from lora_da_ref.precision import layer_precision
+
     out = {}
-    for key in ("probe_model32", "probe_measured32"):
-        flagged = {n for n, v in layers.items() if (v.get(key) or 0.0) > GOAL_RAD}
+    for key, bound, rounding in (
+        ("probe_model32", "flag32", "model"),
+        ("probe_measured32", "bound32", "measured"),
+    ):
+        flagged = {
+            n
+            for n, v in layers.items()
+            if layer_precision(
+                {
+                    "precision_bound": v.get(bound),
+                    "precision_probe": v.get(key),
+                    "precision_rounding": rounding,
+                }
+            ).verdict
+        }
         out[f"then_{key}"] = {
             "flagged": len(flagged),
             "failing_not_flagged": sorted(set(failing) - flagged),

@@ -9,8 +9,9 @@ torch path computes both, :mod:`lora_da_ref.torch.factors`):
 * ``precision_probe``, one seeded re-solve from statistics perturbed at the rounding's size:
   an estimate, not a bound. Its one draw read below the measured angle: at the rounding
   model's size (``precision_rounding = "model"``, the default tier) down to 0.78× (median
-  ≈ 5×, 135 re-solved layers); at the rounding the pass measured (``"measured"``, the full
-  tier) down to 0.20× (median 1.1–1.3×, 210 layers per source). docs/numerics.md has the sweep.
+  ≈ 5×), at the rounding the pass measured (``"measured"``, the full tier) down to 0.20×
+  (median 1.1–1.3×), over the 135 layers the bound did not clear. docs/numerics.md has the
+  sweep.
 
 A layer is **cleared** when its bound is at most :data:`TRUST_RAD`, or its probe at most
 ``TRUST_RAD / PROBE_MARGIN[rounding]``: the margin covers the lowest reading of the sweep with
@@ -46,17 +47,19 @@ class Precision(NamedTuple):
 
 def layer_precision(diagnostics: Mapping[str, Any]) -> Precision:
     """The precision verdict of one layer from its diagnostics (the rule in the module's
-    docstring). Float64 statistics record neither number: not checked. Files without
-    ``precision_rounding`` come from the full tier (the probe ran only there)."""
+    docstring). Float64 statistics record neither number: not checked. A probe counts as a
+    measurement unless ``precision_rounding`` is ``"model"`` (files without the key come from
+    the full tier, where alone the probe ran); a NaN or negative number clears nothing."""
     probe = _number(diagnostics.get("precision_probe"))
     bound = _number(diagnostics.get("precision_bound"))
-    rounding = diagnostics.get("precision_rounding", "measured")
+    # only the default tier's "model" re-solve is not a measurement; anything else counts as one
+    rounding = "model" if diagnostics.get("precision_rounding") == "model" else "measured"
     if probe is not None and rounding == "measured" and not probe <= TRUST_RAD:
         return Precision("failed", "precision_probe", probe, TRUST_RAD)
     if bound is not None and bound <= TRUST_RAD:
         return Precision(None, "precision_bound", bound, TRUST_RAD)
     if probe is not None:
-        limit = TRUST_RAD / PROBE_MARGIN.get(rounding, PROBE_MARGIN["measured"])
+        limit = TRUST_RAD / PROBE_MARGIN[rounding]
         return Precision(None if probe <= limit else "unverified", "precision_probe", probe, limit)
     if bound is not None:  # above the limit, or NaN: it clears nothing
         return Precision("unverified", "precision_bound", bound, TRUST_RAD)
@@ -64,9 +67,15 @@ def layer_precision(diagnostics: Mapping[str, Any]) -> Precision:
 
 
 def _number(value: Any) -> float | None:
-    """A recorded number (JSON writes non-finite ones as strings), else ``None``."""
-    if isinstance(value, str) and value.lower() in ("inf", "-inf", "nan", "infinity"):
-        return float(value)
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    """A recorded angle: a number, or a string JSON-like writers use for one ("nan", "inf");
+    ``None`` when absent. A negative or unreadable one is NaN: it clears nothing."""
+    if value is None:
         return None
-    return float(value)
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            return math.nan
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return math.nan
+    return float(value) if value >= 0 else math.nan

@@ -489,6 +489,28 @@ def test_flag_rules(diag, flagged):
     assert bool(flag_reasons(_flatten(diag))) is flagged
 
 
+def test_precision_reasons_name_the_limit_they_were_read_against():
+    """A probe that did not clear is shown against its margin's limit, a bound against 1e-3;
+    failed layers are listed before unverified ones whatever their decades past the limit."""
+    from lora_da_ref.cli.report import LayerRow, _flatten, flag_reasons, format_report
+
+    model = {"precision_bound": 0.02, "precision_probe": 7e-4, "precision_rounding": "model"}
+    assert flag_reasons(_flatten(model)) == ["precision_probe 0.0007 rad > 0.0005 (unverified)"]
+    measured = {"precision_bound": 0.02, "precision_probe": 9e-4}
+    assert flag_reasons(_flatten(measured)) == ["precision_probe 0.0009 rad > 0.0001 (unverified)"]
+    assert flag_reasons(_flatten({"precision_bound": 0.02})) == [
+        "precision_bound 0.02 rad > 0.001 (unverified)"
+    ]
+    rows = [
+        LayerRow("m.0.x", "x", 0, _flatten(measured)),  # 0.95 decades past its limit
+        LayerRow("m.1.x", "x", 1, _flatten({"precision_probe": 1.1e-3})),  # failed by 0.04
+    ]
+    for r in rows:
+        r.reasons = flag_reasons(r.values)
+    text = format_report({}, rows)
+    assert text.index("FLAGGED m.1.x") < text.index("FLAGGED m.0.x"), text
+
+
 @pytest.mark.parametrize(
     ("diag", "kinds"),
     [
@@ -509,6 +531,19 @@ def test_flag_rules(diag, flagged):
         ({"precision_bound": 0.02, "precision_probe": 2e-4}, {"unverified"}),  # measured: 1e-4
         ({"precision_bound": 5e-4, "precision_probe": 2e-4}, set()),  # the bound clears it
         ({"precision_bound": 5e-4, "precision_probe": 2e-3}, {"failed"}),  # a re-solve disagrees
+        # numbers as JSON writers leave them: NaN or negative clears nothing, "inf" is a number
+        ({"precision_bound": "nan"}, {"unverified"}),
+        ({"precision_bound": "-inf"}, {"unverified"}),
+        ({"precision_bound": -1e-5}, {"unverified"}),
+        (
+            {"precision_bound": 0.02, "precision_probe": "nan", "precision_rounding": "model"},
+            {"unverified"},
+        ),
+        ({"precision_probe": "inf"}, {"failed"}),
+        ({"precision_probe": "nan"}, {"failed"}),  # the measured re-solve broke
+        # only "model" is not a measurement: an unknown rounding can fail
+        ({"precision_probe": 5e-3, "precision_rounding": None}, {"failed"}),
+        ({"precision_probe": 5e-3, "precision_rounding": "Model"}, {"failed"}),
         ({"precision_bound": 0.007}, {"unverified"}),
         ({"split_snr": 0.2, "precision_bound": 0.007}, {"unverified", "undetermined"}),
         ({"stability": 0.2}, {"undetermined"}),

@@ -46,7 +46,7 @@ def test_an_init_warns_at_the_users_call(monkeypatch):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         init_lora_da(tiny_llama(), llama_batches(n_batches=1), config, progress=False)
-    mine = [w for w in caught if "may rotate A0" in str(w.message)]
+    mine = [w for w in caught if "may rotate their A0" in str(w.message)]
     assert len(mine) == 1 and mine[0].filename == __file__, [w.filename for w in caught]
 
 
@@ -62,6 +62,6 @@ def test_the_command_line_prints_no_source_line(capsys):
         with _warnings_in_flag_names():
             warn_untrusted(_untrusted())
     err = capsys.readouterr().err
-    assert err.startswith("lora-da: RuntimeWarning: LoRA-DA: in 1 layer(s)")
+    assert err.startswith("lora-da: RuntimeWarning: LoRA-DA: the precision check could not clear 1")
     assert "--dtype float64" in err and "warn_untrusted" not in err
     assert len(err.strip().splitlines()) == 1  # the message only: no file, line or source line

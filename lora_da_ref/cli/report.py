@@ -43,7 +43,7 @@ only loosely (docs/real_regime.md). More calibration data lowers the noise as 1/
 
 A solver fallback (LOBPCG did not converge and dense ``eigh`` was used) is shown but does not flag
 the layer: the fallback's answer is exact. Flagged layers are listed worst first
-(:func:`flag_severity`: decades past the limit), then medians and counts per rule. Exit status 2 is a bad input (no ``lora_da.json``).
+(failed ones first, then by :func:`flag_severity`: decades past the limit), then medians and counts per rule. Exit status 2 is a bad input (no ``lora_da.json``).
 No torch import; the PNG needs matplotlib (skipped with a note when it is not installed).
 """
 
@@ -96,9 +96,10 @@ KIND_OF = {
 }  # fmt: skip
 _ADVICE = {
     "failed": "failed (exit 1)",
-    "unverified": "numerically unverified: the default tier's precision check (bound, then a "
-    "re-solve at the modelled rounding) is above 1e-3 rad; an init at --diagnostics full "
-    "measures the rounding",
+    "unverified": "numerically unverified: the precision check (bound, then one re-solve, which "
+    "clears a layer only with a margin below 1e-3 rad) could not clear it; an init at "
+    "--diagnostics full measures the rounding, and --dtype float64 or a larger --damping "
+    "removes the doubt where it was measured already",
     "undetermined": "not determined by this data: the calibration noise is above the signal; "
     "more calibration data lowers it as 1/|S|",
 }
@@ -212,7 +213,10 @@ def format_report(provenance: Mapping[str, Any], rows: list[LayerRow], top: int 
         lines.append(f"{kind} ({len(group)} layers)")
         lines += ["  " + "  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in table]
         lines.append("")
-    flagged = sorted((r for r in rows if r.reasons), key=lambda r: -flag_severity(r.values))
+    flagged = sorted(
+        (r for r in rows if r.reasons),
+        key=lambda r: ("failed" not in layer_kinds(r.values), -flag_severity(r.values)),
+    )
     if flagged:
         lines.append(f"flagged layers, worst first ({min(top, len(flagged))} of {len(flagged)}):")
     for r in flagged[:top]:

@@ -105,7 +105,8 @@ class LoraDAConfig:
             the eigengap at r, the solver residual, the plug-in and split-half calibration SNR
             (the pass keeps the even/odd gradient sums: one extra (d_in, d_out) matrix per layer)
             and a first-order precision bound; a layer the bound cannot clear (above 1e-3 rad)
-            is re-solved once from perturbed statistics, which decides the precision warning.
+            is re-solved once from perturbed statistics, read with a margin for its one draw
+            (:func:`lora_da_ref.precision.layer_precision` decides the precision warning).
             ``"full"``: also the split-half solves (A0 of each half: principal angles, regret)
             and the perturbation probe (one more solve per layer). ``"off"``: none of the
             calibration measurements and no precision warning (the damping, κ and the solver's

@@ -236,8 +236,9 @@ def diagnose_layer(
     """The diagnostics of ``config.diagnostics``'s tier, added to ``solution.diagnostics`` from
     the solve's own intermediates (no second Fisher solve): ``"off"`` none; ``"cheap"`` the
     calibration SNR (plug-in and split-half noise), :func:`precision_bound` and, when ``probe``
-    and the bound exceeds :data:`TRUST_RAD`, :func:`precision_probe` (one re-solve decides the
-    layers the bound cannot clear); ``"full"`` also the split-half solves and, when ``probe``,
+    and the bound exceeds :data:`TRUST_RAD`, :func:`precision_probe` (one re-solve of the
+    layers the bound cannot clear, read with a margin by
+    :func:`lora_da_ref.precision.layer_precision`); ``"full"`` also the split-half solves and, when ``probe``,
     :func:`precision_probe` on every layer. ``precision_rounding`` says whether the probe
     perturbed at the rounding the pass measured (``"measured"``, the full tier) or at the
     rounding model's own size (``"model"``)."""

@@ -22,6 +22,7 @@ distributed code.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
@@ -247,13 +248,14 @@ def warn_untrusted(factors: dict[str, LoraFactors]) -> None:
     if not bad:
         return
     dtypes = sorted({factors[n].diagnostics.get("statistics_dtype", "?") for n in bad})
-    worst = sorted(bad, key=bad.get, reverse=True)
+    worst = sorted(bad, key=lambda n: -bad[n] if bad[n] == bad[n] else -math.inf)  # NaN first
     listed = ", ".join(f"{n} ({bad[n]:.2g} rad)" for n in worst[:10])
     more = f" and {len(worst) - 10} more" if len(worst) > 10 else ""
     warn_user(
-        f"LoRA-DA: in {len(bad)} layer(s) rounding the {'/'.join(dtypes)} statistics may rotate "
-        f"A0 by more than {TRUST_RAD:g} rad (diagnostics['precision_probe']): "
-        f"{listed}{more}. (One re-solve clears a layer only with a margin below the limit.) "
+        f"LoRA-DA: the precision check could not clear {len(bad)} layer(s): rounding the "
+        f"{'/'.join(dtypes)} statistics may rotate their A0 by more than {TRUST_RAD:g} rad "
+        f"(diagnostics['precision_probe']): {listed}{more}. The angle is one re-solve's, which "
+        "clears a layer only with a margin below the limit, else the first-order bound's. "
         "Use LoraDAConfig(dtype=torch.float64) or a larger damping.",
         RuntimeWarning,
     )
