@@ -1299,7 +1299,10 @@ def _plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4.2))
+    by_step = [c for c in result.get("by_step", []) if len(c["steps"]) > 1]
+    fig, axes = plt.subplots(1, 3 if by_step else 2, figsize=(16.5 if by_step else 11, 4.2))
+    ax, bx = axes[0], axes[1]
+    colour = {}
     for m, e in result["methods"].items():
         tr = np.array(e["curve"]["train_loss"])
         k = max(1, len(tr) // 10)  # running mean: single batches are noisy
@@ -1307,6 +1310,7 @@ def _plot(result: dict, path: Path) -> None:
         (line,) = ax.plot(
             np.arange(k, len(tr) + 1), smooth, lw=1, label=f"{m} (lr {e['selected_lr']:g})"
         )
+        colour[m] = line.get_color()
         ax.plot(e["curve"]["val_steps"], e["curve"]["val_loss"], "o", color=line.get_color())
         lrs = sorted(float(g) for g in e["val_by_lr"])
         bx.plot(lrs, [e["val_by_lr"][f"{g:g}"] for g in lrs], "-o", color=line.get_color(), label=m)
@@ -1316,6 +1320,27 @@ def _plot(result: dict, path: Path) -> None:
     bx.set_xscale("log")
     bx.set_xlabel("learning rate")
     bx.set_ylabel("validation loss (mean over selection seeds)")
+    if by_step:  # the early-against-late question: each contrast's paired t at every step
+        cx = axes[2]
+        for i, c in enumerate(by_step):
+            steps = sorted(int(t) for t in c["steps"])
+            d = [c["steps"][str(t)] for t in steps]
+            mid = np.array([x["diff"] for x in d])
+            lo, hi = (np.array([x["ci95"][j] for x in d]) for j in (0, 1))
+            x = np.array(steps) * (1 + 0.03 * (i - (len(by_step) - 1) / 2))  # side by side
+            cx.errorbar(
+                x, mid, yerr=[mid - lo, hi - mid], capsize=3, ms=4, color=colour.get(c["a"]),
+                marker="osD^v"[i % 5], ls=("-", "--", ":", "-.")[i % 4],
+                label=f"{c['a']} − {c['b']} (n = {len(c['seeds'])})",
+            )  # fmt: skip
+        cx.axhline(0.0, color="k", lw=0.6)
+        cx.set_xscale("log")
+        ticks = sorted({int(t) for c in by_step for t in c["steps"]})
+        cx.set_xticks(ticks, [str(t) for t in ticks])
+        cx.minorticks_off()
+        cx.set_xlabel("step")
+        cx.set_ylabel("validation loss difference, 95 % t (per-seed pairs)")
+        cx.legend(fontsize=7)
     fig.suptitle(f"SmolLM2-135M on GSM8K (sizes {result['sizes_tag']})")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
