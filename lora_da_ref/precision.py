@@ -32,7 +32,7 @@ from typing import Any, NamedTuple
 __all__ = ["PROBE_MARGIN", "TRUST_RAD", "Precision", "layer_precision"]
 
 TRUST_RAD = 1e-3  # rad: the rotation of A0 by rounding that a layer must be cleared below
-# A probe's one draw clears a layer only this far below TRUST_RAD, by rounding it perturbed at
+# how far below TRUST_RAD a probe's one draw must read to clear a layer, by the rounding it used
 PROBE_MARGIN = {"model": 2.0, "measured": 10.0}
 
 
@@ -42,7 +42,7 @@ class Precision(NamedTuple):
     verdict: str | None  # "failed", "unverified", or None: cleared, or not checked
     key: str  # the number that decided: "precision_probe" where it ran, else "precision_bound"
     angle: float  # its value (rad; NaN when neither was recorded)
-    limit: float  # what it was compared with: TRUST_RAD, or TRUST_RAD / margin for a clearing probe
+    limit: float  # what it was compared with: TRUST_RAD, or TRUST_RAD / margin for a probe
 
 
 def layer_precision(diagnostics: Mapping[str, Any]) -> Precision:

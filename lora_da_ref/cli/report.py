@@ -42,8 +42,9 @@ over noise, not a forecast: within one calibration size it ranks layers by split
 only loosely (docs/real_regime.md). More calibration data lowers the noise as 1/|S|.
 
 A solver fallback (LOBPCG did not converge and dense ``eigh`` was used) is shown but does not flag
-the layer: the fallback's answer is exact. Flagged layers are listed worst first
-(failed ones first, then by :func:`flag_severity`: decades past the limit), then medians and counts per rule. Exit status 2 is a bad input (no ``lora_da.json``).
+the layer: the fallback's answer is exact. Flagged layers are listed worst first (failed ones
+first, then by :func:`flag_severity`: decades past the limit), then medians and counts per rule.
+Exit status 2 is a bad input (no ``lora_da.json``).
 No torch import; the PNG needs matplotlib (skipped with a note when it is not installed).
 """
 

@@ -238,8 +238,8 @@ def diagnose_layer(
     calibration SNR (plug-in and split-half noise), :func:`precision_bound` and, when ``probe``
     and the bound exceeds :data:`TRUST_RAD`, :func:`precision_probe` (one re-solve of the
     layers the bound cannot clear, read with a margin by
-    :func:`lora_da_ref.precision.layer_precision`); ``"full"`` also the split-half solves and, when ``probe``,
-    :func:`precision_probe` on every layer. ``precision_rounding`` says whether the probe
+    :func:`lora_da_ref.precision.layer_precision`); ``"full"`` also the split-half solves and,
+    when ``probe``, :func:`precision_probe` on every layer. ``precision_rounding`` says whether the probe
     perturbed at the rounding the pass measured (``"measured"``, the full tier) or at the
     rounding model's own size (``"model"``)."""
     if config.diagnostics == "off":
@@ -514,11 +514,8 @@ def untrusted_layers(factors: dict[str, LoraFactors]) -> dict[str, float]:
     (:func:`lora_da_ref.precision.layer_precision`: failed or unverified), with the number that
     decided: the :func:`precision_probe`'s re-solve where it ran (every layer the bound did not
     clear), else the :func:`precision_bound` (every diagnostics tier but ``"off"``)."""
-    return {
-        name: verdict.angle
-        for name, f in factors.items()
-        if (verdict := layer_precision(f.diagnostics)).verdict is not None
-    }
+    checked = {name: layer_precision(f.diagnostics) for name, f in factors.items()}
+    return {name: p.angle for name, p in checked.items() if p.verdict is not None}
 
 
 def rounding_measured(stats: KFACStatistics, name: str) -> bool:
