@@ -773,16 +773,13 @@ def step_contrast(a_runs: dict[int, dict], b_runs: dict[int, dict]) -> dict[str,
     seeds = sorted(set(a_runs) & set(b_runs))
     if not seeds:
         return {"seeds": [], "steps": {}}
-    runs = [a_runs[s] for s in seeds] + [b_runs[s] for s in seeds]
-    steps = sorted(set.intersection(*(set(r["curve"]["val_steps"]) for r in runs)))
-
-    def at(r: dict, step: int) -> float:
-        return dict(zip(r["curve"]["val_steps"], r["curve"]["val_loss"]))[step]
-
+    steps = _common_val_steps([a_runs[s] for s in seeds] + [b_runs[s] for s in seeds])
     return {
         "seeds": seeds,
         "steps": {
-            str(t): t_interval(np.array([at(a_runs[s], t) - at(b_runs[s], t) for s in seeds]))
+            str(t): t_interval(
+                np.array([_val_at(a_runs[s], t) - _val_at(b_runs[s], t) for s in seeds])
+            )
             for t in steps
         },
     }
@@ -1145,14 +1142,8 @@ def _mean_curve(runs: list[dict]) -> dict[str, list[float]]:
     """Mean train-loss curve, and the mean validation loss at the steps every run recorded
     (rows made with more ``curve_points`` have more of them; the last step is in all)."""
     train = np.array([r["curve"]["train_loss"] for r in runs], dtype=float)
-    steps = sorted(set.intersection(*(set(r["curve"]["val_steps"]) for r in runs)))
-    val = np.array(
-        [
-            [dict(zip(r["curve"]["val_steps"], r["curve"]["val_loss"]))[s] for s in steps]
-            for r in runs
-        ],
-        dtype=float,
-    )
+    steps = _common_val_steps(runs)
+    val = np.array([[_val_at(r, s) for s in steps] for r in runs], dtype=float)
     return {
         "train_loss": train.mean(0).tolist(),
         "val_steps": steps,
@@ -1261,7 +1252,7 @@ def markdown_table(result: dict) -> str:
                 f"| `{c['a']}` − `{c['b']}` | {c['isolates']} | "
                 f"{_ci(c)} | {_interval(c['ci95_hier_bootstrap'])} |"
             )
-    by_step = [c for c in result.get("by_step", []) if len(c["steps"]) > 1]
+    by_step = _multi_step(result)
     if by_step:
         steps = sorted({int(t) for c in by_step for t in c["steps"]})
         lines += [
@@ -1293,13 +1284,27 @@ def _ci(d: dict) -> str:
     return f"{d['diff']:+.4f} {_interval(d['ci95'])} (n = {len(d['seeds'])})"
 
 
+def _common_val_steps(runs: list[dict]) -> list[int]:
+    """The validation steps every run recorded (the last step is in all)."""
+    return sorted(set.intersection(*(set(r["curve"]["val_steps"]) for r in runs)))
+
+
+def _val_at(run: dict, step: int) -> float:
+    return dict(zip(run["curve"]["val_steps"], run["curve"]["val_loss"]))[step]
+
+
+def _multi_step(result: dict) -> list[dict]:
+    """The step-by-step contrasts worth showing: those with more than the last step."""
+    return [c for c in result.get("by_step", []) if len(c["steps"]) > 1]
+
+
 def _plot(result: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    by_step = [c for c in result.get("by_step", []) if len(c["steps"]) > 1]
+    by_step = _multi_step(result)
     fig, axes = plt.subplots(1, 3 if by_step else 2, figsize=(16.5 if by_step else 11, 4.2))
     ax, bx = axes[0], axes[1]
     colour = {}
