@@ -1226,10 +1226,15 @@ def markdown_table(result: dict) -> str:
         )
         em = f"{e['exact_match']:.3f} ± {e['exact_match_se']:.3f}" if "exact_match" in e else "—"
         edge = " (edge)" if e["at_grid_edge"] else ""
-        lines.append(
-            f"| `{m}` | {lr:g}{edge} | {e['heldout_mean']:.4f} ± {e['heldout_sd']:.4f} "
-            f"({len(e['seeds'])}) | {diff} | {boot} | {around} | {em} |"
+        n = len(e["seeds"])
+        held = (
+            "— (not scored yet)"
+            if n == 0
+            else f"{e['heldout_mean']:.4f} ({n})"
+            if n == 1
+            else f"{e['heldout_mean']:.4f} ± {e['heldout_sd']:.4f} ({n})"
         )
+        lines.append(f"| `{m}` | {lr:g}{edge} | {held} | {diff} | {boot} | {around} | {em} |")
     b = result.get("base_model")
     if b is not None:
         em = (

@@ -373,6 +373,30 @@ def test_step_contrast_pairs_by_seed_at_every_common_step():
     assert "step 16 | step 125 |" in table
 
 
+def test_table_says_when_a_method_has_no_or_one_scored_seed():
+    """A method still in its selection has no held-out row, and one with a single scored seed
+    has no spread: the table says so instead of printing ``nan ± nan``."""
+
+    def entry(seeds: list[int], mean: float, sd: float) -> dict:
+        return {
+            "seeds": seeds,
+            "heldout_mean": mean,
+            "heldout_sd": sd,
+            "selected_lr": 4e-4,
+            "at_grid_edge": True,
+            "val_at_neighbours": {"0.0002": 0.76, "0.0004": 0.75},
+        }
+
+    table = gf.markdown_table({"methods": {
+        "pissa": entry([], math.nan, math.nan), "lora_one": entry([0], 0.7312, math.nan),
+        "lora": entry([0, 1], 0.7265, 0.0017)}})  # fmt: skip
+    assert "nan" not in table
+    assert "| `pissa` | 0.0004 (edge) | — (not scored yet) |" in table
+    assert "| `lora_one` | 0.0004 (edge) | 0.7312 (1) |" in table
+    assert "| `lora` | 0.0004 (edge) | 0.7265 ± 0.0017 (2) |" in table
+    assert "0.7600, 0.7500, —" in table
+
+
 def test_hierarchical_bootstrap_resamples_seeds_as_seeds():
     """Three seeds whose differences are +1, −0.8, +0.3 on 400 problems with little noise
     within a seed: the seed level dominates, and an interval must reach the seeds' spread
