@@ -796,9 +796,12 @@ def hierarchical_bootstrap(
     """Percentile 95 % interval of ``loss(a) − loss(b)`` by a two-level bootstrap: seeds with
     replacement, then problems with replacement within each drawn seed (the same draws for both
     methods: paired). Shown beside :func:`paired_t`; with a handful of seeds the seed level
-    has few distinct draws, so the t interval is the one to read."""
+    has few distinct draws, so the t interval is the one to read. One seed gives NaN: the
+    problems alone would leave out the seed-to-seed spread that dominates here."""
     rng = np.random.default_rng(seed)
     k, n = sums_a.shape
+    if k < 2:
+        return [math.nan, math.nan]
     draws = np.empty(reps)
     for i in range(reps):
         si = rng.integers(0, k, k)
@@ -1281,6 +1284,8 @@ def markdown_table(result: dict) -> str:
 
 
 def _interval(ci: Sequence[float]) -> str:
+    if not all(math.isfinite(x) for x in ci):
+        return "[— one seed]"
     return f"[{ci[0]:+.4f}, {ci[1]:+.4f}]"
 
 

@@ -414,6 +414,10 @@ def test_hierarchical_bootstrap_resamples_seeds_as_seeds():
     assert same == [0.0, 0.0]  # paired: identical runs have no spread at all
     lo, hi = gf.hierarchical_bootstrap(b + 0.1 * counts, counts, b, counts, reps=50)
     assert lo == pytest.approx(0.1, abs=1e-12) and hi == pytest.approx(0.1, abs=1e-12)
+    # one seed: resampling its problems alone would claim a seed-free interval (≈ ±0.005)
+    one = gf.hierarchical_bootstrap(a[:1], counts[:1], b[:1], counts[:1], reps=50)
+    assert all(math.isnan(x) for x in one)
+    assert "[— one seed] (n = 1)" in gf._ci({"diff": 1.0, "ci95": one, "seeds": [0]})
 
 
 def test_answers_and_accuracy():
