@@ -991,10 +991,15 @@ class Experiment:
         return path
 
     def heldout(self, method: str, lr: float, seed: int) -> dict:
+        """Score a run on the held-out split (cached). A row scored without generation
+        (``--gen-seeds 0``) gets its exact match added when a later call asks for one; its
+        losses are kept, not recomputed."""
         name = file_name(method, lr, seed, self.sizes)
         path = self.out / "heldout" / f"{name}.json"
-        if path.is_file():
-            return json.loads(path.read_text())
+        n_gen = self.sizes.gen if seed < self.sizes.gen_seeds else 0
+        cached = json.loads(path.read_text()) if path.is_file() else None
+        if cached is not None and (cached["correct"] or not n_gen):
+            return cached
         adapter = self.adapter(method, lr, seed)
         t0 = time.perf_counter()
         factors, offset = self.inits.factors(method, seed)  # PiSSA's residual base weight
@@ -1004,8 +1009,11 @@ class Experiment:
         with torch.no_grad():
             for n, v in state.items():
                 params[n].copy_(v)
-        scores = per_problem(model, self.data["heldout"], self.device)
-        gen = self.data["heldout"][: self.sizes.gen if seed < self.sizes.gen_seeds else 0]
+        if cached is None:
+            scores = per_problem(model, self.data["heldout"], self.device)
+        else:
+            scores, t0 = cached["heldout"], t0 - cached["eval_seconds"]
+        gen = self.data["heldout"][:n_gen]
         correct = generate_answers(model, self.tok, gen, self.sizes, self.device)
         row = {
             "method": method,

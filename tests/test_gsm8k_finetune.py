@@ -462,6 +462,39 @@ def test_rows_resume_and_merge(tiny, tmp_path, monkeypatch):
         gf.merge_rows([tmp_path / "b"], tmp_path / "c")
 
 
+def test_heldout_scored_without_generation_gets_it_later(tiny, tmp_path, monkeypatch):
+    """``--gen-seeds 0`` scores the losses now and leaves exact match for later: a later call
+    that asks for generation adds it and keeps the losses (no second scoring pass); a call
+    that asks for none, or a row that has it, is served from the file."""
+    model, tok, data = tiny
+    sizes = replace(TINY, lr_grid=(1e-3,), seeds=1, select_seeds=1, max_extend=0)
+    no_gen = gf.Experiment(
+        model, tok, data, replace(sizes, gen_seeds=0), CPU, tmp_path, lambda m: None
+    )
+    first = no_gen.heldout("lora", 1e-3, 0)
+    assert first["correct"] == [] and math.isfinite(first["heldout_loss"])
+    calls = {"score": 0, "gen": 0}
+    real_score, real_gen = gf.per_problem, gf.generate_answers
+
+    def score(*a):
+        calls["score"] += 1
+        return real_score(*a)
+
+    def gen(*a):
+        calls["gen"] += 1
+        return real_gen(*a)
+
+    monkeypatch.setattr(gf, "per_problem", score)
+    monkeypatch.setattr(gf, "generate_answers", gen)
+    assert no_gen.heldout("lora", 1e-3, 0) == first and calls == {"score": 0, "gen": 0}
+    exp = gf.Experiment(model, tok, data, sizes, CPU, tmp_path, lambda m: None)
+    full = exp.heldout("lora", 1e-3, 0)
+    assert calls == {"score": 0, "gen": 1} and len(full["correct"]) == sizes.gen
+    assert full["heldout"] == first["heldout"] and full["heldout_loss"] == first["heldout_loss"]
+    assert full["eval_seconds"] >= first["eval_seconds"]
+    assert exp.heldout("lora", 1e-3, 0) == full and calls["gen"] == 1  # now cached
+
+
 def test_experiment_end_to_end_selects_on_validation_only(tiny, tmp_path, monkeypatch):
     """Every method runs, the held-out split is read only after the rate is chosen, and
     ``summarize`` writes its files with a bootstrap interval for each method against LoRA."""
