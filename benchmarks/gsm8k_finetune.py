@@ -63,7 +63,8 @@ Every choice below is fixed before any result is looked at (docs/gsm8k_finetune.
   loss curves (train loss per step, validation loss at ``curve_points`` steps); greedy
   exact-match accuracy (``gsm8k_answer``) on the first ``gen`` held-out problems with at most
   ``gen_tokens`` new tokens (KV cache) of the first ``gen_seeds`` seeds' runs, with its standard
-  error: a secondary metric.
+  error over problems, and each contrast's exact-match difference over the seeds both methods
+  generated for (per-seed paired t, the bootstrap beside it): a secondary metric.
 * **resumable**: each finished run is one JSON row ``rows/<method>__lr<lr>__s<seed>.json``
   (written atomically; sizes recorded and checked), its trained adapter under ``adapters/``
   (not committed; needed only to score the held-out split), its held-out scores one row under
@@ -182,7 +183,7 @@ class Sizes:
     val: int = 64  # the first 64 validation problems
     heldout: int = 219
     gen: int = 32  # the first 32 held-out problems, scored by greedy exact match
-    gen_seeds: int = 1  # ... for the first this many seeds (a generation costs ≈ 80 s a run)
+    gen_seeds: int = 1  # ... for the first this many seeds (≈ 80 s a run here, ≈ 11 min in EPOCH)
     gen_tokens: int = 128  # the median worked answer is 114 tokens
     lr_grid: tuple[float, ...] = (4e-4, 8e-4, 1.6e-3)  # extended past an edge winner
     select_seeds: int = 2
@@ -233,7 +234,7 @@ QUICK = Sizes(
 # answer cut only where prompt + answer pass 256 tokens (170 of the 1000 fit problems), the fit
 # split once (125 steps of 8), validation on the whole split at steps 16, 32, 64 and 125 (early
 # versus late), one selection seed over two rates anchored at the short study's choice, five
-# seeds at the chosen rate, greedy exact match on all 219 held-out problems.
+# seeds at the chosen rate, greedy exact match on all 219 held-out problems for every seed.
 EPOCH = Sizes(
     prompt_tokens=None,
     completion_tokens=None,
@@ -242,6 +243,7 @@ EPOCH = Sizes(
     val=100,
     gen=219,
     gen_tokens=256,
+    gen_seeds=5,
     lr_grid=(),
     select_seeds=1,
     seeds=5,
@@ -822,6 +824,35 @@ def contrast(a_runs: dict[int, dict], b_runs: dict[int, dict], seeds: list[int])
     out = paired_t(*a, *b)
     out["ci95_hier_bootstrap"] = hierarchical_bootstrap(*a, *b)
     out["seeds"] = seeds
+    em = exact_match_contrast(a_runs, b_runs, seeds)
+    if em is not None:
+        out["exact_match"] = em
+    return out
+
+
+def exact_match_contrast(
+    a_runs: dict[int, dict], b_runs: dict[int, dict], seeds: list[int]
+) -> dict[str, Any] | None:
+    """``accuracy(a) − accuracy(b)`` by greedy exact match, over the common seeds where both
+    runs generated (a row scored with ``--gen-seeds 0`` has no answers: it is left out, not
+    counted as wrong). The per-seed paired t of :func:`t_interval`, the hierarchical bootstrap
+    beside it, and ``se_problems``: the s.e. over problems of the per-problem difference averaged
+    over those seeds, which holds the seeds fixed (with one seed, the only spread there is).
+    None when no seed has answers from both."""
+    gen = [s for s in seeds if a_runs[s].get("correct") and b_runs[s].get("correct")]
+    if not gen:
+        return None
+    a = np.array([a_runs[s]["correct"] for s in gen], dtype=np.float64)  # (seeds, problems)
+    b = np.array([b_runs[s]["correct"] for s in gen], dtype=np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"exact match over different problems: {a.shape} vs {b.shape}")
+    out = t_interval(a.mean(1) - b.mean(1))
+    ones = np.ones_like(a)
+    out["ci95_hier_bootstrap"] = hierarchical_bootstrap(a, ones, b, ones)
+    per_problem = (a - b).mean(0)
+    out["se_problems"] = float(per_problem.std(ddof=1) / math.sqrt(per_problem.size))
+    out["problems"] = int(per_problem.size)
+    out["seeds"] = gen
     return out
 
 
@@ -1107,6 +1138,7 @@ def summarize(out: Path, sizes: Sizes) -> dict[str, Any]:
         if generated:
             entry["exact_match"], entry["exact_match_se"] = accuracy_se(generated)
             entry["exact_match_seeds"] = len(generated)
+            entry["exact_match_per_seed"] = [float(np.mean(c)) for c in generated]
         entry["curve"] = _mean_curve([by_lr[lr][s] for s in sorted(by_lr[lr])])
         result["methods"][m] = entry
     base = finals.get(BASELINE, {})
@@ -1224,7 +1256,7 @@ def markdown_table(result: dict) -> str:
     lines = [
         "| method | chosen lr | held-out loss, mean ± s.d. (seeds) "
         "| − LoRA [95 % t, per-seed pairs] | [hier. bootstrap] "
-        "| val. loss at lr/2, lr, 2·lr | exact match ± s.e. |",
+        "| val. loss at lr/2, lr, 2·lr | exact match ± s.e. (seeds) |",
         "|---|---|---|---|---|---|---|",
     ]
     for m, e in result["methods"].items():
@@ -1235,7 +1267,11 @@ def markdown_table(result: dict) -> str:
         around = ", ".join(
             f"{nb[k]:.4f}" if k in nb else "—" for k in (f"{lr / 2:g}", f"{lr:g}", f"{lr * 2:g}")
         )
-        em = f"{e['exact_match']:.3f} ± {e['exact_match_se']:.3f}" if "exact_match" in e else "—"
+        em = (
+            f"{e['exact_match']:.3f} ± {e['exact_match_se']:.3f} ({e['exact_match_seeds']})"
+            if "exact_match" in e
+            else "—"
+        )
         edge = " (edge)" if e["at_grid_edge"] else ""
         n = len(e["seeds"])
         held = (
@@ -1267,6 +1303,28 @@ def markdown_table(result: dict) -> str:
             lines.append(
                 f"| `{c['a']}` − `{c['b']}` | {c['isolates']} | "
                 f"{_ci(c)} | {_interval(c['ci95_hier_bootstrap'])} |"
+            )
+    em_rows = [
+        (m, BASELINE, "the init vs PEFT's default", e["diff_to_lora"]["exact_match"])
+        for m, e in result["methods"].items()
+        if "exact_match" in e.get("diff_to_lora", {})
+    ] + [
+        (c["a"], c["b"], c["isolates"], c["exact_match"])
+        for c in result.get("contrasts", [])
+        if "exact_match" in c
+    ]
+    if em_rows:
+        lines += [
+            "",
+            "| a − b | exact-match difference [95 % t, per-seed pairs] | [hier. bootstrap] "
+            "| ± s.e. over problems, seeds fixed |",
+            "|---|---|---|---|",
+        ]
+        for a_m, b_m, _, c in em_rows:
+            lines.append(
+                f"| `{a_m}` − `{b_m}` | {c['diff']:+.4f} {_interval(c['ci95'])} (n = "
+                f"{len(c['seeds'])}) | {_interval(c['ci95_hier_bootstrap'])} "
+                f"| ± {c['se_problems']:.4f} ({c['problems']} problems) |"
             )
     by_step = _multi_step(result)
     if by_step:

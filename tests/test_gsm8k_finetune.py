@@ -420,6 +420,37 @@ def test_hierarchical_bootstrap_resamples_seeds_as_seeds():
     assert "[— one seed] (n = 1)" in gf._ci({"diff": 1.0, "ci95": one, "seeds": [0]})
 
 
+def test_exact_match_contrast_pairs_seeds_that_generated():
+    """Three seeds generated on four problems for both methods; seed 3 of ``a`` was scored
+    with ``--gen-seeds 0`` (no answers). Per-seed accuracies a: 3/4, 1/4, 2/4; b: 1/4, 1/4, 0/4,
+    so the differences are 0.5, 0, 0.5: mean 1/3, s.d. √(1/12), t(2). Counting the seed without
+    answers as all wrong, or pairing by position after dropping it, gives other numbers."""
+    T, F = True, False
+
+    def runs(correct: dict[int, list[bool]]) -> dict[int, dict]:
+        return {s: {"correct": c} for s, c in correct.items()}
+
+    a = runs({0: [T, T, T, F], 1: [F, T, F, F], 2: [T, F, T, F], 3: []})
+    b = runs({3: [T, T, T, T], 0: [T, F, F, F], 1: [F, F, F, T], 2: [F, F, F, F]})
+    out = gf.exact_match_contrast(a, b, [0, 1, 2, 3])
+    assert out["seeds"] == [0, 1, 2] and out["df"] == 2
+    assert out["per_seed"] == pytest.approx([0.5, 0.0, 0.5])
+    half = stats.t.ppf(0.975, 2) * math.sqrt(1 / 12) / math.sqrt(3)
+    assert out["ci95"] == pytest.approx([1 / 3 - half, 1 / 3 + half], rel=1e-12)
+    # per-problem differences averaged over the three seeds: 1/3, 2/3, 2/3, −1/3
+    assert out["se_problems"] == pytest.approx(np.std([1, 2, 2, -1], ddof=1) / 3 / 2)
+    lo, hi = out["ci95_hier_bootstrap"]
+    assert -1 <= lo < 1 / 3 < hi <= 1
+    assert gf.exact_match_contrast(a, b, [3]) is None
+    one = gf.exact_match_contrast(a, b, [0])
+    assert one["diff"] == 0.5 and all(math.isnan(x) for x in one["ci95"])
+    table = gf.markdown_table({"methods": {}, "contrasts": [
+        {"a": "x", "b": "y", "isolates": "", "diff": 0.1, "ci95": [0.0, 0.2],
+         "ci95_hier_bootstrap": [0.0, 0.2], "seeds": [0, 1, 2], "exact_match": out}]})  # fmt: skip
+    assert "| `x` − `y` | +0.3333 [" in table and "(n = 3) |" in table
+    assert f"| ± {out['se_problems']:.4f} (4 problems) |" in table
+
+
 def test_answers_and_accuracy():
     acc, se = gf.accuracy_se([[True, False, False, False], [True, True, False, False]])
     assert acc == pytest.approx(3 / 8) and se == pytest.approx(np.std([1, 0.5, 0, 0], ddof=1) / 2)
