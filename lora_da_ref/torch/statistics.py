@@ -754,8 +754,8 @@ def _heavy_rows(x: Tensor) -> Tensor | None:
     (a bool mask), ``None`` when there are none, the products are float64, or the rule is off."""
     if HEAVY_ROW_RATIO is None or x.dtype == RUNNING_SUM_DTYPE or x.shape[0] < 2:
         return None
-    norms = x.pow(2).sum(-1)
-    heavy = norms > HEAVY_ROW_RATIO * norms.median()
+    sq = torch.linalg.vector_norm(x, dim=-1).square()  # no (n, d) temporary, unlike x.pow(2)
+    heavy = sq > HEAVY_ROW_RATIO * sq.median()
     return heavy if bool(heavy.any()) else None
 
 
