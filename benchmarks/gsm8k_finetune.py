@@ -1305,11 +1305,11 @@ def markdown_table(result: dict) -> str:
                 f"{_ci(c)} | {_interval(c['ci95_hier_bootstrap'])} |"
             )
     em_rows = [
-        (m, BASELINE, "the init vs PEFT's default", e["diff_to_lora"]["exact_match"])
+        (m, BASELINE, e["diff_to_lora"]["exact_match"])
         for m, e in result["methods"].items()
         if "exact_match" in e.get("diff_to_lora", {})
     ] + [
-        (c["a"], c["b"], c["isolates"], c["exact_match"])
+        (c["a"], c["b"], c["exact_match"])
         for c in result.get("contrasts", [])
         if "exact_match" in c
     ]
@@ -1320,7 +1320,7 @@ def markdown_table(result: dict) -> str:
             "| ± s.e. over problems, seeds fixed |",
             "|---|---|---|---|",
         ]
-        for a_m, b_m, _, c in em_rows:
+        for a_m, b_m, c in em_rows:
             lines.append(
                 f"| `{a_m}` − `{b_m}` | {c['diff']:+.4f} {_interval(c['ci95'])} (n = "
                 f"{len(c['seeds'])}) | {_interval(c['ci95_hier_bootstrap'])} "
