@@ -1322,8 +1322,7 @@ def markdown_table(result: dict) -> str:
         ]
         for a_m, b_m, c in em_rows:
             lines.append(
-                f"| `{a_m}` − `{b_m}` | {c['diff']:+.4f} {_interval(c['ci95'])} (n = "
-                f"{len(c['seeds'])}) | {_interval(c['ci95_hier_bootstrap'])} "
+                f"| `{a_m}` − `{b_m}` | {_ci(c)} | {_interval(c['ci95_hier_bootstrap'])} "
                 f"| ± {c['se_problems']:.4f} ({c['problems']} problems) |"
             )
     by_step = _multi_step(result)
